@@ -1,0 +1,105 @@
+"""Model cards as data: what a model is, how to load it, and how to judge its samples.
+
+A :class:`ModelCard` names the loader, the schedule and prediction type, the sample shape, the data range
+and how samples become images, the reference data for Fréchet distances, the provenance of the weights
+(source URL, sha256, licence, what the weights are) and the published numbers with their source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+import solvers
+
+__all__ = ["ModelCard", "register_card", "CARDS", "get_card", "available_models", "load"]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything the zoo and the benchmark know about one model.
+
+    Attributes:
+        name: registry name.
+        kind: ``"analytic"`` (exact, closed-form), ``"points"`` (a learned low-dimensional model) or
+            ``"image"`` (a network producing images).
+        description: one paragraph for people.
+        loader: ``loader(device=..., weights=..., dtype=...) -> solvers.DiffusionModel``.
+        sample_shape: shape of one sample (without the batch dimension).
+        prediction: what the network predicts (``"eps"``, ``"x0"``, …).
+        schedule_name: a human description of the schedule.
+        data_range: (low, high) of the data the model generates.
+        to_images: maps samples to float images in [0, 1], (B, C, H, W) — image models only.
+        reference: what quality metrics compare against: for image models a dataset name
+            (``"cifar10-train"``, ``"mnist-test"``); for analytic ones ``"exact"``.
+        data_sampler: ``data_sampler(n, seed) -> tensor`` of exact data samples (analytic and points models).
+        exact_ode: ``exact_ode(x_T, t_from, t_to) -> tensor``: the exact probability-flow solution, where
+            one exists in closed form or by a high-accuracy reference solver.
+        default_num_samples, default_batch_size: benchmark defaults that make sense for this model.
+        default_solver_options: per-solver options this model needs (e.g. the consistency boundary).
+        source_url, sha256, licence, weights_note: provenance of the weights (None for analytic models).
+        published: published numbers as {description: (value, source)}.
+        notes: anything else a user must know (e.g. "these are the NON-EMA weights").
+    """
+
+    name: str
+    kind: str
+    description: str
+    loader: Callable[..., solvers.DiffusionModel]
+    sample_shape: tuple
+    prediction: str
+    schedule_name: str
+    data_range: tuple = (-1.0, 1.0)
+    to_images: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    reference: str = "exact"
+    data_sampler: Optional[Callable[[int, int], torch.Tensor]] = None
+    exact_ode: Optional[Callable[..., torch.Tensor]] = None
+    default_num_samples: int = 1000
+    default_batch_size: int = 500
+    default_solver_options: dict = field(default_factory=dict)
+    source_url: Optional[str] = None
+    sha256: Optional[str] = None
+    licence: Optional[str] = None
+    weights_note: Optional[str] = None
+    published: dict = field(default_factory=dict)
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The card's plain-data fields (for reports)."""
+        keep = ("name", "kind", "description", "sample_shape", "prediction", "schedule_name", "data_range",
+                "reference", "source_url", "sha256", "licence", "weights_note", "published", "notes")
+        return {k: getattr(self, k) for k in keep}
+
+
+CARDS: dict[str, ModelCard] = {}
+
+
+def register_card(card: ModelCard) -> ModelCard:
+    """Add a card to the registry (names are unique)."""
+    if card.name in CARDS:
+        raise ValueError(f"a model card named {card.name!r} is already registered")
+    CARDS[card.name] = card
+    return card
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`load` and :func:`get_card`."""
+    return sorted(CARDS)
+
+
+def get_card(name: str) -> ModelCard:
+    """The card registered under ``name``; unknown names list the valid ones."""
+    try:
+        return CARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}") from None
+
+
+def load(name: str, **kwargs) -> solvers.DiffusionModel:
+    """Load a model by name: ``pretrained.load("gmm2d")`` → a ready :class:`solvers.DiffusionModel`.
+
+    Keyword arguments go to the card's loader (``device``, ``weights`` path, ``dtype``, …).
+    """
+    return get_card(name).loader(**kwargs)

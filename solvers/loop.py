@@ -1,0 +1,207 @@
+"""The one sampling loop: grid, coefficients, counted model calls, noise streams, timing, callbacks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .base import StepContext, points_at
+from .grids import make_grid, validate_grid
+from .model import DiffusionModel
+from .noise import STREAM_SOLVER, SeedStreams, as_seeds
+from .registry import get_solver
+
+__all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """Sampling produced NaN or Inf; ``.samples`` lists the batch rows affected and ``.seeds`` their seeds."""
+
+    def __init__(self, message: str, samples: list[int], seeds: list[int]):
+        super().__init__(message)
+        self.samples = samples
+        self.seeds = seeds
+
+
+@dataclass
+class StepInfo:
+    """Passed to the per-step callback after each step."""
+
+    step: int
+    t: float
+    t_next: float
+    x: torch.Tensor       # the state after the step
+    order: int            # the order the solver used on this step
+    nfe: int              # model calls so far
+
+
+@dataclass
+class SampleResult:
+    """The outcome of :func:`sample`.
+
+    Attributes:
+        samples: the final state, same shape as ``x_T``.
+        nfe: model calls (network evaluations; a classifier-free-guidance call counts once).
+        model_rows: network batch rows evaluated (batch × calls × rows per sample, e.g. ×2 under CFG).
+        timesteps: the grid actually used (solver time).
+        orders: the order used on each step.
+        solver, options: the solver's name and options; ``spacing`` and ``denoise_to_zero`` as given.
+        time_total, time_model, time_solver: wall-clock seconds (device synchronised at the end; on CUDA
+            the model time comes from CUDA events).  time_solver = total − model.
+        nonfinite: bool tensor (batch,) — rows with NaN/Inf (only when ``on_nonfinite="flag"``).
+    """
+
+    samples: torch.Tensor
+    nfe: int
+    model_rows: int
+    timesteps: list
+    orders: list
+    solver: str
+    options: dict
+    spacing: Optional[str]
+    denoise_to_zero: Optional[bool]
+    time_total: float
+    time_model: float
+    time_solver: float
+    nonfinite: Optional[torch.Tensor] = None
+    seeds: list = field(default_factory=list)
+
+
+class _CpuTimer:
+    def __init__(self):
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def start(self):
+        self._t0 = time.perf_counter()
+
+    def stop(self):
+        self.total += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        return self.total
+
+
+class _CudaTimer:
+    """Model time from CUDA events: recorded asynchronously, read once after the final synchronise."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def start(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pairs.append([ev, None])
+
+    def stop(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pairs[-1][1] = ev
+
+    def seconds(self) -> float:
+        return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0
+
+
+def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = 10, *,
+           timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_start: Optional[float] = None,
+           t_end: Optional[float] = None, denoise_to_zero: bool = True, seeds=None,
+           dtype: Optional[torch.dtype] = None, callback: Optional[Callable[[StepInfo], Any]] = None,
+           progress: bool = False, on_nonfinite: str = "raise", timing: bool = True,
+           **solver_options) -> SampleResult:
+    """Integrate from ``x_T`` at the grid's first time to its last with the named solver.
+
+    Args:
+        model: the :class:`~solvers.DiffusionModel`.
+        x_T: the starting state at ``timesteps[0]`` (see :func:`solvers.initial_noise`).
+        solver: a name from :func:`solvers.available_solvers`.
+        steps: number of solver steps (ignored when ``timesteps`` is given, except that it must agree).
+        timesteps: an explicit strictly decreasing grid of ``steps + 1`` solver times; the solver then
+            integrates exactly from ``timesteps[0]`` to ``timesteps[-1]`` over those points, no extra step.
+        spacing, t_start, t_end, denoise_to_zero: how to build the grid (:func:`solvers.grids.make_grid`).
+        seeds: one non-negative int per sample for the solver's noise (``None`` → 0 … batch−1); sample i
+            is the same whatever the batch size or composition.
+        dtype: dtype of the solver state (e.g. ``torch.float64``); the network is called in the model's
+            ``input_dtype`` (default: the state's).
+        callback: called with a :class:`StepInfo` after every step.
+        progress: show a tqdm progress bar over the steps.
+        on_nonfinite: ``"raise"`` (a :class:`NonFiniteError` naming the samples) or ``"flag"`` (set
+            ``result.nonfinite``).
+        timing: record model time per call (cheap; one synchronise at the end either way).
+        **solver_options: options of the solver (e.g. ``eta=0.5`` for ddim); unknown options raise.
+
+    Returns:
+        :class:`SampleResult`.
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
+    if not torch.is_tensor(x_T) or x_T.dim() < 1 or x_T.shape[0] < 1:
+        raise ValueError("x_T must be a tensor with a batch dimension of at least one sample")
+    if on_nonfinite not in ("raise", "flag"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
+    slv = get_solver(solver, **solver_options)
+    schedule = model.schedule
+    if timesteps is not None:
+        grid = validate_grid(schedule, timesteps)
+        if steps is not None and steps != len(grid) - 1:
+            raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
+                             "pass steps=None or the matching count")
+        spacing_used = None
+        denoise_used = None
+    else:
+        if steps is None:
+            raise ValueError("give steps (a positive integer) or an explicit timesteps grid")
+        grid = make_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
+                         denoise_to_zero=denoise_to_zero)
+        spacing_used, denoise_used = spacing, denoise_to_zero
+    points = points_at(schedule, model, grid)
+    slv.check(points)
+
+    batch = x_T.shape[0]
+    seed_list = as_seeds(seeds, batch)
+    noise = SeedStreams(seed_list, STREAM_SOLVER) if slv.is_stochastic else None
+    x = x_T if dtype is None else x_T.to(dtype)
+    on_cuda = x.is_cuda
+    timer = (_CudaTimer() if on_cuda else _CpuTimer()) if timing else None
+    ctx = StepContext(model, points, noise, timer)
+
+    if on_cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    state = slv.init_state(ctx)
+    orders = []
+    iterator = range(ctx.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc=f"{slv.name} ({ctx.steps} steps)", leave=False)
+    with torch.no_grad():
+        for i in iterator:
+            x, state, order = slv.step(ctx, i, x, state)
+            orders.append(order)
+            if callback is not None:
+                callback(StepInfo(step=i, t=grid[i], t_next=grid[i + 1], x=x, order=order, nfe=ctx.nfe))
+    if on_cuda:
+        torch.cuda.synchronize(x.device)
+    total = time.perf_counter() - t0
+    model_time = timer.seconds() if timer is not None else float("nan")
+
+    bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
+    nonfinite = None
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        if on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"sampling with {slv.name} produced NaN/Inf in {len(rows)} of {batch} samples: rows {rows[:20]}"
+                f"{' …' if len(rows) > 20 else ''} (seeds {[seed_list[r] for r in rows[:20]]}). "
+                "Check the model output and the grid; pass on_nonfinite='flag' to get the samples anyway.",
+                rows, [seed_list[r] for r in rows])
+        nonfinite = bad
+    elif on_nonfinite == "flag":
+        nonfinite = bad
+
+    return SampleResult(samples=x, nfe=ctx.nfe, model_rows=ctx.model_rows, timesteps=grid, orders=orders,
+                        solver=slv.name, options=slv.options(), spacing=spacing_used,
+                        denoise_to_zero=denoise_used, time_total=total, time_model=model_time,
+                        time_solver=total - model_time if timer is not None else float("nan"),
+                        nonfinite=nonfinite, seeds=seed_list)

@@ -1,0 +1,170 @@
+"""The one model contract: any network becomes a denoiser D(x, t) ≈ E[x0 | x_t] at the boundary.
+
+A network ``fn(x, model_time)`` predicts one of
+
+* ``"eps"``      — the noise ε                      x0 = (x − σ·ε)/α
+* ``"score"``    — ∇ log p_t(x) = −ε/σ               x0 = (x + σ²·s)/α
+* ``"x0"``       — the clean sample                  x0 = out
+* ``"v"``        — v = α·ε − σ·x0 (VP schedules)     x0 = α·x − σ·v
+* ``"velocity"`` — u = dx_t/dt = α'·x0 + σ'·ε        x0 = (σ'·x − σ·u)/(σ'·α − σ·α')
+
+Each conversion is affine, x0 = a(t)·x + b(t)·out, with coefficients computed once per time on the host, so
+no solver ever branches on the prediction type.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Tuple
+
+import torch
+
+from .schedules import Schedule
+
+Prediction = Literal["eps", "score", "x0", "v", "velocity"]
+PREDICTIONS = ("eps", "score", "x0", "v", "velocity")
+
+__all__ = ["DiffusionModel", "classifier_free_guidance", "PREDICTIONS"]
+
+
+class DiffusionModel:
+    """A network with its schedule and parameterisation, seen by the solvers as a denoiser.
+
+    Args:
+        fn: ``fn(x, t) -> tensor`` of the same shape as x; ``t`` is a tensor of shape (batch,) holding the
+            network's own time input (``schedule.model_time`` of the solver time).
+        schedule: the :class:`~solvers.schedules.Schedule` the network was trained with.
+        prediction: what ``fn`` predicts (see the module docstring).
+        clip_x0: optional ``(low, high)``: clamp the predicted x0 to this range (DDPM's ``clip_sample``).
+        dynamic_threshold: optional percentile p in (0, 1): Imagen's dynamic thresholding — per sample,
+            s = max(1, quantile(|x0|, p)), then x0 ← clamp(x0, −s, s)/s·``clip_x0`` bound (1 by default).
+        input_dtype: dtype the network is called in (the solver state may be float64); ``None`` keeps
+            the state's dtype.
+        rows_per_sample: network batch rows per sample in one call (2 under classifier-free guidance);
+            taken from ``fn.rows_per_sample`` when present.
+
+    Raises:
+        ValueError: unknown prediction, or one the schedule cannot support (``"v"`` needs α² + σ² = 1).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, schedule: Schedule,
+                 prediction: Prediction = "eps", clip_x0: Optional[Tuple[float, float]] = None,
+                 dynamic_threshold: Optional[float] = None, input_dtype: Optional[torch.dtype] = None,
+                 rows_per_sample: Optional[int] = None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(x, t), got {type(fn).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a solvers.schedules.Schedule, got {type(schedule).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if prediction == "v" and not schedule.variance_preserving:
+            raise ValueError(f"prediction 'v' (v = α·ε − σ·x0) is defined on variance-preserving schedules "
+                             f"only; {type(schedule).__name__} is not one. Use 'eps', 'x0', 'score' or "
+                             f"'velocity'.")
+        if clip_x0 is not None:
+            lo, hi = clip_x0
+            if not lo < hi:
+                raise ValueError(f"clip_x0 must be (low, high) with low < high, got {clip_x0}")
+        if dynamic_threshold is not None and not 0 < dynamic_threshold < 1:
+            raise ValueError(f"dynamic_threshold is a percentile in (0, 1), got {dynamic_threshold}")
+        self.fn = fn
+        self.schedule = schedule
+        self.prediction = prediction
+        self.clip_x0 = None if clip_x0 is None else (float(clip_x0[0]), float(clip_x0[1]))
+        self.dynamic_threshold = dynamic_threshold
+        self.input_dtype = input_dtype
+        self.rows_per_sample = int(rows_per_sample or getattr(fn, "rows_per_sample", 1))
+
+    def conversion(self, t: float) -> tuple[float, float]:
+        """Coefficients (a, b) with x0 = a·x + b·fn(x, t) at solver time t (host floats).
+
+        Raises:
+            ValueError: the conversion is singular at t (e.g. ε-prediction where α = 0).
+        """
+        s = self.schedule
+        alpha, sigma = float(s.alpha(t)), float(s.sigma(t))
+        p = self.prediction
+        if p == "x0":
+            return 0.0, 1.0
+        if p == "v":
+            return alpha, -sigma
+        if p == "velocity":
+            da, ds = float(s.d_alpha(t)), float(s.d_sigma(t))
+            den = ds * alpha - sigma * da
+            if den == 0:
+                raise ValueError(f"prediction 'velocity' cannot be converted to x0 at t={t} "
+                                 f"({type(s).__name__}: σ'α − σα' = 0)")
+            return ds / den, -sigma / den
+        if alpha == 0:
+            raise ValueError(f"prediction {p!r} cannot be converted to x0 at t={t}: α(t) = 0 on "
+                             f"{type(s).__name__}. Start the grid below t={t} or use a velocity/x0 model.")
+        if p == "eps":
+            return 1.0 / alpha, -sigma / alpha
+        return 1.0 / alpha, sigma * sigma / alpha  # score
+
+    def raw(self, x: torch.Tensor, model_time: float) -> torch.Tensor:
+        """One network call at a host-side model time; casts to ``input_dtype`` and back."""
+        t = torch.full((x.shape[0],), model_time, dtype=x.dtype if self.input_dtype is None else self.input_dtype,
+                       device=x.device)
+        xin = x if self.input_dtype is None else x.to(self.input_dtype)
+        out = self.fn(xin, t)
+        if out.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
+                             "it must return a tensor of the input's shape")
+        return out.to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, t: float, *, coeffs: Optional[tuple[float, float]] = None,
+                model_time: Optional[float] = None) -> torch.Tensor:
+        """D(x, t): the predicted clean sample at solver time t (one network call).
+
+        ``coeffs`` and ``model_time`` may be passed precomputed (the sampling loop does, once per grid).
+        """
+        a, b = coeffs if coeffs is not None else self.conversion(t)
+        mt = model_time if model_time is not None else float(self.schedule.model_time(t))
+        out = self.raw(x, mt)
+        x0 = out if a == 0.0 and b == 1.0 else torch.add(out * b, x, alpha=a) if a != 0.0 else out * b
+        return self.threshold(x0)
+
+    def threshold(self, x0: torch.Tensor) -> torch.Tensor:
+        """Apply the optional static clipping / dynamic thresholding to a predicted x0."""
+        if self.dynamic_threshold is not None:
+            bound = 1.0 if self.clip_x0 is None else max(abs(self.clip_x0[0]), abs(self.clip_x0[1]))
+            flat = x0.reshape(x0.shape[0], -1).abs()
+            s = torch.quantile(flat.float(), self.dynamic_threshold, dim=1).to(x0.dtype)
+            s = torch.clamp(s, min=1.0).view(-1, *([1] * (x0.dim() - 1)))
+            return torch.maximum(torch.minimum(x0, s), -s) / s * bound
+        if self.clip_x0 is not None:
+            return x0.clamp(self.clip_x0[0], self.clip_x0[1])
+        return x0
+
+    def __repr__(self):
+        return (f"DiffusionModel(prediction={self.prediction!r}, schedule={self.schedule!r}, "
+                f"clip_x0={self.clip_x0}, dynamic_threshold={self.dynamic_threshold})")
+
+
+def classifier_free_guidance(fn: Callable[..., torch.Tensor], cond, uncond, scale: float
+                             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Wrap a conditional network ``fn(x, t, c)`` for classifier-free guidance.
+
+    One batched call evaluates the conditional and the unconditional branch ([x; x], [c; ∅]) and returns
+    out_u + scale·(out_c − out_u).  The combination is affine, so it is the same in any parameterisation.
+    The wrapper declares ``rows_per_sample = 2`` so that the sampling loop counts the network's batch rows.
+
+    Args:
+        fn: ``fn(x, t, c)``; ``cond`` and ``uncond`` are tensors with one row per sample.
+        scale: guidance scale w (1 = conditional model alone, 0 = unconditional).
+    """
+    if not callable(fn):
+        raise TypeError("fn must be callable as fn(x, t, c)")
+    if torch.is_tensor(cond) and torch.is_tensor(uncond) and cond.shape != uncond.shape:
+        raise ValueError(f"cond and uncond must have the same shape, got {tuple(cond.shape)} and "
+                         f"{tuple(uncond.shape)}")
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if cond.shape[0] != n:
+            raise ValueError(f"classifier-free guidance: cond has {cond.shape[0]} rows for a batch of {n}")
+        out = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        out_c, out_u = out[:n], out[n:]
+        return out_u + scale * (out_c - out_u)
+
+    guided.rows_per_sample = 2
+    return guided
