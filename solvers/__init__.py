@@ -13,6 +13,7 @@ This package is pure numerics: it depends on torch (and NumPy for seeding) only.
 from . import grids, schedules
 from .base import Point, Solver, StepContext
 from .grids import SPACINGS, make_grid, validate_grid
+from .inversion import invert
 from .loop import NonFiniteError, SampleResult, StepInfo, sample
 from .model import PREDICTIONS, DiffusionModel, classifier_free_guidance
 from .noise import initial_noise
@@ -21,7 +22,7 @@ from .registry import ALIASES, available_solvers, get_solver, register, solver_c
 __version__ = "0.1.0"
 
 __all__ = [
-    "schedules", "grids", "DiffusionModel", "classifier_free_guidance", "PREDICTIONS", "sample",
+    "schedules", "grids", "DiffusionModel", "classifier_free_guidance", "PREDICTIONS", "sample", "invert",
     "SampleResult", "StepInfo", "NonFiniteError", "initial_noise", "available_solvers", "get_solver",
     "solver_class", "register", "ALIASES", "make_grid", "validate_grid", "SPACINGS", "Solver",
     "StepContext", "Point", "__version__",

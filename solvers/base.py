@@ -3,7 +3,8 @@
 A solver is a small immutable object (a dataclass of its options) with
 
 * ``name``, ``order``, ``stochastic`` and ``reference`` as class attributes;
-* ``nfe(grid)`` — the exact number of model calls it makes on a grid;
+* ``nfe(grid)`` — the exact number of model calls it makes on a grid (``None`` for the solvers that choose
+  their steps at run time, which declare ``adaptive = True``);
 * ``init_state()`` and ``step(ctx, i, x, state) -> (x_next, state, order_used)``: one step from grid point
   i to i + 1.  History lives in ``state``, never on the solver.
 
@@ -49,29 +50,58 @@ class Point:
     ode_q: float
 
 
+def _conversions(model: Optional[DiffusionModel], t: torch.Tensor, zero: list[bool]
+                 ) -> tuple[list, list]:
+    """The x0 conversion (a, b) at each time — one vectorised call — and, where it is singular, why.
+
+    Falls back to one call per point only when some point is singular, to say which one.
+    """
+    n = len(zero)
+    conv: list = [None] * n
+    errors: list = [None] * n
+    live = [i for i in range(n) if not zero[i]]
+    if model is None or not live:
+        return conv, errors
+    if hasattr(model, "conversion_at"):
+        try:
+            a, b = model.conversion_at(t[live])
+        except ValueError:
+            pass
+        else:
+            for i, ai, bi in zip(live, a.tolist(), b.tolist()):
+                conv[i] = (ai, bi)
+            return conv, errors
+    for i in live:
+        try:
+            conv[i] = model.conversion(float(t[i]))
+        except ValueError as e:
+            errors[i] = str(e)
+    return conv, errors
+
+
 def points_at(schedule: Schedule, model: Optional[DiffusionModel], ts: Sequence[float]) -> list[Point]:
-    """Coefficients at the times ``ts``, computed in one vectorised float64 pass."""
+    """Coefficients at the times ``ts``, computed in one vectorised float64 pass.
+
+    The schedule and the model's conversion are evaluated once on the whole grid; the loop below is plain
+    Python floats (per-point tensor work cost ~90 µs a point, more than a sampling step of a small model).
+    """
     t = torch.tensor([float(v) for v in ts], dtype=torch.float64)
     with torch.no_grad():
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        da, ds = schedule.d_alpha(t), schedule.d_sigma(t)
-        lam = schedule.log_snr(t)
-        model_time = schedule.model_time(t)
+        columns = [schedule.alpha(t), schedule.sigma(t), schedule.d_alpha(t), schedule.d_sigma(t),
+                   schedule.log_snr(t), schedule.model_time(t)]
+    ts_f = t.tolist()
+    alpha, sigma, da, ds, lam, model_time = (torch.broadcast_to(c, t.shape).tolist() for c in columns)
+    zeros = [s == 0.0 for s in sigma]
+    convs, conv_errors = _conversions(model, t, zeros)
     out = []
-    for i, tv in enumerate(t.tolist()):
-        a, s, dai, dsi = float(alpha[i]), float(sigma[i]), float(da[i]), float(ds[i])
-        zero = s == 0.0
-        conv, conv_error = None, None
-        if model is not None and not zero:
-            try:
-                conv = model.conversion(tv)
-            except ValueError as e:
-                conv_error = str(e)
+    for i, tv in enumerate(ts_f):
+        a, s, dai, dsi = alpha[i], sigma[i], da[i], ds[i]
+        zero = zeros[i]
+        conv, conv_error = convs[i], conv_errors[i]
         if zero:
             conv_error = f"t={tv} is the data (σ = 0): the model is not evaluated there"
-        with torch.no_grad():
-            drift = dai / a if a != 0 else math.inf
-            g2 = 2.0 * s * dsi - 2.0 * drift * s * s if a != 0 else math.inf
+        drift = dai / a if a != 0 else math.inf
+        g2 = 2.0 * s * dsi - 2.0 * drift * s * s if a != 0 else math.inf
         if schedule.ode_form == "ve":
             ode_scale, ode_time = a, (s / a if a != 0 else math.inf)
             ode_p = 1.0 / s if s != 0 else math.inf
@@ -80,8 +110,8 @@ def points_at(schedule: Schedule, model: Optional[DiffusionModel], ts: Sequence[
             ode_scale, ode_time = 1.0, tv
             ode_p = dsi / s if s != 0 else math.inf
             ode_q = dai - dsi * a / s if s != 0 else -math.inf
-        out.append(Point(t=tv, alpha=a, sigma=s, lam=float(lam[i]), sigma_ve=(s / a if a != 0 else math.inf),
-                         zero=zero, model_time=float(model_time[i]), conv=conv, conv_error=conv_error,
+        out.append(Point(t=tv, alpha=a, sigma=s, lam=lam[i], sigma_ve=(s / a if a != 0 else math.inf),
+                         zero=zero, model_time=model_time[i], conv=conv, conv_error=conv_error,
                          drift=drift, g2=g2, ode_scale=ode_scale, ode_time=ode_time, ode_p=ode_p, ode_q=ode_q))
     return out
 
@@ -96,28 +126,76 @@ class StepContext:
     """
 
     def __init__(self, model: DiffusionModel, points: list[Point], noise: Optional[SeedStreams],
-                 timer=None):
+                 timer=None, batch: Optional[int] = None):
         self.model = model
         self.schedule = model.schedule
         self.points = points
         self.steps = len(points) - 1
         self.nfe = 0
         self.model_rows = 0
+        self.batch = batch
         self._noise = noise
         self._timer = timer
+        self._whole_batch_calls = 0
+        self._row_calls: Optional[torch.Tensor] = None  # per-sample calls made through denoise_at
 
     def denoise(self, x: torch.Tensor, p: Point) -> torch.Tensor:
-        """D(x, t) at point p: one counted model call."""
+        """D(x, t) at point p for the whole batch: one counted model call."""
+        return self._whole_batch_call(x, p, lambda: self.model.denoise(x, p.t, coeffs=p.conv,
+                                                                        model_time=p.model_time))
+
+    def denoise_combine(self, x: torch.Tensor, p: Point, c_x: float, c_d: float) -> torch.Tensor:
+        """c_x·x + c_d·D(x, t) at point p: one counted model call, fused with the update
+        (:meth:`DiffusionModel.denoise_combine`; its time counts as model time)."""
+        return self._whole_batch_call(x, p, lambda: self.model.denoise_combine(
+            x, p.t, c_x, c_d, coeffs=p.conv, model_time=p.model_time))
+
+    def _whole_batch_call(self, x: torch.Tensor, p: Point, call):
         if p.conv is None:
             raise ValueError(f"cannot evaluate the model at t={p.t}: {p.conv_error}")
         self.nfe += 1
+        self._whole_batch_calls += 1
         self.model_rows += x.shape[0] * self.model.rows_per_sample
         if self._timer is not None:
             self._timer.start()
-        d = self.model.denoise(x, p.t, coeffs=p.conv, model_time=p.model_time)
+        d = call()
         if self._timer is not None:
             self._timer.stop()
         return d
+
+    def denoise_at(self, x: torch.Tensor, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """D(x, t) with one solver time per row of ``x`` (adaptive solvers): one counted, batched model call.
+
+        Args:
+            x: the states, (n, …); n may be a subset of the batch.
+            t: float64 tensor (n,) of solver times, one per row.
+            rows: the batch indices of x's rows (default: all rows, n = batch); each is credited one model
+                call in :meth:`nfe_per_sample`.
+        """
+        self.nfe += 1
+        self.model_rows += x.shape[0] * self.model.rows_per_sample
+        if self._row_calls is None:
+            self._row_calls = torch.zeros(self.batch if self.batch is not None else x.shape[0], dtype=torch.long)
+        if rows is None:
+            self._row_calls += 1
+        else:
+            self._row_calls[rows.cpu()] += 1
+        if self._timer is not None:
+            self._timer.start()
+        d = self.model.denoise_at(x, t)
+        if self._timer is not None:
+            self._timer.stop()
+        return d
+
+    def nfe_per_sample(self) -> Optional[list[int]]:
+        """Model calls each sample took part in (``None`` when the batch size is unknown to the context)."""
+        n = self.batch if self.batch is not None else (None if self._row_calls is None else len(self._row_calls))
+        if n is None:
+            return None
+        calls = torch.full((n,), self._whole_batch_calls, dtype=torch.long)
+        if self._row_calls is not None:
+            calls += self._row_calls
+        return calls.tolist()
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         """Per-sample standard normal noise shaped like ``like`` (from the solver stream of each seed)."""
@@ -167,6 +245,7 @@ class Solver:
     stochastic: ClassVar[bool] = False
     reference: ClassVar[str] = ""
     evals_per_step: ClassVar[int] = 1
+    adaptive: ClassVar[bool] = False  # step sizes chosen at run time: nfe() cannot be declared (returns None)
 
     @property
     def is_stochastic(self) -> bool:

@@ -43,6 +43,7 @@ class DPMSolverPPMultistep(_LogSNRSolver):
     lower_order_final: LowerOrderFinal = "auto"
 
     max_order: ClassVar[int] = 2
+    d2_weight: ClassVar[float] = 2.0  # weight of the second-difference term (see the third-order step)
 
     def __post_init__(self):
         _validate_lower_order_final(self.name, self.lower_order_final)
@@ -63,26 +64,37 @@ class DPMSolverPPMultistep(_LogSNRSolver):
         h = q.lam - p.lam
         phi = math.expm1(-h)
         c_x = q.sigma / p.sigma
+        a_phi = q.alpha * phi
         if order == 1:
             # First-order step (DDIM).
-            return torch.add(x * c_x, denoised, alpha=-q.alpha * phi), state, 1
+            return (x * c_x).add_(denoised, alpha=-a_phi), state, 1
+        # Every update is x_n = c_x·x + Σ_k c_k·D_{i−k} with host-side coefficients c_k: one new tensor per
+        # step, accumulated in place (fresh batch-sized tensors are what costs on the CPU).
         d_prev, lam_prev = history[-1]
         r0 = (p.lam - lam_prev) / h
-        d1_0 = (denoised - d_prev) / r0
         if order == 2:
-            # Second-order multistep step (Lu et al. 2022b, Algorithm 2).
-            x_next = torch.add(x * c_x, denoised, alpha=-q.alpha * phi)
-            return torch.add(x_next, d1_0, alpha=-0.5 * q.alpha * phi), state, 2
-        # Third-order multistep step (the DPM-Solver code's multistep_dpm_solver_third_update).
-        d_prev2, lam_prev2 = history[-2]
-        r1 = (lam_prev - lam_prev2) / h
-        d1_1 = (d_prev - d_prev2) / r1
-        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        x_next = torch.add(x * c_x, denoised, alpha=-q.alpha * phi)
-        x_next = torch.add(x_next, d1, alpha=q.alpha * (phi / h + 1.0))
-        x_next = torch.add(x_next, d2, alpha=-q.alpha * ((phi + h) / (h * h) - 0.5))
-        return x_next, state, 3
+            # Second-order multistep step (Lu et al. 2022b, Algorithm 2): x_n = c_x·x − α_n·φ·(D + d1_0/2),
+            # d1_0 = (D − D_{i−1})/r0.
+            terms = ((denoised, -a_phi * (1.0 + 0.5 / r0)), (d_prev, 0.5 * a_phi / r0))
+        else:
+            # Third-order multistep step (the DPM-Solver code's multistep_dpm_solver_third_update, with
+            # d1 ≈ h·D' and d2 ≈ ½h²·D'').  The exact integral of the quadratic through the last three
+            # outputs weighs d2 by 2·φ₃ (φ₃ = (φ + h)/h² − ½ ≈ −h/6, the h³/6·D'' Taylor term); the official
+            # code and diffusers weigh it by φ₃, which leaves an O(h³) local error: second order.
+            # x_n = c_x·x − α_n·φ·D + c1·d1 + c2·d2 with d1 = (1 + w)·d1_0 − w·d1_1, w = r0/(r0 + r1),
+            # d2 = (d1_0 − d1_1)/(r0 + r1), d1_0 = (D − D_{i−1})/r0, d1_1 = (D_{i−1} − D_{i−2})/r1.
+            d_prev2, lam_prev2 = history[-2]
+            r1 = (lam_prev - lam_prev2) / h
+            w = r0 / (r0 + r1)
+            c1 = q.alpha * (phi / h + 1.0)
+            c2 = -self.d2_weight * q.alpha * ((phi + h) / (h * h) - 0.5)
+            u = c1 * (1.0 + w) + c2 / (r0 + r1)  # weight of d1_0
+            v = -c1 * w - c2 / (r0 + r1)         # weight of d1_1
+            terms = ((denoised, -a_phi + u / r0), (d_prev, -u / r0 + v / r1), (d_prev2, -v / r1))
+        x_next = x * c_x
+        for tensor, coef in terms:
+            x_next.add_(tensor, alpha=coef)
+        return x_next, state, order
 
 
 @dataclass(frozen=True)
@@ -103,13 +115,31 @@ class DPMSolverPP2M(DPMSolverPPMultistep):
 class DPMSolverPP3M(DPMSolverPPMultistep):
     """DPM-Solver++(3M): third-order multistep in D and λ (the DPM-Solver code, ``order=3``).
 
+    x_n = (σ_n/σ)·x − α_n·φ₁·D + α_n·φ₂·d1 − 2·α_n·φ₃·d2: the exact integral of the quadratic through the
+    last three outputs.  The official code (and diffusers, k-diffusion's 3M SDE) uses −α_n·φ₃·d2, half the
+    Taylor weight, which is second order as the step shrinks (tests/test_convergence.py measures both);
+    ``official_d2=True`` reproduces it for parity with those implementations.
+
     Order 3 (warm-up steps of order 1 and 2); 1 model call per step.
     """
+
+    official_d2: bool = False
 
     name: ClassVar[str] = "dpmpp_3m"
     order: ClassVar[int] = 3
     max_order: ClassVar[int] = 3
-    reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), §4 and the official code's order-3 multistep"
+    reference: ClassVar[str] = ("Lu et al. 2022b (DPM-Solver++), §4 and the official code's order-3 multistep "
+                                "(second-difference weight corrected; official_d2=True restores it)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.official_d2, bool):
+            raise ValueError(f"dpmpp_3m: official_d2 must be True or False, got {self.official_d2!r}")
+
+    @property
+    def d2_weight(self) -> float:
+        """Weight of the second-difference term: 2 (Taylor-consistent) or 1 (the official code)."""
+        return 1.0 if self.official_d2 else 2.0
 
 
 @dataclass(frozen=True)
@@ -132,17 +162,16 @@ class DPMSolverPP2S(_LogSNRSolver):
             raise ValueError(f"dpmpp_2s: r must be in (0, 1), got {self.r!r}")
 
     def init_state(self, ctx: StepContext):
-        # Intermediate times depend only on the grid: compute their coefficients once.
-        pts, mids = ctx.points, []
-        for i in range(ctx.steps):
-            if pts[i + 1].zero:
-                mids.append(None)
-            else:
-                lam_s = pts[i].lam + self.r * (pts[i + 1].lam - pts[i].lam)
-                mids.append(float(ctx.schedule.t_from_log_snr(lam_s)))
-        valid = [m for m in mids if m is not None]
-        points = iter(ctx.point_list(valid) if valid else [])
-        return [None if m is None else next(points) for m in mids]
+        # Intermediate times depend only on the grid: compute their coefficients once, in one vectorised
+        # pass (per-step schedule calls cost more than the steps of a small model).
+        pts = ctx.points
+        steps = [i for i in range(ctx.steps) if not pts[i + 1].zero]
+        if not steps:
+            return [None] * ctx.steps
+        lam_s = torch.tensor([pts[i].lam + self.r * (pts[i + 1].lam - pts[i].lam) for i in steps],
+                             dtype=torch.float64)
+        mids = iter(ctx.point_list(ctx.schedule.t_from_log_snr(lam_s).tolist()))
+        return [next(mids) if not pts[i + 1].zero else None for i in range(ctx.steps)]
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, mids):
         p, q = ctx.points[i], ctx.points[i + 1]
@@ -152,12 +181,13 @@ class DPMSolverPP2S(_LogSNRSolver):
         s = mids[i]
         h = q.lam - p.lam
         # Intermediate first-order step to λ + r·h.
-        u = torch.add(x * (s.sigma / p.sigma), denoised, alpha=-s.alpha * math.expm1(-self.r * h))
+        u = (x * (s.sigma / p.sigma)).add_(denoised, alpha=-s.alpha * math.expm1(-self.r * h))
         denoised_s = ctx.denoise(u, s)
-        # Second-order step with the intermediate prediction.
+        # Second-order step with the intermediate prediction: x_n = (σ_n/σ)·x − α_n·φ·((1 − w)·D + w·D_s).
         w = 1.0 / (2.0 * self.r)
-        d = torch.add(denoised * (1.0 - w), denoised_s, alpha=w)
-        return torch.add(x * (q.sigma / p.sigma), d, alpha=-q.alpha * math.expm1(-h)), mids, 2
+        a_phi = q.alpha * math.expm1(-h)
+        x_next = (x * (q.sigma / p.sigma)).add_(denoised, alpha=-a_phi * (1.0 - w))
+        return x_next.add_(denoised_s, alpha=-a_phi * w), mids, 2
 
 
 @dataclass(frozen=True)
@@ -204,11 +234,14 @@ class DPMSolverPP2MSDE(_LogSNRSolver):
         h = q.lam - p.lam
         eta_h = self.eta * h
         c_d = -q.alpha * math.expm1(-h - eta_h)
-        x_next = torch.add(x * (q.sigma / p.sigma * math.exp(-eta_h)), denoised, alpha=c_d)
+        # One new tensor per step, accumulated in place (see DPMSolverPPMultistep.step).
+        x_next = x * (q.sigma / p.sigma * math.exp(-eta_h))
         if order == 2:
             d_prev, lam_prev = prev
             r = (p.lam - lam_prev) / h
-            x_next = torch.add(x_next, denoised - d_prev, alpha=0.5 * c_d / r)
+            x_next.add_(denoised, alpha=c_d * (1.0 + 0.5 / r)).add_(d_prev, alpha=-0.5 * c_d / r)
+        else:
+            x_next.add_(denoised, alpha=c_d)
         if self.eta > 0:
-            x_next = torch.add(x_next, ctx.noise(x), alpha=q.sigma * math.sqrt(-math.expm1(-2.0 * eta_h)))
+            x_next.add_(ctx.noise(x), alpha=q.sigma * math.sqrt(-math.expm1(-2.0 * eta_h)))
         return x_next, new_state, order

@@ -44,12 +44,11 @@ class Euler(Solver):
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, state):
         p, q = ctx.points[i], ctx.points[i + 1]
-        denoised = ctx.denoise(x, p)
         if q.zero:
-            return denoised, state, 1
-        # Euler step.
+            return ctx.denoise(x, p), state, 1
+        # Euler step x_n = c_x·x + c_D·D, fused with the model call (DiffusionModel.denoise_combine).
         c_x, c_d = ode_euler_update(p.ode_p, p.ode_q, p, q)
-        return torch.add(x * c_x, denoised, alpha=c_d), state, 1
+        return ctx.denoise_combine(x, p, c_x, c_d), state, 1
 
 
 @dataclass(frozen=True)
@@ -88,16 +87,15 @@ class DDIM(Solver):
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, state):
         p, q = ctx.points[i], ctx.points[i + 1]
-        denoised = ctx.denoise(x, p)
         if q.zero:
-            return denoised, state, 1
+            return ctx.denoise(x, p), state, 1
         c = self.noise_std(p, q)
         c_mean = self.mean_noise_coefficient(p, q)
-        # x_n = α_n·D + c_mean·ε̂ with ε̂ = (x − α·D)/σ.
+        # x_n = α_n·D + c_mean·ε̂ with ε̂ = (x − α·D)/σ, fused with the model call.
         c_x, c_d = c_mean / p.sigma, q.alpha - c_mean * p.alpha / p.sigma
-        x_next = torch.add(x * c_x, denoised, alpha=c_d)
+        x_next = ctx.denoise_combine(x, p, c_x, c_d)
         if c > 0:
-            x_next = torch.add(x_next, ctx.noise(x), alpha=c)
+            x_next.add_(ctx.noise(x), alpha=c)
         return x_next, state, 1
 
     def mean_noise_coefficient(self, p: Point, q: Point) -> float:
@@ -169,13 +167,12 @@ class EulerMaruyama(Solver):
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, state):
         p, q = ctx.points[i], ctx.points[i + 1]
-        denoised = ctx.denoise(x, p)
         if q.zero:
-            return denoised, state, 1
+            return ctx.denoise(x, p), state, 1
         dt = q.t - p.t
-        # Drift step on the reverse SDE.
+        # Drift step on the reverse SDE, fused with the model call.
         c_x = 1.0 + dt * p.drift + dt * p.g2 / (p.sigma * p.sigma)
         c_d = -dt * p.g2 * p.alpha / (p.sigma * p.sigma)
-        x_next = torch.add(x * c_x, denoised, alpha=c_d)
+        x_next = ctx.denoise_combine(x, p, c_x, c_d)
         # Diffusion step.
-        return torch.add(x_next, ctx.noise(x), alpha=math.sqrt(max(0.0, -p.g2 * dt))), state, 1
+        return x_next.add_(ctx.noise(x), alpha=math.sqrt(max(0.0, -p.g2 * dt))), state, 1

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -51,6 +53,9 @@ class SampleResult:
         time_total, time_model, time_solver: wall-clock seconds (device synchronised at the end; on CUDA
             the model time comes from CUDA events).  time_solver = total − model.
         nonfinite: bool tensor (batch,) — rows with NaN/Inf (only when ``on_nonfinite="flag"``).
+        nfe_per_sample: the model calls each sample took part in (list of ints).  Equal to ``nfe`` for every
+            fixed-grid solver; for ``adaptive``, whose samples take their own steps, each sample's own count
+            (``nfe`` then counts batched calls, a call with any number of rows counting once).
     """
 
     samples: torch.Tensor
@@ -67,6 +72,7 @@ class SampleResult:
     time_solver: float
     nonfinite: Optional[torch.Tensor] = None
     seeds: list = field(default_factory=list)
+    nfe_per_sample: Optional[list] = None
 
 
 class _CpuTimer:
@@ -104,7 +110,47 @@ class _CudaTimer:
         return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0
 
 
-def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = 10, *,
+DEFAULT_STEPS = 10
+
+# Grids and their coefficients depend only on the schedule, the model's parameterisation and the grid's
+# arguments, so they are computed once and reused: a benchmark or a dataset run samples many batches on one
+# grid, and the setup (about 1 ms for 10 steps, 10 ms for 1000) would otherwise rival the steps of a small
+# model.  Kept weakly per model, the few most recent grids each; an entry holds its schedule, so a model given
+# a new schedule object never hits an old entry.
+_PREPARED: "weakref.WeakKeyDictionary[DiffusionModel, OrderedDict]" = weakref.WeakKeyDictionary()
+_PREPARED_PER_MODEL = 8
+
+
+def _prepared(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, denoise_to_zero):
+    """(grid, points) for these grid arguments: validated/built and evaluated once, then reused."""
+    schedule = model.schedule
+    try:
+        given = None if timesteps is None else tuple(
+            float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps))
+        key = (model.prediction, given, steps, spacing, t_start, t_end, denoise_to_zero)
+        hash(key)
+    except (TypeError, ValueError):
+        key = None  # not a plain grid: let validate_grid say what is wrong
+    per_model = _PREPARED.get(model)
+    entry = per_model.get(key) if per_model is not None and key is not None else None
+    if entry is not None and entry[0] is schedule:
+        per_model.move_to_end(key)
+        return list(entry[1]), list(entry[2])
+    if timesteps is not None:
+        grid = validate_grid(schedule, timesteps)
+    else:
+        grid = make_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
+                         denoise_to_zero=denoise_to_zero)
+    points = points_at(schedule, model, grid)
+    if key is not None:
+        per_model = _PREPARED.setdefault(model, OrderedDict())
+        per_model[key] = (schedule, tuple(grid), tuple(points))
+        while len(per_model) > _PREPARED_PER_MODEL:
+            per_model.popitem(last=False)
+    return grid, points
+
+
+def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = None, *,
            timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_start: Optional[float] = None,
            t_end: Optional[float] = None, denoise_to_zero: bool = True, seeds=None,
            dtype: Optional[torch.dtype] = None, callback: Optional[Callable[[StepInfo], Any]] = None,
@@ -116,7 +162,8 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         model: the :class:`~solvers.DiffusionModel`.
         x_T: the starting state at ``timesteps[0]`` (see :func:`solvers.initial_noise`).
         solver: a name from :func:`solvers.available_solvers`.
-        steps: number of solver steps (ignored when ``timesteps`` is given, except that it must agree).
+        steps: number of solver steps (default 10).  With ``timesteps`` it may be left out; if given it
+            must agree with the grid.
         timesteps: an explicit strictly decreasing grid of ``steps + 1`` solver times; the solver then
             integrates exactly from ``timesteps[0]`` to ``timesteps[-1]`` over those points, no extra step.
         spacing, t_start, t_end, denoise_to_zero: how to build the grid (:func:`solvers.grids.make_grid`).
@@ -141,9 +188,8 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     slv = get_solver(solver, **solver_options)
-    schedule = model.schedule
     if timesteps is not None:
-        grid = validate_grid(schedule, timesteps)
+        grid, points = _prepared(model, timesteps, None, spacing, t_start, t_end, denoise_to_zero)
         if steps is not None and steps != len(grid) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
                              "pass steps=None or the matching count")
@@ -151,11 +197,9 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         denoise_used = None
     else:
         if steps is None:
-            raise ValueError("give steps (a positive integer) or an explicit timesteps grid")
-        grid = make_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
-                         denoise_to_zero=denoise_to_zero)
+            steps = DEFAULT_STEPS
+        grid, points = _prepared(model, None, steps, spacing, t_start, t_end, denoise_to_zero)
         spacing_used, denoise_used = spacing, denoise_to_zero
-    points = points_at(schedule, model, grid)
     slv.check(points)
 
     batch = x_T.shape[0]
@@ -164,7 +208,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
     x = x_T if dtype is None else x_T.to(dtype)
     on_cuda = x.is_cuda
     timer = (_CudaTimer() if on_cuda else _CpuTimer()) if timing else None
-    ctx = StepContext(model, points, noise, timer)
+    ctx = StepContext(model, points, noise, timer, batch=batch)
 
     if on_cuda:
         torch.cuda.synchronize(x.device)
@@ -186,7 +230,12 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
     total = time.perf_counter() - t0
     model_time = timer.seconds() if timer is not None else float("nan")
 
-    bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
+    # A finite sum means every entry is finite (NaN and ±Inf propagate): one cheap reduction in the common
+    # case; the per-row check only when something (or the sum itself) is not finite.
+    if bool(torch.isfinite(x.sum())):
+        bad = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    else:
+        bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
     nonfinite = None
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
@@ -204,4 +253,4 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
                         solver=slv.name, options=slv.options(), spacing=spacing_used,
                         denoise_to_zero=denoise_used, time_total=total, time_model=model_time,
                         time_solver=total - model_time if timer is not None else float("nan"),
-                        nonfinite=nonfinite, seeds=seed_list)
+                        nonfinite=nonfinite, seeds=seed_list, nfe_per_sample=ctx.nfe_per_sample())

@@ -13,7 +13,7 @@ no solver ever branches on the prediction type.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple, Union
 
 import torch
 
@@ -23,6 +23,32 @@ Prediction = Literal["eps", "score", "x0", "v", "velocity"]
 PREDICTIONS = ("eps", "score", "x0", "v", "velocity")
 
 __all__ = ["DiffusionModel", "classifier_free_guidance", "PREDICTIONS"]
+
+
+# A multiple of every CPU vector width (2 × 8 float64 lanes under AVX-512, the unrolled body of ATen's loops).
+_LANES = 64
+
+
+def lanewise(fn: Callable[..., object], *vectors: torch.Tensor):
+    """``fn(*vectors)`` on 1-D host tensors, computed so that each element's value depends on that element only.
+
+    ATen's CPU kernels run a vectorised body over whole blocks of lanes and a scalar loop over the remainder,
+    and transcendental functions (pow, softplus, …) round differently on the two paths: the same time gets
+    a different α(t) in the last bit depending on where it sits in the batch.  Padding the vectors to a
+    multiple of the block (with copies of their first element) sends every element through the body.
+    Used for per-sample quantities, so that a sample's result never depends on its batch-mates.
+
+    Returns:
+        ``fn``'s result (a tensor or a tuple of tensors), cut back to the vectors' length.
+    """
+    n = vectors[0].numel()
+    m = -(-n // _LANES) * _LANES
+    if m != n:
+        vectors = tuple(torch.cat([v, v[:1].expand(m - n)]) for v in vectors)
+    out = fn(*vectors)
+    if isinstance(out, tuple):
+        return tuple(o[:n] for o in out)
+    return out[:n]
 
 
 class DiffusionModel:
@@ -100,10 +126,14 @@ class DiffusionModel:
             return 1.0 / alpha, -sigma / alpha
         return 1.0 / alpha, sigma * sigma / alpha  # score
 
-    def raw(self, x: torch.Tensor, model_time: float) -> torch.Tensor:
-        """One network call at a host-side model time; casts to ``input_dtype`` and back."""
-        t = torch.full((x.shape[0],), model_time, dtype=x.dtype if self.input_dtype is None else self.input_dtype,
-                       device=x.device)
+    def raw(self, x: torch.Tensor, model_time: Union[float, torch.Tensor]) -> torch.Tensor:
+        """One network call at a host-side model time (or a (batch,) tensor of them, one per sample); casts to
+        ``input_dtype`` and back."""
+        t_dtype = x.dtype if self.input_dtype is None else self.input_dtype
+        if torch.is_tensor(model_time):
+            t = model_time.reshape(-1).to(device=x.device, dtype=t_dtype)
+        else:
+            t = torch.full((x.shape[0],), model_time, dtype=t_dtype, device=x.device)
         xin = x if self.input_dtype is None else x.to(self.input_dtype)
         out = self.fn(xin, t)
         if out.shape != x.shape:
@@ -120,15 +150,79 @@ class DiffusionModel:
         a, b = coeffs if coeffs is not None else self.conversion(t)
         mt = model_time if model_time is not None else float(self.schedule.model_time(t))
         out = self.raw(x, mt)
-        x0 = out if a == 0.0 and b == 1.0 else torch.add(out * b, x, alpha=a) if a != 0.0 else out * b
+        # One new tensor per call (out·b), updated in place: on the CPU every fresh batch-sized tensor costs
+        # page faults comparable to the arithmetic (bench/perf.py overhead).
+        x0 = out if a == 0.0 and b == 1.0 else (out * b).add_(x, alpha=a) if a != 0.0 else out * b
         return self.threshold(x0)
+
+    def denoise_combine(self, x: torch.Tensor, t: float, c_x: float, c_d: float, *,
+                        coeffs: Optional[tuple[float, float]] = None,
+                        model_time: Optional[float] = None) -> torch.Tensor:
+        """c_x·x + c_d·D(x, t) as one new tensor (one network call): the whole update of a first-order step.
+
+        Without clipping or thresholding, D = a·x + b·out is affine in the network output, so the update is
+        (c_x + c_d·a)·x + (c_d·b)·out: two passes over the batch instead of four.  Otherwise (or when a
+        subclass changes :meth:`denoise`) D is formed first.
+        """
+        plain = (self.clip_x0 is None and self.dynamic_threshold is None
+                 and type(self).denoise is DiffusionModel.denoise and type(self).threshold is DiffusionModel.threshold)
+        if not plain:
+            return (x * c_x).add_(self.denoise(x, t, coeffs=coeffs, model_time=model_time), alpha=c_d)
+        a, b = coeffs if coeffs is not None else self.conversion(t)
+        mt = model_time if model_time is not None else float(self.schedule.model_time(t))
+        return (self.raw(x, mt) * (c_d * b)).add_(x, alpha=c_x + c_d * a)
+
+    def conversion_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample :meth:`conversion`: float64 tensors (a, b) for a (batch,) tensor of solver times.
+
+        Raises:
+            ValueError: the conversion is singular at one of the times.
+        """
+        s = self.schedule
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+        p = self.prediction
+        if p == "x0":
+            return torch.zeros_like(t), torch.ones_like(t)
+        alpha, sigma = s.alpha(t), s.sigma(t)
+        if p == "v":
+            return alpha, -sigma
+        if p == "velocity":
+            den = s.d_sigma(t) * alpha - sigma * s.d_alpha(t)
+            if bool((den == 0).any()):
+                raise ValueError(f"prediction 'velocity' cannot be converted to x0 at t={t[den == 0].tolist()} "
+                                 f"({type(s).__name__}: σ'α − σα' = 0)")
+            return s.d_sigma(t) / den, -sigma / den
+        if bool((alpha == 0).any()):
+            raise ValueError(f"prediction {p!r} cannot be converted to x0 at t={t[alpha == 0].tolist()}: "
+                             f"α(t) = 0 on {type(s).__name__}")
+        if p == "eps":
+            return 1.0 / alpha, -sigma / alpha
+        return 1.0 / alpha, sigma * sigma / alpha  # score
+
+    def denoise_at(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D(x, t) with one solver time per sample: ``t`` is a (batch,) tensor (one network call).
+
+        For solvers whose samples are at different times (adaptive step sizes chosen per sample).
+        """
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+        if t.numel() != x.shape[0]:
+            raise ValueError(f"denoise_at needs one time per sample: got {t.numel()} times for {x.shape[0]} rows")
+        # Each sample's coefficients must not depend on its position in the batch (see lanewise).
+        a, b, model_time = lanewise(lambda tt: (*self.conversion_at(tt), self.schedule.model_time(tt)), t)
+        out = self.raw(x, model_time)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        a = a.to(device=x.device, dtype=x.dtype).reshape(shape)
+        b = b.to(device=x.device, dtype=x.dtype).reshape(shape)
+        return self.threshold(a * x + b * out)
 
     def threshold(self, x0: torch.Tensor) -> torch.Tensor:
         """Apply the optional static clipping / dynamic thresholding to a predicted x0."""
         if self.dynamic_threshold is not None:
             bound = 1.0 if self.clip_x0 is None else max(abs(self.clip_x0[0]), abs(self.clip_x0[1]))
             flat = x0.reshape(x0.shape[0], -1).abs()
-            s = torch.quantile(flat.float(), self.dynamic_threshold, dim=1).to(x0.dtype)
+            # torch.quantile takes float32/float64 only: keep a float64 state's precision.
+            flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            s = torch.quantile(flat, self.dynamic_threshold, dim=1).to(x0.dtype)
             s = torch.clamp(s, min=1.0).view(-1, *([1] * (x0.dim() - 1)))
             return torch.maximum(torch.minimum(x0, s), -s) / s * bound
         if self.clip_x0 is not None:

@@ -56,8 +56,12 @@ class SeedStreams:
               device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """A (batch, *sample_shape) tensor of standard normals, row i from sample i's generator."""
         draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        rows = [torch.randn(tuple(sample_shape), generator=g, dtype=draw_dtype) for g in self.generators]
-        out = torch.stack(rows) if rows else torch.empty((0, *sample_shape), dtype=draw_dtype)
+        shape = tuple(sample_shape)
+        out = torch.empty((len(self.generators), *shape), dtype=draw_dtype)
+        # Each row drawn in place from its own generator (the same numbers as a fresh randn per row, without
+        # a second batch-sized tensor to stack them into).
+        for g, row in zip(self.generators, out):
+            torch.randn(shape, generator=g, out=row)
         return out.to(device=device, dtype=dtype, non_blocking=True)
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Type
 
+from .adaptive import Adaptive
 from .base import Solver
 from .consistency import Consistency
 from .dpmpp import DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
 from .first_order import DDIM, DDPM, Euler, EulerMaruyama
+from .deis import DEIS, IPNDM
 from .heun import Heun
+from .langevin import Langevin, PredictorCorrector
+from .unipc import UniPC
 
 SOLVERS: dict[str, Type[Solver]] = {}
 ALIASES: dict[str, str] = {"em": "euler_maruyama", "dpmpp": "dpmpp_2m"}
@@ -27,7 +31,7 @@ def register(cls: Type[Solver]) -> Type[Solver]:
 
 
 for _cls in (Euler, EulerMaruyama, DDIM, DDPM, Heun, DPMSolverPP2M, DPMSolverPP3M, DPMSolverPP2S,
-             DPMSolverPP2MSDE, Consistency):
+             DPMSolverPP2MSDE, Consistency, UniPC, DEIS, IPNDM, Langevin, PredictorCorrector, Adaptive):
     register(_cls)
 
 

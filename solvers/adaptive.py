@@ -1,0 +1,343 @@
+"""An error-controlled solver of the probability-flow ODE with a step size per sample.
+
+The ODE is integrated in a variable u that increases from noise to data, with state y:
+
+* diffusion schedules (``ode_form="ve"``): u = λ = log(α/σ) = −log(σ/α), y = x̃ = x/α:  dy/du = D − y;
+  in λ the step sizes stay within a decade or two from σ_max to σ_min (in σ they span four).
+* rectified flow (``ode_form="native"``): u = −t, y = x:  dy/du = −(p(t)·x + q(t)·D)  (see ``Point``).
+
+An embedded explicit Runge–Kutta pair (Bogacki–Shampine 3(2), the default, or Dormand–Prince 5(4); both
+FSAL) gives a step and an error estimate; a PI controller (Gustafsson; Hairer & Wanner II, §IV.2) picks the
+next step from the last two error norms.  Everything that decides a step — its size, the error norm, the
+acceptance — is computed per sample, and every sample sits at its own time u; the network is called once
+per stage on the not-yet-finished samples with one time per row (``StepContext.denoise_at``).  So a sample's
+trajectory never depends on its batch-mates (unlike k-diffusion's and the DPM-Solver code's adaptive
+samplers, which pick one step size for the whole batch).
+
+The grid: the solver integrates from the first grid time to the last noise level (the last grid time, or
+the one before it when the grid ends at σ = 0, where it then returns D with one more model call).  The
+steps are its own: the interior grid times do not change them.  They are *output* times: the state at each
+interior grid time is the cubic Hermite interpolant of the step that covers it (third order; the
+integration itself is never restarted there), so callbacks see the trajectory at the grid times.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional, Sequence
+
+import torch
+
+from .base import Point, Solver, StepContext
+from .model import lanewise
+
+__all__ = ["Adaptive", "ButcherTableau", "TABLEAUS"]
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit embedded Runge–Kutta pair that checks its own consistency.
+
+    Attributes:
+        c, a: nodes and the strictly lower-triangular stage matrix (``a[i]`` has i entries).
+        b: weights of the solution (order ``order``); ``b_err``: b − b̂, the weights of the error estimate
+            (b̂ of order ``error_order``).
+        fsal: the last stage is f at the solution (``a[-1] == b``, ``c[-1] == 1``): it is the next step's first.
+    """
+
+    name: str
+    c: tuple
+    a: tuple
+    b: tuple
+    b_err: tuple
+    order: int
+    error_order: int
+
+    def __post_init__(self):
+        s = len(self.c)
+        if not (len(self.a) == len(self.b) == len(self.b_err) == s):
+            raise ValueError(f"{self.name}: c, a, b and b_err must all have {s} entries")
+        for i, row in enumerate(self.a):
+            if len(row) != i:
+                raise ValueError(f"{self.name}: row {i} of a must have {i} entries (explicit method)")
+            if abs(sum(row) - self.c[i]) > 1e-14:
+                raise ValueError(f"{self.name}: row {i} of a must sum to c[{i}]")
+        if abs(sum(self.b) - 1.0) > 1e-14 or abs(sum(self.b_err)) > 1e-14:
+            raise ValueError(f"{self.name}: b must sum to 1 and b_err to 0 (consistency)")
+        if not (self.c[-1] == 1.0 and all(abs(x - y) < 1e-15 for x, y in zip(self.a[-1], self.b))):
+            raise ValueError(f"{self.name}: only FSAL pairs are supported (last row of a = b, c[-1] = 1)")
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+
+TABLEAUS = {
+    "bs3": ButcherTableau(
+        "bs3", c=(0.0, 1 / 2, 3 / 4, 1.0),
+        a=((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+        b=(2 / 9, 1 / 3, 4 / 9, 0.0),
+        b_err=(2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+        order=3, error_order=2),
+    "dopri5": ButcherTableau(
+        "dopri5", c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        a=((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+        b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        b_err=(35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
+               -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40),
+        order=5, error_order=4),
+}
+
+
+def _rms(v: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each row, as a float64 CPU tensor."""
+    return v.reshape(v.shape[0], -1).double().pow(2).mean(dim=1).sqrt().cpu()
+
+
+def _pow(v: torch.Tensor, p: float) -> torch.Tensor:
+    """v**p elementwise, the same for a sample wherever it sits in the batch."""
+    return lanewise(lambda a: a ** p, v)
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row (n,) host tensor shaped to broadcast against ``like``."""
+    return v.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@dataclass(frozen=True)
+class Adaptive(Solver):
+    """Adaptive Runge–Kutta on the probability-flow ODE with a PI step-size controller per sample.
+
+    A step is accepted when the RMS over the sample's entries of err/(atol + rtol·max(|y|, |y_new|)) is at
+    most 1; the next step is h·clip(0.9·e_n^{−0.7/k}·e_{n−1}^{0.4/k}, 0.2, 5) (k = error order + 1; no
+    growth right after a rejection).  The first step size comes from Hairer's starting-step heuristic
+    (one model call) unless ``h_init`` (in u, see the module docstring) is given.
+
+    Options: ``rtol``, ``atol``, ``method`` (``"bs3"`` or ``"dopri5"``), ``h_init``, ``max_steps`` (attempts
+    per sample before giving up with an error).  Order 3 (bs3) or 5 (dopri5).  The model calls depend on the
+    problem and the tolerances: ``nfe()`` is ``None``; ``SampleResult.nfe`` counts batched calls and
+    ``SampleResult.nfe_per_sample`` each sample's own.
+    """
+
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    method: Literal["bs3", "dopri5"] = "bs3"
+    h_init: Optional[float] = None
+    max_steps: int = 10_000
+
+    name: ClassVar[str] = "adaptive"
+    order: ClassVar[int] = 3
+    adaptive: ClassVar[bool] = True
+    reference: ClassVar[str] = ("Bogacki & Shampine 1989; Dormand & Prince 1980; PI control: Gustafsson 1991, "
+                                "Hairer & Wanner, Solving ODEs II, §IV.2")
+
+    safety: ClassVar[float] = 0.9
+    factor_min: ClassVar[float] = 0.2
+    factor_max: ClassVar[float] = 5.0
+
+    def __post_init__(self):
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"adaptive: {name} must be a finite number >= 0, got {v!r}")
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("adaptive: rtol and atol cannot both be 0")
+        if self.method not in TABLEAUS:
+            raise ValueError(f"adaptive: method must be one of {', '.join(TABLEAUS)}, got {self.method!r}")
+        if self.h_init is not None and (isinstance(self.h_init, bool) or not isinstance(self.h_init, (int, float))
+                                        or not (self.h_init > 0 and math.isfinite(self.h_init))):
+            raise ValueError(f"adaptive: h_init must be a positive number or None, got {self.h_init!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"adaptive: max_steps must be a positive integer, got {self.max_steps!r}")
+        object.__setattr__(self, "order", TABLEAUS[self.method].order)
+
+    @property
+    def tableau(self) -> ButcherTableau:
+        return TABLEAUS[self.method]
+
+    def nfe(self, grid: Sequence[float], t_zero: float) -> None:
+        """Not known before sampling (the steps depend on the problem): ``None``."""
+        return None
+
+    def check(self, points: list[Point]) -> None:
+        super().check(points)
+        last = points[-2] if points[-1].zero else points[-1]
+        if last.conv is None:
+            raise ValueError(f"adaptive: cannot evaluate the model at the last noise level t={last.t}: "
+                             f"{last.conv_error}")
+
+    # -- the ODE in (u, y) ----------------------------------------------------------------------------
+    @staticmethod
+    def _ve(schedule) -> bool:
+        return schedule.ode_form == "ve"
+
+    def _u(self, ctx: StepContext, p: Point) -> float:
+        """The integration variable u at point p."""
+        u = p.lam if self._ve(ctx.schedule) else -p.t
+        if not math.isfinite(u):
+            raise ValueError(f"adaptive integrates in λ = log(α/σ), which is infinite at t={p.t}; start the grid "
+                             "just below it")
+        return u
+
+    def _times(self, ctx: StepContext, u: torch.Tensor) -> torch.Tensor:
+        """Solver time t of each u (float64, host)."""
+        return lanewise(ctx.schedule.t_from_log_snr, u) if self._ve(ctx.schedule) else -u
+
+    def _rhs(self, ctx: StepContext, u: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """dy/du for the rows ``rows`` of the batch at their own times u (one batched model call)."""
+        s = ctx.schedule
+        t = self._times(ctx, u)
+        if self._ve(s):
+            alpha = _col(lanewise(s.alpha, t), y)
+            return ctx.denoise_at(y * alpha, t, rows) - y
+        denoised = ctx.denoise_at(y, t, rows)
+        alpha, sigma, da, ds = lanewise(lambda tt: (s.alpha(tt), s.sigma(tt), s.d_alpha(tt), s.d_sigma(tt)), t)
+        p, q = _col(ds / sigma, y), _col(da - ds * alpha / sigma, y)
+        return -(p * y + q * denoised)
+
+    # -- the sampling-loop interface --------------------------------------------------------------------
+    def init_state(self, ctx: StepContext):
+        pts = ctx.points
+        last = pts[-2] if pts[-1].zero else pts[-1]
+        self._u(ctx, pts[0])
+        return {"u_end": self._u(ctx, last), "started": False}
+
+    def _start(self, ctx: StepContext, x: torch.Tensor, p: Point, state: dict) -> dict:
+        n = x.shape[0]
+        rows = torch.arange(n)
+        u = torch.full((n,), self._u(ctx, p), dtype=torch.float64)
+        y = x / p.ode_scale
+        f = self._rhs(ctx, u, y, rows)
+        span = state["u_end"] - float(u[0])
+        if self.h_init is not None:
+            h = torch.full((n,), min(float(self.h_init), span), dtype=torch.float64)
+        else:
+            # Hairer's starting step (Solving ODEs I, II.4), per sample: one model call.
+            scale = self.atol + self.rtol * y.abs()
+            d0, d1 = _rms(y / scale), _rms(f / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).clamp(max=span)
+            f1 = self._rhs(ctx, u + h0, y + _col(h0, y) * f, rows)
+            d2 = _rms((f1 - f) / scale) / h0
+            dmax = torch.maximum(d1, d2)
+            h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                             _pow(0.01 / dmax.clamp_min(1e-300), 1.0 / (self.tableau.error_order + 1)))
+            h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, span))
+        state = {**state, "started": True, "u": u, "y": y, "f": f, "h": h, "span": span,
+                 "u_prev": u.clone(), "y_prev": y.clone(), "f_prev": f.clone(),
+                 "err_prev": torch.ones(n, dtype=torch.float64), "rejected": torch.zeros(n, dtype=torch.bool),
+                 "attempts": torch.zeros(n, dtype=torch.long)}
+        # A sample whose model output is already NaN/Inf cannot be integrated: it ends as NaN (and the loop
+        # reports it by row).
+        finite = torch.isfinite(y.reshape(n, -1)).all(1).cpu() & torch.isfinite(f.reshape(n, -1)).all(1).cpu()
+        self._retire(state, (~finite).nonzero().flatten())
+        return state
+
+    @staticmethod
+    def _retire(state: dict, rows: torch.Tensor) -> None:
+        """End the integration of ``rows`` with a NaN state (their model output was not finite)."""
+        if rows.numel() == 0:
+            return
+        dev = rows.to(state["y"].device)
+        for key in ("y", "f", "y_prev", "f_prev"):
+            state[key][dev] = math.nan
+        state["u"][rows] = state["u_end"]
+        state["u_prev"][rows] = state["u_end"]
+
+    def _advance(self, ctx: StepContext, state: dict, target: float) -> None:
+        """Take accepted steps (in place on ``state``) until every sample has reached u ≥ target."""
+        tab, u_end = self.tableau, state["u_end"]
+        k_exp = tab.error_order + 1
+        beta1, beta2 = 0.7 / k_exp, 0.4 / k_exp
+        while True:
+            rows = (state["u"] < target).nonzero().flatten()
+            if rows.numel() == 0:
+                return
+            if bool((state["attempts"][rows] >= self.max_steps).any()):
+                bad = rows[state["attempts"][rows] >= self.max_steps].tolist()
+                raise RuntimeError(f"adaptive: samples {bad[:20]} needed more than max_steps={self.max_steps} "
+                                   f"step attempts (rtol={self.rtol}, atol={self.atol}); loosen the tolerances "
+                                   "or raise max_steps")
+            state["attempts"][rows] += 1
+            u, y, f = state["u"][rows], state["y"][rows], state["f"][rows]
+            left = u_end - u
+            h = torch.minimum(state["h"][rows], left)
+            last_step = h >= left
+            hc = _col(h, y)
+            # Runge–Kutta stages (the first is f at the step's start, kept from the last step: FSAL).
+            ks = [f]
+            y_stage = y
+            for i in range(1, tab.stages):
+                y_stage = y
+                for aij, kj in zip(tab.a[i], ks):
+                    if aij != 0.0:
+                        y_stage = y_stage + (hc * aij) * kj
+                ks.append(self._rhs(ctx, u + tab.c[i] * h, y_stage, rows))
+            y_new = y_stage  # FSAL: the last stage's input is the solution, its output f there
+            err = sum((hc * e) * k for e, k in zip(tab.b_err, ks) if e != 0.0)
+            scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
+            norm = _rms(err / scale)
+            ok = torch.isfinite(norm) & (norm <= 1.0)
+            # PI controller.
+            norm_safe = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, math.inf))
+            grow = self.safety * _pow(norm_safe.clamp_min(1e-10), -beta1) * _pow(state["err_prev"][rows], beta2)
+            grow = grow.clamp(self.factor_min, self.factor_max)
+            grow = torch.where(state["rejected"][rows], grow.clamp(max=1.0), grow)
+            shrink = (self.safety * _pow(norm_safe, -1.0 / k_exp)).clamp(self.factor_min, 1.0)
+            state["h"][rows] = h * torch.where(ok, grow, shrink)
+            state["rejected"][rows] = ~ok
+            # A step that keeps failing down to a vanishing size: NaN/Inf from the model ends the sample as NaN
+            # (reported by the loop); a finite error that cannot be met is an error.
+            stalled = ~ok & (state["h"][rows] < 1e-10 * state["span"])
+            if bool(stalled.any()):
+                finite_fail = stalled & torch.isfinite(norm)
+                if bool(finite_fail.any()):
+                    raise RuntimeError(f"adaptive: the step size of samples {rows[finite_fail].tolist()[:20]} fell "
+                                       f"below 1e-10 of the interval without meeting rtol={self.rtol}, "
+                                       f"atol={self.atol}; the model may be discontinuous or the tolerances too tight")
+                self._retire(state, rows[stalled])
+                ok = ok & ~stalled
+            acc = rows[ok]
+            if acc.numel():
+                sel = ok.nonzero().flatten()
+                state["err_prev"][acc] = norm[sel].clamp_min(1e-4)
+                state["u_prev"][acc] = u[sel]
+                state["y_prev"][acc] = y[sel]
+                state["f_prev"][acc] = f[sel]
+                new_u = torch.where(last_step[sel], torch.full_like(u[sel], u_end), u[sel] + h[sel])
+                state["u"][acc] = new_u
+                state["y"][acc] = y_new[sel.to(y.device)]
+                state["f"][acc] = ks[-1][sel.to(y.device)]
+
+    @staticmethod
+    def _dense(state: dict, target: float) -> torch.Tensor:
+        """y at u = target from the cubic Hermite interpolant of each sample's last step (which covers it)."""
+        u0, u1 = state["u_prev"], state["u"]
+        y0, y1, f0, f1 = state["y_prev"], state["y"], state["f_prev"], state["f"]
+        span = u1 - u0
+        theta = torch.where(span > 0, (target - u0) / span.clamp_min(1e-300), torch.ones_like(span))
+        th, dh = _col(theta, y1), _col(span, y1)
+        h00 = (1 + 2 * th) * (1 - th) ** 2
+        h10 = th * (1 - th) ** 2
+        h01 = th * th * (3 - 2 * th)
+        h11 = th * th * (th - 1)
+        return h00 * y0 + h10 * dh * f0 + h01 * y1 + h11 * dh * f1
+
+    def step(self, ctx: StepContext, i: int, x: torch.Tensor, state):
+        p, q = ctx.points[i], ctx.points[i + 1]
+        if q.zero:
+            # Every sample is at the last noise level p: the final denoising step.
+            return ctx.denoise(x, p), state, 1
+        if not state["started"]:
+            state = self._start(ctx, x, p, state)
+        else:
+            state = dict(state)
+        target = self._u(ctx, q)
+        self._advance(ctx, state, target)
+        if target >= state["u_end"]:
+            y = state["y"]  # every sample ends exactly at u_end
+        else:
+            y = self._dense(state, target)
+        return y * q.ode_scale, state, self.tableau.order
