@@ -1,0 +1,212 @@
+"""Quality measures: Fréchet distance, sliced Wasserstein distance, error against the exact ODE solution.
+
+The functions here are plain numerics on NumPy arrays (float64).  Which measure fits which model, its
+label in reports and how its per-sample features are made lives in :data:`METRICS`; the feature
+extractors for images are in :mod:`bench.features`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["frechet_distance", "gaussian_statistics", "frechet_distance_features", "sliced_wasserstein",
+           "projections", "rmse", "MetricSpec", "METRICS", "available_metrics", "get_metric", "default_metrics",
+           "metrics_for"]
+
+
+# -- Fréchet distance ------------------------------------------------------------------------------------
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased, n − 1) covariance of ``features`` (n, d), in float64.
+
+    Raises:
+        ValueError: fewer than two samples, or non-finite features.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors as an (n, d) array, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or Inf")
+    mu = f.mean(axis=0)
+    centred = f - mu
+    sigma = centred.T @ centred / (f.shape[0] - 1)
+    return mu, sigma
+
+
+def _numerical_zero(w: np.ndarray) -> float:
+    # Eigenvalues below this are round-off of a (near-)singular matrix: their square roots (~1e-8 for a
+    # round-off of 1e-16) would otherwise add up to a visible error in the trace.
+    return float(np.max(np.abs(w), initial=0.0)) * w.size * np.finfo(np.float64).eps
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (round-off eigenvalues zeroed)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    w = np.where(w > _numerical_zero(w), w, 0.0)
+    return (v * np.sqrt(w)) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet (2-Wasserstein²) distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d² = |mu1 − mu2|² + tr(S1) + tr(S2) − 2·tr((S1 S2)^{1/2}).  The trace of the square root is computed as
+    tr((S1^{1/2} S2 S1^{1/2})^{1/2}) — the eigenvalues of a symmetric PSD matrix, which are real and
+    non-negative, so no complex round-off and no ``sqrtm`` of a non-symmetric product; eigenvalues at the
+    round-off level of a singular covariance (fewer samples than dimensions) are set to zero rather than
+    contributing their square roots (1e-16 → 1e-8 each).
+
+    Returns:
+        The distance (a float ≥ 0 up to rounding; clipped at 0).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"inconsistent shapes: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    root1 = _psd_sqrt(s1)
+    middle = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = float(np.sqrt(np.where(eig > _numerical_zero(eig), eig, 0.0)).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(value, 0.0)
+
+
+def frechet_distance_features(x: np.ndarray, y: np.ndarray) -> float:
+    """Fréchet distance between the Gaussian fits of two sets of feature vectors."""
+    return frechet_distance(*gaussian_statistics(x), *gaussian_statistics(y))
+
+
+# -- sliced Wasserstein ----------------------------------------------------------------------------------
+def projections(dim: int, n_projections: int, seed: int = 0) -> np.ndarray:
+    """``n_projections`` unit directions in R^dim (rows), fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((n_projections, dim))
+    return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+
+def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance sqrt(E_θ W2²(θ·x, θ·y)) over fixed random directions θ.
+
+    With equal sample counts the 1-D W2 is the root mean square difference of the sorted projections;
+    otherwise both empirical quantile functions are evaluated at the midpoints of max(n, m) bins.
+
+    Args:
+        x, y: (n, d) and (m, d) samples.
+        n_projections: number of directions.
+        seed: fixes the directions (the same for every cell, so cells are comparable).
+    """
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    theta = projections(x.shape[1], n_projections, seed)
+    px, py = np.sort(x @ theta.T, axis=0), np.sort(y @ theta.T, axis=0)
+    if px.shape[0] != py.shape[0]:
+        q = (np.arange(max(len(px), len(py))) + 0.5) / max(len(px), len(py))
+        px = np.quantile(px, q, axis=0, method="inverted_cdf")
+        py = np.quantile(py, q, axis=0, method="inverted_cdf")
+    return float(np.sqrt(np.mean((px - py) ** 2)))
+
+
+def rmse(x: np.ndarray, y: np.ndarray) -> float:
+    """Root mean square difference over all coordinates of all samples."""
+    d = np.asarray(x, np.float64) - np.asarray(y, np.float64)
+    return float(np.sqrt(np.mean(d * d)))
+
+
+# -- the registry of metrics -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a metric is, for whom, and how reports name it.
+
+    Attributes:
+        key: the ``--metric`` name.
+        label: the name in tables and charts (never "FID" unless it is Inception-v3 FID).
+        kinds: model kinds (``ModelCard.kind``) it fits.
+        description: one line for ``--help`` and reports.
+        needs_exact_ode: needs ``card.exact_ode``.
+        deterministic_only: only defined for deterministic solvers (NaN with a note otherwise).
+    """
+
+    key: str
+    label: str
+    kinds: tuple
+    description: str
+    needs_exact_ode: bool = False
+    deterministic_only: bool = False
+
+
+METRICS: dict[str, MetricSpec] = {m.key: m for m in (
+    MetricSpec("fd_data", "FD (data space)", ("analytic", "points"),
+               "Fréchet distance between the samples and exact data samples, in data space"),
+    MetricSpec("swd", "Sliced W2 (data space)", ("analytic", "points"),
+               "sliced 2-Wasserstein distance to exact data samples (256 fixed random directions)"),
+    MetricSpec("ode_error", "ODE error (RMSE vs exact PF-ODE)", ("analytic",),
+               "RMS difference from the exact probability-flow ODE solution from the same x_T "
+               "(deterministic solvers only)", needs_exact_ode=True, deterministic_only=True),
+    MetricSpec("fid", "FID (Inception-v3)", ("image",),
+               "Fréchet Inception Distance (torch-fidelity, Inception-v3 pool3, 2048-d) against the model "
+               "card's reference data; needs the Inception weights (downloaded once)"),
+    MetricSpec("fd_resnet20", "FD (ResNet-20)", ("image",),
+               "Fréchet distance in the 64-d pooled features of a CIFAR-10 ResNet-20 (offline; "
+               "not comparable with FID)"),
+)}
+
+
+def available_metrics() -> list[str]:
+    """The valid ``--metric`` names."""
+    return list(METRICS)
+
+
+def get_metric(key: str) -> MetricSpec:
+    """The metric named ``key``; unknown names list the valid ones."""
+    try:
+        return METRICS[key]
+    except KeyError:
+        raise ValueError(f"unknown metric {key!r}; valid metrics: {', '.join(METRICS)}") from None
+
+
+def metrics_for(card) -> list[str]:
+    """The metrics that fit a model card."""
+    return [k for k, m in METRICS.items()
+            if card.kind in m.kinds and (not m.needs_exact_ode or card.exact_ode is not None)]
+
+
+def default_metrics(card) -> list[str]:
+    """The default metric set of a model.
+
+    Analytic and point models: every exact measure that fits.  Image models: FID when the card's reference
+    is the standard FID reference (CIFAR-10 train: the paper protocol), otherwise FD with the offline
+    ResNet-20 features — an Inception FID against another reference would not be the FID anyone publishes.
+    """
+    if card.kind == "image":
+        return ["fid"] if card.reference == "cifar10-train" else ["fd_resnet20"]
+    return metrics_for(card)
+
+
+def check_metrics(keys: list[str], card) -> list[str]:
+    """Validate ``keys`` against the model; returns them de-duplicated in order.
+
+    Raises:
+        ValueError: unknown metric, or a metric that does not fit the model (the message lists those that do).
+    """
+    out = []
+    for k in keys:
+        spec = get_metric(k)
+        fits = metrics_for(card)
+        if k not in fits:
+            why = (f"it needs an exact ODE solution, which {card.name} does not have" if spec.needs_exact_ode
+                   and card.kind in spec.kinds else f"it is for {'/'.join(spec.kinds)} models and {card.name} "
+                   f"is a{'n' if card.kind[0] in 'aeiou' else ''} {card.kind} model")
+            raise ValueError(f"metric {k!r} does not fit model {card.name!r}: {why}; "
+                             f"metrics for {card.name}: {', '.join(fits)}")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def noise_floor_note(key: str, n: int, n_ref: Optional[int]) -> str:
+    """How to read a metric's noise floor (for reports)."""
+    return (f"{METRICS[key].label} between {n} fresh exact data samples and the {n_ref or n} reference "
+            "samples: what a perfect sampler would score at this sample count")

@@ -1,0 +1,829 @@
+"""Run a benchmark sweep: every (solver, steps) cell, the same per-sample seeds, honest timing, quality.
+
+    python -m bench.run                                   # quick default: analytic gmm2d, about a minute on CPU
+    python -m bench.run --model ddpm_cifar --solvers ddim,dpmpp --steps 1,10,50,1000
+    torchrun --nproc_per_node=2 -m bench.run --model ddpm_mnist --steps 10,50   # samples split across ranks
+
+For each cell the samples j = 0 … n−1 start from x_T drawn with the per-sample seed ``seed·1000003 + j``
+(the same in every cell, whatever the batch size or the number of processes), are generated in batches
+after one excluded warm-up batch, and are measured against the model's reference.  Each finished cell is
+appended to ``OUT/results.csv`` at once (atomic write); re-running the command skips the cells that are
+done, ``--force`` redoes them.  At the end the report (``OUT/report.md``, ``OUT/report.html``) is rebuilt;
+``python -m bench.report OUT`` rebuilds it from the results alone.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+import pretrained
+import solvers
+from solvers import schedules
+
+from . import metrics as M
+from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
+                      atomic_write_text, cell_key, check_run_settings, command_line, environment, load_results,
+                      save_results, upsert_row)
+
+__all__ = ["main", "run", "build_parser", "parse_steps", "parse_solvers", "default_spacing", "plan_cells", "Cell",
+           "sample_seeds", "DEFAULTS"]
+
+DEFAULTS = {"model": "gmm2d", "solvers": "ddim,dpmpp,heun,ddpm", "steps": "1,2,5,10,20,50"}
+SEED_STRIDE = 1_000_003          # sample j of run seed s uses seed s·SEED_STRIDE + j
+PREVIEW_IMAGES = 64
+PREVIEW_POINTS = 2000
+FLOOR_DRAWS = 10                 # draws averaged for a metric's noise floor
+WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
+LOGSNR_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_2m_sde")
+
+
+class UsageError(ValueError):
+    """Bad command-line input (reported with the valid choices)."""
+
+
+# -- argument parsing --------------------------------------------------------------------------------------
+def parse_steps(text: str) -> list[int]:
+    """'1,10,50' → [1, 10, 50] (sorted, unique).
+
+    Raises:
+        UsageError: an entry that is not a positive integer.
+    """
+    out = []
+    for part in str(text).split(","):
+        p = part.strip()
+        if not p.isdigit() or int(p) < 1:
+            raise UsageError(f"--steps must be a comma-separated list of positive integers (e.g. 1,10,50,1000); "
+                             f"{p!r} is not one")
+        out.append(int(p))
+    return sorted(set(out))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return text
+
+
+def _parse_assignment(text: str, where: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UsageError(f"{where}: expected OPTION=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    if not k.strip():
+        raise UsageError(f"{where}: empty option name in {text!r}")
+    return k.strip(), _parse_value(v.strip())
+
+
+@dataclass
+class SolverSpec:
+    """One entry of ``--solvers``: the name as given, its canonical name and its options."""
+
+    label: str
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+def parse_solvers(text: str, solver_opts: Sequence[str] = ()) -> list[SolverSpec]:
+    """Parse ``--solvers`` (``NAME[:OPT=VAL…]`` entries, comma-separated) and ``--solver-opt`` items.
+
+    ``--solver-opt OPT=VAL`` goes to every listed solver that has the option (an error if none has it);
+    ``--solver-opt NAME.OPT=VAL`` to that solver only.
+
+    Raises:
+        UsageError: unknown solver (the valid names are listed) or option.
+    """
+    specs = []
+    for entry in [e.strip() for e in str(text).split(",") if e.strip()]:
+        name, *opts = entry.split(":")
+        try:
+            canonical = solvers.solver_class(name).name
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        options = dict(_parse_assignment(o, f"--solvers entry {entry!r}") for o in opts)
+        specs.append(SolverSpec(label=entry, name=canonical, options=options))
+    if not specs:
+        raise UsageError(f"--solvers is empty; valid: {', '.join(solvers.available_solvers())}")
+    for item in solver_opts:
+        key, value = _parse_assignment(item, "--solver-opt")
+        target, _, opt = key.rpartition(".")
+        if target and not _known(target):
+            raise UsageError(f"--solver-opt {item!r}: unknown solver {target!r}; valid: "
+                             f"{', '.join(solvers.available_solvers())}")
+        targets = [s for s in specs if not target or s.name == solvers.solver_class(target).name]
+        hits = 0
+        for s in targets:
+            if opt in _option_names(s.name):
+                s.options.setdefault(opt, value)  # an option written inline in --solvers takes precedence
+                hits += 1
+        if hits == 0:
+            have = "; ".join(f"{s.label}: {', '.join(_option_names(s.name)) or '(none)'}" for s in specs)
+            raise UsageError(f"--solver-opt {item!r}: no listed solver has an option {opt!r} (options: {have})")
+    for s in specs:  # validate the values now, not halfway through the sweep
+        try:
+            solvers.get_solver(s.name, **s.options)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"solver {s.label!r}: {e}") from None
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--solvers lists the same entry twice: {', '.join(labels)}")
+    return specs
+
+
+def _known(name: str) -> bool:
+    try:
+        solvers.solver_class(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _option_names(name: str) -> list[str]:
+    import dataclasses
+    return [f.name for f in dataclasses.fields(solvers.solver_class(name))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m bench.run`` command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Sweep samplers × step counts on one model: the same per-sample seeds in every cell, "
+                    "timing with warm-up excluded and the device synchronised, the NFE the library counted, "
+                    "and quality against the model's reference. Writes OUT/results.csv after every cell, "
+                    "charts and OUT/report.{md,html}. With no arguments: a quick sweep on the analytic "
+                    "gmm2d model.")
+    p.add_argument("--model", default=DEFAULTS["model"],
+                   help=f"model card name (default: {DEFAULTS['model']}); one of: {', '.join(pretrained.available_models())}")
+    p.add_argument("--solvers", default=DEFAULTS["solvers"],
+                   help="comma-separated solver names (library names or aliases), each optionally with "
+                        "options as NAME:OPT=VAL[:OPT=VAL], e.g. 'ddim,ddim:eta=1.0,dpmpp' (default: "
+                        f"{DEFAULTS['solvers']}); valid names: "
+                        f"{', '.join(solvers.available_solvers())}")
+    p.add_argument("--steps", default=DEFAULTS["steps"],
+                   help="comma-separated positive step counts (NFE is reported separately: Heun makes 2·steps−1 "
+                        f"model calls; default: {DEFAULTS['steps']})")
+    p.add_argument("--solver-opt", action="append", default=[], metavar="[SOLVER.]OPT=VAL",
+                   help="a solver option passed through (repeatable), e.g. eta=0.5 (every listed solver that has "
+                        "it) or ddpm.variance=large (that solver only)")
+    p.add_argument("--spacing", default=None, choices=solvers.SPACINGS,
+                   help="time grid spacing for every solver (default: per solver, following its paper: "
+                        "ddim/ddpm 'quadratic' on CIFAR-10 DDPM and 'trailing' on other discrete models, "
+                        "'uniform' on continuous ones; dpmpp 'logsnr'; heun/euler 'karras')")
+    p.add_argument("--model-opt", action="append", default=[], metavar="OPT=VAL",
+                   help="an option for the model's loader (repeatable), e.g. clip_x0=(-1,1) for ddpm_cifar "
+                        "(Ho et al. clip the predicted x0)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples per cell (default: the model card's, e.g. 2000 for gmm2d)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the model card's)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda when available, else cpu); under torchrun each rank uses "
+                        "cuda:LOCAL_RANK")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="dtype of the sampler state (default: float64 for analytic models, where solver error "
+                        "is measured exactly; float32 otherwise)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's choice). On a CPU shared "
+                        "with other work, 1 gives far steadier timings")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"run seed (default 0): sample j uses seed SEED·{SEED_STRIDE}+j in every cell")
+    p.add_argument("--metric", default=None,
+                   help="comma-separated metrics (default per model: analytic → fd_data,swd,ode_error; "
+                        "ddpm_cifar → fid; other image models → fd_resnet20); valid: "
+                        + "; ".join(f"{k}: {m.description}" for k, m in M.METRICS.items()))
+    p.add_argument("--reference-size", type=int, default=None,
+                   help="image models: use only the first N reference images (default: all, e.g. 50,000 for "
+                        "cifar10-train); analytic models: number of exact data samples (default: --num-samples)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/MODEL)")
+    p.add_argument("--force", action="store_true", help="redo cells that are already in OUT/results.csv")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache of reference feature statistics (default: $BENCH_CACHE_DIR or "
+                        "~/.cache/diffusion-solvers/bench)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local Inception-v3 weights for FID (torch-fidelity's "
+                        "weights-inception-2015-12-05-6726825d.pth) instead of the download")
+    p.add_argument("--resnet20-weights", default=None,
+                   help="ResNet-20 weights for fd_resnet20 (default: ../shared/assets/resnet20_cifar/)")
+    return p
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One (solver, steps) point of the sweep, fully resolved before anything runs."""
+
+    label: str
+    solver: str
+    options: dict
+    steps: int
+    spacing: str
+    spacing_note: str
+    t_start: Optional[float]
+    grid: list
+    nfe_declared: int
+    deterministic: bool
+    key: str
+
+    @property
+    def cell_id(self) -> str:
+        """A file-name-safe, human-readable id (unique within a results directory)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.label)
+        return f"{safe}-s{self.steps}-{self.spacing}-{self.key[:6]}"
+
+
+def default_spacing(card, schedule, solver: str, steps: int) -> tuple[str, str]:
+    """The grid spacing a solver's own paper uses on this model, and a note saying why.
+
+    * DPM-Solver++ family: uniform in log-SNR (Lu et al. 2022).
+    * Heun, Euler: Karras et al.'s ρ = 7 spacing (EDM).
+    * DDIM / DDPM on a discrete-time model: DDIM's quadratic grid on CIFAR-10 (Song et al. 2021, App. D.2,
+      the grid of its Table 1); on other data DDIM's uniform skip, as ``trailing`` — the same stride but
+      starting at the last trained step (the DDIM code's ``range(0, N, N // steps)`` starts at step 0 when
+      steps = 1, evaluating the network on pure noise as if it were clean data; Lin et al. 2024).  Where the
+      quadratic grid repeats indices (beyond ~300 steps of 1000), ``trailing``, which at steps = N is the
+      full ancestral chain.  On continuous schedules: uniform in t.
+    * Anything else: the library default (logsnr).
+    """
+    discrete = isinstance(schedule, schedules.DiscreteVP)
+    if not math.isfinite(float(schedule.log_snr(schedule.t_max))):
+        # α = 0 at t_max (rectified flow): no log-SNR or σ/α grid starts there; flow matching's grid is
+        # uniform in t.
+        return "uniform", "uniform in t (flow matching; log-SNR and σ/α are infinite at t_max)"
+    if solver in LOGSNR_SOLVERS:
+        return "logsnr", "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
+    if solver in ("heun", "euler"):
+        return "karras", "EDM ρ=7 spacing (Karras et al. 2022)"
+    if solver in ("ddim", "ddpm"):
+        if not discrete:
+            return "uniform", "uniform in t"
+        if card.reference == "cifar10-train":
+            try:
+                solvers.make_grid(schedule, steps, spacing="quadratic")
+                return "quadratic", "DDIM's CIFAR-10 grid (Song et al. 2021, Table 1)"
+            except ValueError:
+                return "trailing", (f"the quadratic grid repeats timesteps at {steps} steps; "
+                                    "'trailing' (every index at steps = N)")
+        return "trailing", ("DDIM's uniform skip for non-CIFAR data (Song et al. 2021, App. D.2), aligned to "
+                            "start at the last trained step (Lin et al. 2024)")
+    if solver == "euler_maruyama":
+        return "uniform", "uniform in t (Song et al. 2021, score SDE)"
+    return "logsnr", "library default"
+
+
+def default_t_start(schedule, solver: str) -> Optional[float]:
+    """Where a solver's grid starts by default: ``t_max``, except for the solvers that step in log-SNR on a
+    schedule where λ(t_max) = −∞ (rectified flow), which start at t_max·(1 − 10⁻³)."""
+    if solver in LOGSNR_SOLVERS and not math.isfinite(float(schedule.log_snr(schedule.t_max))):
+        return float(schedule.t_max) * (1 - 1e-3)
+    return None
+
+
+def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: Optional[str]) -> list[Cell]:
+    """Resolve every cell (grid, options, declared NFE) so that bad combinations fail before any sampling.
+
+    Raises:
+        UsageError: a grid or solver that does not fit the model (the message names the cell).
+    """
+    cells = []
+    card_opts = card.default_solver_options or {}
+    for spec in specs:
+        defaults = card_opts.get(spec.name, {}) if isinstance(card_opts.get(spec.name, {}), dict) else {}
+        options = {**defaults, **spec.options}
+        try:
+            slv = solvers.get_solver(spec.name, **options)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"solver {spec.label!r} on {card.name}: {e}") from None
+        options = slv.options()
+        for n in steps:
+            if spacing is None:
+                sp, note = default_spacing(card, model.schedule, spec.name, n)
+            else:
+                sp, note = spacing, "--spacing"
+            t_start = default_t_start(model.schedule, spec.name)
+            try:
+                grid = solvers.make_grid(model.schedule, n, spacing=sp, t_start=t_start)
+                slv.check(solvers.base.points_at(model.schedule, model, grid))
+            except ValueError as e:
+                raise UsageError(f"cell {spec.label} × {n} steps ({sp} spacing) does not fit {card.name}: {e}") from None
+            cells.append(Cell(label=spec.label, solver=spec.name, options=options, steps=n, spacing=sp,
+                              spacing_note=note, t_start=t_start, grid=grid, nfe_declared=slv.nfe(grid, model.schedule.t_zero),
+                              deterministic=not slv.is_stochastic,
+                              key=cell_key(card.name, spec.name, options, n, sp, t_start)))
+    return cells
+
+
+def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
+    """The per-sample seeds of samples start … stop−1 (the same in every cell and every process split)."""
+    if seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {seed}")
+    return [seed * SEED_STRIDE + j for j in range(start, stop)]
+
+
+# -- distributed --------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (world 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> Optional[list]:
+        """Every rank's ``obj`` in rank order on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj`` in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def slice(self, n: int) -> tuple[int, int]:
+        """The contiguous block of sample indices of this rank (rank order = sample order)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+
+def _init_dist(device_arg: Optional[str]) -> tuple[Dist, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg is None and torch.cuda.is_available() or (device_arg or "").startswith("cuda")
+    if world <= 1:
+        device = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = device_arg or "cpu"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device!r} is not a torch device ({e}); use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+
+
+# -- quality measurement --------------------------------------------------------------------------------------
+class Evaluator:
+    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them."""
+
+    def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool):
+        self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.args = args
+        self.image = card.kind == "image"
+        self.extractors: dict = {}
+        self.reference: dict = {}
+        self.floors: dict = {}
+        self.notes: dict = {}
+        self._exact_cache: dict = {}
+
+    def prepare(self, n: int) -> None:
+        """Build the feature extractors (every rank) and the reference statistics (rank 0).
+
+        Raises:
+            OfflineFeatureExtractorError, ReferenceDataError: with the message to show.
+        """
+        if self.image:
+            from .features import create_extractor
+            for k in self.keys:
+                weights = self.args.inception_weights if k == "fid" else self.args.resnet20_weights
+                self.extractors[k] = create_extractor(k, self.device, weights, verbose=False)
+            if self.dist.main:
+                from .datasets import reference_statistics
+                for k in self.keys:
+                    ext, layer, name = self.extractors[k]
+                    ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                               size=self.args.reference_size, cache_dir=self.args.cache_dir,
+                                               progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+                    self.reference[k] = ref
+                    self.floors[k] = ref["floor"]
+                    self.notes[k] = (f"vs {self.card.reference} (n_ref = {ref['n']:,}); the noise floor is {n:,} "
+                                     f"reference images (random subsets) against the whole reference (mean ± sd of {FLOOR_DRAWS} draws)")
+            return
+        if self.dist.main and any(k in ("fd_data", "swd") for k in self.keys):
+            n_ref = self.args.reference_size or n
+            ref_seed = 1_000_000_007 + self.args.seed
+            ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
+            # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
+            # distance between finite samples varies by a factor of several).
+            fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
+                     for i in range(FLOOR_DRAWS)]
+            self.reference["data"] = ref
+            self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+
+            def floor(fn):
+                draws = [fn(f, ref) for f in fresh]
+                return [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+
+            if "fd_data" in self.keys:
+                self.floors["fd_data"] = floor(M.frechet_distance_features)
+                self.notes["fd_data"] = (f"vs {n_ref:,} exact data samples; the noise floor is {n:,} fresh exact "
+                                         f"samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
+            if "swd" in self.keys:
+                self.floors["swd"] = floor(M.sliced_wasserstein)
+                self.notes["swd"] = (f"vs {n_ref:,} exact data samples, 256 fixed directions; the noise floor is "
+                                     f"{n:,} fresh exact samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
+        if "ode_error" in self.keys:
+            self.notes["ode_error"] = "RMSE over coordinates vs the exact PF-ODE solution from the same x_T"
+
+    def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor) -> dict:
+        """This rank's features for every metric (arrays with one row per sample) and a preview."""
+        out: dict = {}
+        n = samples.shape[0]
+        if self.image:
+            from .features import UInt8Images, extract_features, to_uint8_rgb
+            images = to_uint8_rgb(self.card.to_images(samples))
+            for k in self.keys:
+                ext, layer, _ = self.extractors[k]
+                out[k] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                          batch_size=self.args.batch_size, progress=self.progress)
+            out["preview"] = images[:PREVIEW_IMAGES].numpy()
+            return out
+        flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+        if any(k in ("fd_data", "swd") for k in self.keys):
+            out["data"] = flat
+        if "ode_error" in self.keys and cell.deterministic:
+            exact = self._exact(x_T, cell.grid[0], cell.grid[-1])
+            out["ode_error"] = ((flat - exact) ** 2).mean(axis=1)
+        out["preview"] = flat[:PREVIEW_POINTS, :2].astype(np.float32)
+        return out
+
+    def _exact(self, x_T: torch.Tensor, t_from: float, t_to: float) -> np.ndarray:
+        # x_T is the same in every cell (same seeds): solve the exact ODE once per (t_from, t_to).
+        key = (float(t_from), float(t_to))
+        if key not in self._exact_cache:
+            x = self.card.exact_ode(x_T.detach().to(torch.float64).cpu(), t_from, t_to)
+            self._exact_cache[key] = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
+        return self._exact_cache[key]
+
+    def finalize(self, cell: Cell, parts: list[dict]) -> tuple[dict, dict]:
+        """Metric values (and notes) from every rank's features, concatenated in rank order."""
+        values, notes = {}, {}
+
+        def cat(name):
+            return np.concatenate([p[name] for p in parts], axis=0)
+
+        for k in self.keys:
+            if k == "fd_data":
+                values[k] = M.frechet_distance_features(cat("data"), self.reference["data"])
+            elif k == "swd":
+                values[k] = M.sliced_wasserstein(cat("data"), self.reference["data"])
+            elif k == "ode_error":
+                if cell.deterministic:
+                    values[k] = float(np.sqrt(np.mean(cat("ode_error"))))
+                else:
+                    values[k] = float("nan")
+                    notes[k] = "not defined for a stochastic solver"
+            else:
+                feats = cat(k)
+                mu, sigma = M.gaussian_statistics(feats)
+                ref = self.reference[k]
+                values[k] = M.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+        return values, notes
+
+
+# -- sampling one cell -------------------------------------------------------------------------------------
+def _sample_cell(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist,
+                 progress: bool) -> dict:
+    """Generate this rank's samples of a cell; returns samples, x_T, NFE and timing (warm-up excluded)."""
+    start, stop = dist.slice(args.num_samples)
+    shape = tuple(card.sample_shape)
+    batches = [(i, min(i + args.batch_size, stop)) for i in range(start, stop, args.batch_size)]
+    sample_kw = dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=dtype,
+                     on_nonfinite="raise", **cell.options)
+    schedule = model.schedule
+    warmup = 0.0
+    if batches:
+        # Warm-up (excluded): one batch of the real batch shape through a short grid of the same solver, so that
+        # lazy initialisation, kernel selection and allocator growth are not charged to the first cell.
+        b0, b1 = batches[0]
+        seeds = sample_seeds(args.seed, b0, b1)
+        x = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
+                                  device=device)
+        t0 = time.perf_counter()
+        solvers.sample(model, x, steps=min(cell.steps, WARMUP_STEPS), seeds=seeds, **sample_kw)
+        warmup = time.perf_counter() - t0
+    outs, x_Ts = [], []
+    total = model_t = solver_t = 0.0
+    nfe = None
+    bar = _bar(batches, desc=f"  {cell.label} {cell.steps} steps", unit="batch", leave=False,
+               disable=not progress)
+    for b0, b1 in bar:
+        seeds = sample_seeds(args.seed, b0, b1)
+        x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
+                                    device=device)
+        res = solvers.sample(model, x_T, steps=cell.steps, seeds=seeds, **sample_kw)
+        if nfe is not None and res.nfe != nfe:
+            raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
+        nfe = res.nfe
+        total += res.time_total
+        model_t += res.time_model
+        solver_t += res.time_solver
+        outs.append(res.samples.detach().cpu())
+        x_Ts.append(x_T.detach().cpu())
+    empty = torch.empty((0, *shape), dtype=dtype)
+    return {"samples": torch.cat(outs) if outs else empty, "x_T": torch.cat(x_Ts) if x_Ts else empty,
+            "nfe": nfe, "time_total": total, "time_model": model_t, "time_solver": solver_t, "warmup": warmup}
+
+
+def _bar(iterable, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kw)
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _save_preview(out_dir: Path, name: str, array: np.ndarray, kind: str) -> None:
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, data=array, kind=np.array(kind))
+    atomic_write_bytes(out_dir / "previews" / f"{name}.npz", buf.getvalue())
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Path:
+    """Run the sweep described by ``argv`` (see ``--help``); returns the output directory.
+
+    Raises:
+        UsageError: bad input (with the valid choices).
+        IncompatibleResultsError: the output directory holds results this run must not touch.
+        OfflineFeatureExtractorError, ReferenceDataError: a metric's feature extractor or data is unavailable.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dist, device = _init_dist(args.device)
+    progress = not args.quiet and dist.main
+    try:
+        card = pretrained.get_card(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    steps = parse_steps(args.steps)
+    specs = parse_solvers(args.solvers, args.solver_opt)
+    _check_device(device)
+    args.num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
+    args.batch_size = card.default_batch_size if args.batch_size is None else args.batch_size
+    if args.num_samples < 2:
+        raise UsageError(f"--num-samples must be at least 2 (a covariance needs two samples), got {args.num_samples}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_samples < dist.world:
+        raise UsageError(f"--num-samples {args.num_samples} is fewer than the {dist.world} processes")
+    if args.reference_size is not None and args.reference_size < 2:
+        raise UsageError(f"--reference-size must be at least 2, got {args.reference_size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    try:
+        metric_keys = M.check_metrics(
+            [m.strip() for m in args.metric.split(",") if m.strip()] if args.metric else M.default_metrics(card), card)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not metric_keys:
+        raise UsageError(f"no metric given; metrics for {card.name}: {', '.join(M.metrics_for(card))}")
+    dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
+    dtype = getattr(torch, dtype_name)
+    out_dir = Path(args.out or Path("runs") / card.name)
+
+    model_options = dict(_parse_assignment(o, "--model-opt") for o in args.model_opt)
+    try:
+        model = pretrained.load(card.name, device=device, **model_options)
+    except TypeError as e:
+        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
+    cells = plan_cells(card, model, specs, steps, args.spacing)
+
+    settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
+                "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
+                "reference_size": args.reference_size,
+                "model_options": json.dumps(model_options, sort_keys=True, default=str)}
+    plan = None
+    if dist.main:
+        try:
+            existing = load_results(out_dir)
+            check_run_settings(existing, settings, out_dir)
+            done = {} if existing.empty else dict(zip(existing["cell_key"], existing["status"]))
+            todo = [c.key for c in cells if args.force or c.key not in done]
+            skipped_ok = sum(1 for c in cells if not args.force and done.get(c.key) == "ok")
+            skipped_failed = sum(1 for c in cells if not args.force and done.get(c.key) == "failed")
+            plan = {"todo": todo, "ok": skipped_ok, "failed": skipped_failed, "error": None}
+        except IncompatibleResultsError as e:
+            plan = {"error": str(e)}
+    plan = dist.broadcast(plan)
+    if plan["error"]:
+        raise IncompatibleResultsError(plan["error"])
+    todo = [c for c in cells if c.key in set(plan["todo"])]
+    if dist.main and not args.quiet:
+        msg = f"bench.run: {card.name}, {len(cells)} cells ({len(todo)} to run"
+        if plan["ok"] or plan["failed"]:
+            msg += f"; skipping {plan['ok']} done" + (f" and {plan['failed']} recorded as failed — --force redoes "
+                                                       "them" if plan["failed"] else "")
+        print(msg + f"), {args.num_samples} samples each on {device}"
+              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {out_dir}", file=sys.stderr)
+
+    evaluator = Evaluator(card, metric_keys, args, device, dist, progress)
+    if todo:
+        from .datasets import ReferenceDataError
+        from .features import OfflineFeatureExtractorError
+        failure = None
+        try:
+            evaluator.prepare(args.num_samples)
+        except (OfflineFeatureExtractorError, ReferenceDataError) as e:
+            failure = e
+        # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
+        failures = [f for f in dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
+                    if f is not None]
+        if failures:
+            if failure is not None:
+                raise failure
+            kind, text = failures[0]
+            raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
+    env = environment(device) if dist.main else {}
+    command = command_line(argv)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if todo:
+            if "preview" in evaluator.reference:
+                _save_preview(out_dir, "reference", evaluator.reference["preview"], "points")
+            ref_info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
+                                        "note": evaluator.notes.get(k, "")} for k in metric_keys},
+                        "card": {k: (list(v) if isinstance(v, tuple) else v)
+                                 for k, v in card.summary().items()},
+                        "num_samples": args.num_samples, "command": command, "written_at": _now()}
+            atomic_write_text(out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
+
+    results = load_results(out_dir) if dist.main else None
+    labels = {k: M.METRICS[k].label for k in metric_keys}
+    for cell in _bar(todo, desc="cells", unit="cell", disable=not progress):
+        started = _now()
+        t_cell = time.perf_counter()
+        payload: dict = {}
+        try:
+            gen = _sample_cell(cell, model, card, args, device, dtype, dist, progress)
+            t_metric = time.perf_counter()
+            payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
+                       "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
+                       "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
+        except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
+            payload = {"error": f"{type(e).__name__}: {e}"}
+        parts = dist.gather(payload)
+        if not dist.main:
+            continue
+        errors = [p["error"] for p in parts if "error" in p]
+        row = _base_row(cell, card, args, settings, device, dist, env, command, started, metric_keys)
+        if not errors:
+            try:
+                t_fin = time.perf_counter()
+                values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
+                slowest = max(parts, key=lambda p: p["timing"][0])
+                tot, mod, sol, warm = slowest["timing"]
+                row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
+                            "time_per_sample_ms": 1000.0 * tot * dist.world / args.num_samples,
+                            "time_warmup_s": warm,
+                            "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
+                            "metric_notes": json.dumps(notes)})
+                for k in metric_keys:
+                    row[METRIC_PREFIX + k] = values[k]
+                preview = np.concatenate([p["features"]["preview"] for p in parts])
+                _save_preview(out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
+                              "images" if evaluator.image else "points")
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{type(e).__name__}: {e}")
+        if errors:
+            row.update({"status": "failed", "error": errors[0]})
+        row["finished_at"] = _now()
+        row["time_cell_s"] = time.perf_counter() - t_cell
+        results = upsert_row(results, row)
+        save_results(results, out_dir)
+        if not args.quiet:
+            _bar_write(_cell_line(row, metric_keys, labels))
+        _test_hook(len(todo))
+
+    if dist.main and not args.no_report:
+        from .report import build_report
+        build_report(out_dir, quiet=args.quiet)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return out_dir
+
+
+def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, env: dict, command: str,
+              started: str, metric_keys: list[str]) -> dict:
+    row = {"schema_version": SCHEMA_VERSION, "cell_key": cell.key, "cell_id": cell.cell_id, "status": "ok",
+           "error": "", "model": card.name, "model_kind": card.kind, "solver": cell.solver,
+           "solver_label": cell.label, "solver_options": json.dumps(cell.options, sort_keys=True, default=str),
+           "solver_options_changed": json.dumps(_changed_options(cell.solver, cell.options), sort_keys=True,
+                                                default=str),
+           "deterministic": cell.deterministic, "steps": cell.steps, "spacing": cell.spacing,
+           "spacing_note": cell.spacing_note, "t_start": cell.grid[0], "t_last_level": cell.grid[-2],
+           "t_end": cell.grid[-1], "nfe": float("nan"), "nfe_declared": cell.nfe_declared,
+           "model_options": settings["model_options"],
+           "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
+           "dtype": settings["dtype"], "device": device, "device_type": settings["device_type"],
+           "world_size": dist.world, "metrics": settings["metrics"], "reference": card.reference,
+           "reference_size": args.reference_size,
+           "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
+           "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
+           "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}
+    for k in metric_keys:
+        row[METRIC_PREFIX + k] = float("nan")
+    row.update(env)
+    row.update({"started_at": started, "command": command})
+    return row
+
+
+def _changed_options(solver: str, options: dict) -> dict:
+    """The options that differ from the solver's defaults (what a reader needs to see next to its name)."""
+    defaults = solvers.get_solver(solver).options()
+    return {k: v for k, v in options.items() if defaults.get(k) != v}
+
+
+def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
+    head = f"{row['solver_label']:>14} {row['steps']:>5} steps"
+    if row["status"] != "ok":
+        return f"{head}: FAILED — {row['error']}"
+    vals = ", ".join(f"{labels[k]} {row[METRIC_PREFIX + k]:.4g}" for k in keys
+                     if not math.isnan(row[METRIC_PREFIX + k]))
+    return (f"{head}: NFE {int(row['nfe'])}, {row['time_total_s']:.3g} s "
+            f"(model {row['time_model_s']:.3g} s), {vals}")
+
+
+def _bar_write(text: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(text, file=sys.stderr)
+
+
+_cells_written = 0
+
+
+def _test_hook(total: int) -> None:
+    # BENCH_CRASH_AFTER_CELLS=k makes the process die (as if killed) right after the k-th cell is written: the
+    # resume test uses it to interrupt a run at a known point without timing races.
+    global _cells_written
+    _cells_written += 1
+    limit = os.environ.get("BENCH_CRASH_AFTER_CELLS")
+    if limit and _cells_written >= int(limit):
+        os._exit(137)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (2 for bad input, 1 for an unavailable metric)."""
+    from .datasets import ReferenceDataError
+    from .features import OfflineFeatureExtractorError
+    try:
+        run(argv)
+    except (UsageError, IncompatibleResultsError) as e:
+        print(f"bench.run: error: {e}", file=sys.stderr)
+        return 2
+    except (OfflineFeatureExtractorError, ReferenceDataError) as e:
+        print(f"bench.run: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

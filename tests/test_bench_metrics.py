@@ -1,0 +1,84 @@
+"""The benchmark's quality measures against closed forms and against torch-fidelity's implementation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pretrained
+from bench import metrics as M
+
+
+def _random_spd(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / (rank or d)
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    # W2² between N(m1, diag a) and N(m2, diag b) = |m1 − m2|² + Σ (√a − √b)²  (commuting covariances).
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.standard_normal(6), rng.standard_normal(6)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert M.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_agrees_with_torch_fidelity():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    rng = np.random.default_rng(1)
+    for d in (3, 64):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        s1, s2 = _random_spd(rng, d), _random_spd(rng, d)
+        ours = M.frechet_distance(mu1, s1, mu2, s2)
+        theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID]
+        assert ours == pytest.approx(theirs, rel=1e-8)
+
+
+def test_frechet_distance_of_singular_equal_covariances_is_the_mean_shift():
+    # With S1 = S2 = S (rank-deficient), tr(S) + tr(S) − 2·tr(S) = 0: only |Δμ|² remains.  A square root of
+    # the non-symmetric product would produce complex round-off here.
+    rng = np.random.default_rng(2)
+    s = _random_spd(rng, 32, rank=5)
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    assert M.frechet_distance(mu1, s, mu2, s) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9, abs=1e-9)
+    assert M.frechet_distance(mu1, s, mu1, s) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gaussian_statistics_is_the_unbiased_covariance_and_rejects_bad_input():
+    x = np.random.default_rng(3).standard_normal((50, 4))
+    mu, sigma = M.gaussian_statistics(x)
+    np.testing.assert_allclose(mu, x.mean(0))
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False))
+    with pytest.raises(ValueError, match="at least 2"):
+        M.gaussian_statistics(x[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        M.gaussian_statistics(np.full((3, 2), np.nan))
+
+
+def test_sliced_wasserstein_of_a_shift():
+    # Shifting every sample by v shifts each projection by θ·v, so SW2² = mean_θ (θ·v)², whose expectation over
+    # uniform directions in R^d is |v|²/d.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 4))
+    v = np.array([1.0, -2.0, 0.5, 0.0])
+    sw = M.sliced_wasserstein(x, x + v, n_projections=4000, seed=0)
+    assert sw == pytest.approx(np.linalg.norm(v) / 2.0, rel=0.05)
+    assert M.sliced_wasserstein(x, x) == 0.0
+    assert M.sliced_wasserstein(x, x + v) == M.sliced_wasserstein(x + v, x)
+
+
+def test_sliced_wasserstein_with_unequal_sample_counts():
+    # Every point repeated twice is the same empirical distribution: distance 0.
+    x = np.random.default_rng(5).standard_normal((300, 2))
+    assert M.sliced_wasserstein(x, np.concatenate([x, x])) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="dimensions"):
+        M.sliced_wasserstein(x, np.zeros((3, 3)))
+
+
+def test_metric_registry_rejects_unknown_and_unfitting_metrics():
+    card = pretrained.get_card("gmm2d")
+    with pytest.raises(ValueError, match="valid metrics: .*fd_data.*fd_resnet20"):
+        M.check_metrics(["bogus"], card)
+    with pytest.raises(ValueError, match="does not fit model 'gmm2d'.*metrics for gmm2d: fd_data, swd, ode_error"):
+        M.check_metrics(["fid"], card)
+    assert M.check_metrics(["swd", "swd", "fd_data"], card) == ["swd", "fd_data"]
+    assert M.default_metrics(card) == ["fd_data", "swd", "ode_error"]

@@ -1,0 +1,327 @@
+"""The benchmark harness end to end on analytic models: results, charts and report; resume after an
+interruption; bad input; a 2-process (gloo) run agreeing with the 1-process run; an image model through
+the offline ResNet-20 features and the offline-Inception message.  Small sample counts: CPU only."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pretrained
+import solvers
+from bench import report as report_mod
+from bench import run as run_mod
+from pretrained.analytic import GaussianMixture, gmm2d
+from pretrained.cards import ModelCard
+from solvers import schedules
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+SWEEP = ["--model", "gmm2d", "--num-samples", "200", "--batch-size", "80", "--solvers", "ddim,dpmpp,heun",
+         "--steps", "1,5,20"]
+
+
+def bench(out: Path, *args: str) -> int:
+    return run_mod.main(["--quiet", "--out", str(out), *args])
+
+
+def results(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "results.csv")
+
+
+def preview(out: Path, cell_id: str) -> np.ndarray:
+    with np.load(out / "previews" / f"{cell_id}.npz") as z:
+        return z["data"]
+
+
+def _env():
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("BENCH_CRASH_AFTER_CELLS", None)
+    return env
+
+
+# -- the sweep end to end --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "gmm2d"
+    assert bench(out, *SWEEP) == 0
+    return out
+
+
+def test_sweep_writes_one_row_per_cell_with_the_measured_nfe(sweep):
+    df = results(sweep)
+    assert len(df) == 9 and (df["status"] == "ok").all()
+    assert sorted(zip(df["solver_label"], df["steps"])) == sorted(
+        (s, n) for s in ("ddim", "dpmpp", "heun") for n in (1, 5, 20))
+    assert set(df["solver"]) == {"ddim", "dpmpp_2m", "heun"}  # the alias resolved to the library's name
+    # NFE as the library counted it: one call per step, Heun two per step but one on the step to σ = 0.
+    for _, r in df.iterrows():
+        expected = 2 * r["steps"] - 1 if r["solver"] == "heun" else r["steps"]
+        assert r["nfe"] == expected == r["nfe_declared"]
+    assert (df["time_total_s"] > 0).all()
+    np.testing.assert_allclose(df["time_model_s"] + df["time_solver_s"], df["time_total_s"], rtol=1e-9)
+    for col in ("num_samples", "seed", "device", "torch", "torch_fidelity", "git_commit", "command", "spacing"):
+        assert df[col].notna().all(), col
+    assert df["schema_version"].eq(1).all() and df["num_samples"].eq(200).all()
+
+
+def test_every_cell_uses_the_same_seeds(sweep):
+    # A 1-step grid ends at σ = 0, and every solver's step to σ = 0 returns D(x_T): with the same x_T in every
+    # cell, the three 1-step cells must hold identical samples and identical metrics.
+    df = results(sweep)
+    one = df[df["steps"] == 1]
+    first = preview(sweep, one["cell_id"].iloc[0])
+    for cid in one["cell_id"]:
+        np.testing.assert_array_equal(preview(sweep, cid), first)
+    for col in ("metric.fd_data", "metric.swd", "metric.ode_error"):
+        assert one[col].nunique() == 1
+
+
+def test_quality_improves_with_steps_on_the_exact_model(sweep):
+    df = results(sweep).set_index(["solver_label", "steps"])
+    for s in ("ddim", "dpmpp", "heun"):
+        assert df.loc[(s, 20), "metric.fd_data"] < df.loc[(s, 1), "metric.fd_data"] / 10
+        assert df.loc[(s, 20), "metric.ode_error"] < df.loc[(s, 5), "metric.ode_error"]
+    # DDIM is first order: 4× the steps, about 4× less error (at least 2× here, before the asymptotic regime).
+    assert df.loc[("ddim", 5), "metric.ode_error"] / df.loc[("ddim", 20), "metric.ode_error"] > 2
+
+
+def test_charts_and_reports_exist_and_agree_with_the_results(sweep):
+    df = results(sweep)
+    for k in ("fd_data", "swd", "ode_error"):
+        for tag in ("time", "nfe"):
+            assert (sweep / "figures" / f"{k}_vs_{tag}.png").read_bytes()[:4] == b"\x89PNG"
+    for s in ("ddim", "dpmpp", "heun"):
+        assert (sweep / "figures" / f"samples_{s}.png").exists()
+    md = (sweep / "report.md").read_text()
+    html = (sweep / "report.html").read_text()
+    for _, r in df.iterrows():
+        # Every metric value of the table appears, formatted the same way, in both reports.
+        for col in ("metric.fd_data", "metric.swd", "metric.ode_error"):
+            cell = report_mod._fmt(r[col])
+            assert f"| {cell} |" in md and f"<td>{cell}</td>" in html
+    images_in_md = md.count("](figures/")
+    assert images_in_md == 6 + 3
+    assert html.count('src="data:image/png;base64,') == images_in_md and 'src="figures/' not in html
+    assert "Pareto frontier" in md and "Environment" in md and df["git_commit"].iloc[0] in md
+    floors = json.loads((sweep / "reference.json").read_text())["metrics"]
+    assert floors["fd_data"]["floor"][0] > 0 and floors["swd"]["floor"][1] > 0
+
+
+def test_report_is_rebuilt_from_the_results_alone(sweep, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.csv", "reference.json", "previews"):
+        src = sweep / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / name)
+    assert report_mod.main([str(copy), "--quiet"]) == 0
+    assert (copy / "report.md").read_text().replace(str(copy), str(sweep)) == (sweep / "report.md").read_text()
+    assert (copy / "report.html").exists() and (copy / "figures" / "swd_vs_nfe.png").exists()
+    assert report_mod.main([str(tmp_path / "nowhere"), "--quiet"]) == 2
+
+
+# -- resume ---------------------------------------------------------------------------------------------------
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
+    out = tmp_path / "resume"
+    args = ["--model", "gmm2d", "--num-samples", "100", "--solvers", "ddim,dpmpp", "--steps", "1,2,3",
+            "--metric", "fd_data", "--no-report"]
+    # The process dies (os._exit, as if killed) right after the 2nd cell is written.
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quiet", "--out", str(out), *args], cwd=ROOT,
+                          env=dict(_env(), BENCH_CRASH_AFTER_CELLS="2"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 137, proc.stderr
+    before = results(out)
+    assert len(before) == 2 and (before["status"] == "ok").all()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written files
+    capsys.readouterr()
+    assert run_mod.main(["--out", str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert "6 cells (4 to run; skipping 2 done)" in err
+    after = results(out)
+    assert len(after) == 6 and (after["status"] == "ok").all()
+    pd.testing.assert_frame_equal(after.iloc[:2], before)  # the finished cells were not redone
+    assert run_mod.main(["--out", str(out), *args]) == 0
+    assert "6 cells (0 to run; skipping 6 done)" in capsys.readouterr().err
+    assert run_mod.main(["--out", str(out), "--force", *args]) == 0
+    assert "6 cells (6 to run" in capsys.readouterr().err
+    assert len(results(out)) == 6
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "unknown model 'nope'; available models: .*gmm2d"),
+    (["--solvers", "ddim,nope"], "unknown solver 'nope'; valid: .*dpmpp_2m"),
+    (["--metric", "nope"], "unknown metric 'nope'; valid metrics: fd_data, swd, ode_error, fid, fd_resnet20"),
+    (["--metric", "fid"], "does not fit model 'gmm2d'.*metrics for gmm2d: fd_data, swd, ode_error"),
+    (["--model", "gmm", "--metric", "fd_resnet20"], "does not fit model 'gmm'"),
+    (["--steps", "0,10"], "positive integers .*'0' is not one"),
+    (["--steps", "-3"], "'-3' is not one"),
+    (["--steps", "2.5"], "'2.5' is not one"),
+    (["--steps", "ten"], "'ten' is not one"),
+    (["--solver-opt", "nope=1"], "no listed solver has an option 'nope'"),
+    (["--solvers", "ddim", "--solver-opt", "eta=3"], "eta must be in \\[0, 1\\]"),
+    (["--num-samples", "1"], "at least 2"),
+])
+def test_bad_input_is_refused_with_the_valid_choices(tmp_path, capsys, args, message):
+    import re
+    out = tmp_path / "out"
+    assert bench(out, *args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not out.exists()  # nothing written
+
+
+def _nan_card(name: str) -> ModelCard:
+    """gmm2d's exact network, but NaN wherever it is evaluated below t = 0.5."""
+    mixture, schedule = gmm2d(), schedules.VPLinear()
+
+    def loader(device="cpu", **kw):
+        exact = mixture.network(schedule, "eps")
+
+        def fn(x, t):
+            out = exact(x, t)
+            return out if float(torch.as_tensor(t).reshape(-1)[0]) >= 0.5 else torch.full_like(out, float("nan"))
+
+        return solvers.DiffusionModel(fn, schedule=schedule, prediction="eps")
+
+    return ModelCard(name=name, kind="analytic", description="NaN below t = 0.5", loader=loader,
+                     sample_shape=(2,), prediction="eps", schedule_name="VPLinear",
+                     data_sampler=lambda n, seed=0: mixture.sample(n, seed), default_num_samples=100,
+                     default_batch_size=100)
+
+
+def test_a_model_with_nan_samples_fails_its_cells_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(pretrained.CARDS, "nan2d", _nan_card("nan2d"))
+    out = tmp_path / "nan"
+    # 1 step evaluates the network at t = 1 only; 4 steps (uniform in t) also at 0.25: NaN.
+    assert bench(out, "--model", "nan2d", "--solvers", "ddim,ddpm", "--steps", "1,4") == 0
+    df = results(out).set_index(["solver_label", "steps"])
+    assert df.loc[("ddim", 1), "status"] == "ok" and df.loc[("ddpm", 1), "status"] == "ok"
+    for s in ("ddim", "ddpm"):
+        assert df.loc[(s, 4), "status"] == "failed"
+        assert "NonFiniteError" in df.loc[(s, 4), "error"] and "NaN" in df.loc[(s, 4), "error"]
+        assert np.isnan(df.loc[(s, 4), "metric.fd_data"])
+    md = (out / "report.md").read_text()
+    assert "Failed cells" in md and "NonFiniteError" in md
+
+
+def test_results_of_another_schema_version_are_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    old = "schema_version,cell_key,status\n0,abc,ok\n"
+    (out / "results.csv").write_text(old)
+    assert bench(out, "--steps", "1", "--solvers", "ddim", "--num-samples", "20") == 2
+    err = capsys.readouterr().err
+    assert "schema version 0" in err and "writes version 1" in err and "left as it is" in err
+    assert (out / "results.csv").read_text() == old
+    (out / "results.csv").write_text("a,b\n1,2\n")
+    assert bench(out, "--steps", "1", "--solvers", "ddim", "--num-samples", "20") == 2
+    assert "no schema_version column" in capsys.readouterr().err
+    assert (out / "results.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_results_of_other_run_settings_are_refused(tmp_path, capsys):
+    out = tmp_path / "settings"
+    common = ["--solvers", "ddim", "--steps", "1", "--metric", "fd_data", "--no-report"]
+    assert bench(out, "--num-samples", "20", *common) == 0
+    before = (out / "results.csv").read_bytes()
+    assert bench(out, "--num-samples", "30", *common) == 2
+    err = capsys.readouterr().err
+    assert "num_samples: 20 in the file vs 30 now" in err and "another --out" in err
+    assert (out / "results.csv").read_bytes() == before
+
+
+def test_solver_options_and_default_spacings():
+    specs = run_mod.parse_solvers("ddim,ddim:eta=1.0,dpmpp", ["ddim.eta=0.5", "lower_order_final=False"])
+    assert [(s.label, s.name, s.options) for s in specs] == [
+        ("ddim", "ddim", {"eta": 0.5}), ("ddim:eta=1.0", "ddim", {"eta": 1.0}),
+        ("dpmpp", "dpmpp_2m", {"lower_order_final": False})]
+    cifar = pretrained.get_card("ddpm_cifar")
+    discrete = schedules.DiscreteVP.linear(1000)
+    # DDIM's Table 1 grid on CIFAR-10; at 1000 steps it would repeat indices, and every index is used instead.
+    assert run_mod.default_spacing(cifar, discrete, "ddim", 10)[0] == "quadratic"
+    spacing = run_mod.default_spacing(cifar, discrete, "ddpm", 1000)[0]
+    assert solvers.make_grid(discrete, 1000, spacing=spacing)[:-1] == [float(i) for i in range(999, -1, -1)]
+    assert run_mod.default_spacing(pretrained.get_card("gmm2d"), discrete, "ddim", 1)[0] == "trailing"
+    assert run_mod.default_spacing(cifar, discrete, "dpmpp_2m", 10)[0] == "logsnr"
+    assert run_mod.default_spacing(cifar, discrete, "heun", 10)[0] == "karras"
+    assert run_mod.parse_steps("50,1,10,10") == [1, 10, 50]
+
+
+# -- more than one process ---------------------------------------------------------------------------------------
+def test_two_processes_give_the_results_of_one(tmp_path):
+    args = ["--model", "gmm2d", "--num-samples", "120", "--batch-size", "30", "--solvers", "ddim,ddpm",
+            "--steps", "1,4", "--device", "cpu", "--no-report", "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_mod.main(["--out", str(one), *args]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "bench.run", "--out", str(two), *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = results(one), results(two)
+    assert (b["world_size"] == 2).all() and (a["world_size"] == 1).all()
+    assert b["command"].str.startswith("torchrun --nproc_per_node=2 -m bench.run").all()
+    assert list(a["cell_key"]) == list(b["cell_key"]) and (b["status"] == "ok").all()
+    np.testing.assert_array_equal(a["nfe"], b["nfe"])
+    for col in ("metric.fd_data", "metric.swd"):
+        np.testing.assert_allclose(b[col], a[col], rtol=1e-12)
+    # The exact ODE solution is integrated per process (batch-coupled step sizes, tolerance 1e-9).
+    np.testing.assert_allclose(b["metric.ode_error"], a["metric.ode_error"], rtol=1e-6)
+    for cid in a["cell_id"]:
+        np.testing.assert_array_equal(preview(two, cid), preview(one, cid))
+
+
+# -- an image model ----------------------------------------------------------------------------------------------
+def _image_card(name: str) -> ModelCard:
+    """A cheap exact 'image model': a two-component Gaussian mixture over 1×28×28 images in [−1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand(2, 784, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    mixture, schedule = GaussianMixture(means, 0.2), schedules.VPLinear()
+    return ModelCard(name=name, kind="image", description="test image mixture",
+                     loader=lambda device="cpu", **kw: mixture.as_model(schedule, "eps"), sample_shape=(1, 28, 28),
+                     prediction="eps", schedule_name="VPLinear", reference="mnist-test",
+                     to_images=lambda x: ((x + 1) / 2).clamp(0, 1), default_num_samples=64, default_batch_size=32)
+
+
+@pytest.mark.skipif(not ((ASSETS / "mnist").is_dir() and (ASSETS / "resnet20_cifar").is_dir()),
+                    reason="../shared/assets/mnist/ or ../shared/assets/resnet20_cifar/ is absent")
+def test_image_model_with_offline_resnet20_features(tmp_path, monkeypatch):
+    monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix"))
+    out = tmp_path / "img"
+    args = ["--model", "img_mix", "--solvers", "ddim,dpmpp", "--steps", "1,4", "--reference-size", "300",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert bench(out, *args) == 0
+    df = results(out)
+    assert (df["status"] == "ok").all() and df["metrics"].eq("fd_resnet20").all()
+    assert json.loads(df["metric_labels"].iloc[0]) == {"fd_resnet20": "FD (ResNet-20)"}
+    assert (df["metric.fd_resnet20"] > 0).all()
+    assert preview(out, df["cell_id"].iloc[0]).shape == (64, 3, 28, 28)
+    md = (out / "report.md").read_text()
+    assert "| FD (ResNet-20) |" in md and "FID (" not in md  # never labelled as FID
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_fid_offline_stops_before_sampling_with_the_alternative(tmp_path, monkeypatch, capsys):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(inc, "load_state_dict_from_url", no_network)
+    out = tmp_path / "fid"
+    assert bench(out, "--model", "img_mix", "--metric", "fid", "--steps", "1", "--solvers", "ddim") == 1
+    err = capsys.readouterr().err
+    assert "could not be downloaded" in err and "--metric fd_resnet20" in err and "not FID" in err
+    assert not (out / "results.csv").exists()
