@@ -5,8 +5,8 @@ corrector"):
 
     s = ∇log p_t(x) = (α·D(x, t) − x)/σ²,   z ~ N(0, I),   x ← x + δ·s + sqrt(2δ)·z,
 
-with the step size δ from one of two rules (``step_rule``), both set by the target signal-to-noise ratio
-r = ``snr``:
+with the step size δ from one of two rules (``step_rule``, default ``"sigma2"``: stable in any dimension),
+both set by the target signal-to-noise ratio r = ``snr``:
 
 * ``"snr"`` — δ = 2·(r·‖z‖/‖s‖)² per sample: the step whose ratio ‖δ·s‖/‖sqrt(2δ)·z‖ is r (Song et al.
   2021).  Song et al.'s code averages the two norms over the batch, which couples the samples; here they
@@ -86,7 +86,7 @@ class Langevin(Solver):
 
     steps_per_level: int = 5
     snr: float = 0.16
-    step_rule: Literal["snr", "sigma2"] = "snr"
+    step_rule: Literal["snr", "sigma2"] = "sigma2"
 
     name: ClassVar[str] = "langevin"
     order: ClassVar[None] = None
@@ -135,7 +135,7 @@ class PredictorCorrector(Solver):
     corrector: str = "langevin"
     corrector_steps: int = 1
     snr: float = 0.16
-    step_rule: Literal["snr", "sigma2"] = "snr"
+    step_rule: Literal["snr", "sigma2"] = "sigma2"
 
     name: ClassVar[str] = "pc"
     order: ClassVar[None] = None

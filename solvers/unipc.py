@@ -80,10 +80,12 @@ class UniPC(_LogSNRSolver):
     Data prediction, B(h) = ``variant`` (``"bh2"``: e^{−h} − 1, the diffusers default and the paper's choice
     for few steps; ``"bh1"``: −h).  Step i: evaluate D at the predicted x_i; correct x_i with UniC (from the
     second step on, with the previous step's order); store D_i; predict x_{i+1} with UniP of order
-    min(solver_order, i + 1), lowered to the steps left when ``lower_order_final`` (default True, diffusers'
-    UniPC rule at every step count; ``"auto"`` = below 15 steps).  A step to σ = 0 returns D_i (at the
-    predicted x_i, as diffusers does), so the last point is never corrected.  ``use_corrector=False`` gives
-    UniP alone.  ``SampleResult.orders`` reports UniP's order p of each step.
+    min(solver_order, i + 1), lowered to the steps left when ``lower_order_final`` says so (default
+    ``"auto"``: below 15 steps, as for DPM-Solver++ here; ``True`` is diffusers' UniPC rule, at every step
+    count — its uncorrected first-order last step then makes the method second order as the steps shrink).
+    A step to σ = 0 returns D_i (at the predicted x_i, as diffusers does), so the last point is never
+    corrected.  ``use_corrector=False`` gives UniP alone.  ``SampleResult.orders`` reports UniP's order p
+    of each step.
 
     Order ``solver_order`` + 1 with the corrector (``solver_order`` 1–3, default 2 → order 3), ``solver_order``
     without; 1 model call per step.
@@ -92,7 +94,7 @@ class UniPC(_LogSNRSolver):
     solver_order: int = 2
     variant: Literal["bh1", "bh2"] = "bh2"
     use_corrector: bool = True
-    lower_order_final: LowerOrderFinal = True
+    lower_order_final: LowerOrderFinal = "auto"
 
     name: ClassVar[str] = "unipc"
     order: ClassVar[int] = 3
