@@ -4,8 +4,17 @@
     pretrained.available_models()
     model = pretrained.load("gmm2d")          # a solvers.DiffusionModel
     card = pretrained.get_card("gmm2d")       # schedule, shape, reference data, provenance
+
+Cards: the exact analytic models (``gmm2d``, ``gmm``, ``gaussian``), the real networks ``ddpm_mnist``,
+``ddpm_cifar`` (EMA) and ``ddpm_cifar_hub`` (non-EMA), the consistency model ``cd_imagenet64_l2``, and the
+project's own learned ``gmm2d`` models ``cm_gmm2d`` and ``fm_gmm2d``.  Weights are found via ``weights=PATH``,
+an environment variable, local assets, or the cache (downloaded once, checksum-verified); see
+:mod:`pretrained.checkpoints`.
 """
 from .cards import CARDS, ModelCard, available_models, get_card, load, register_card
+from .checkpoints import CheckpointError, WeightsNotFoundError
 from . import zoo_analytic  # noqa: F401  (registers the analytic cards)
+from . import ddpm_mnist, zoo_cifar, consistency, toy  # noqa: F401  (register the other cards)
 
-__all__ = ["CARDS", "ModelCard", "available_models", "get_card", "load", "register_card"]
+__all__ = ["CARDS", "ModelCard", "available_models", "get_card", "load", "register_card", "CheckpointError",
+           "WeightsNotFoundError"]

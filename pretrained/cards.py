@@ -39,6 +39,7 @@ class ModelCard:
         default_num_samples, default_batch_size: benchmark defaults that make sense for this model.
         default_solver_options: per-solver options this model needs (e.g. the consistency boundary).
         source_url, sha256, licence, weights_note: provenance of the weights (None for analytic models).
+        md5: the publisher's md5 where no sha256 is published (checksums are never guessed).
         published: published numbers as {description: (value, source)}.
         notes: anything else a user must know (e.g. "these are the NON-EMA weights").
     """
@@ -60,6 +61,7 @@ class ModelCard:
     default_solver_options: dict = field(default_factory=dict)
     source_url: Optional[str] = None
     sha256: Optional[str] = None
+    md5: Optional[str] = None
     licence: Optional[str] = None
     weights_note: Optional[str] = None
     published: dict = field(default_factory=dict)
@@ -69,7 +71,7 @@ class ModelCard:
     def summary(self) -> dict[str, Any]:
         """The card's plain-data fields (for reports)."""
         keep = ("name", "kind", "description", "sample_shape", "prediction", "schedule_name", "data_range",
-                "reference", "source_url", "sha256", "licence", "weights_note", "published", "notes")
+                "reference", "source_url", "sha256", "md5", "licence", "weights_note", "published", "notes")
         return {k: getattr(self, k) for k in keep}
 
 

@@ -1,0 +1,379 @@
+"""Finding, downloading, verifying and reading weight files.
+
+Where a card's weights come from, in this order (:func:`resolve_weights`):
+
+1. an explicit path (``pretrained.load(name, weights=PATH)``, the benchmark's ``--weights``);
+2. the card's environment variable (e.g. ``DDPM_MNIST_WEIGHTS=/path/to/ddpm_mnist.pth``);
+3. a local default where one exists (e.g. ``../shared/assets/ddpm_mnist/``);
+4. the cache: ``$DIFFUSION_SOLVERS_CACHE`` or ``~/.cache/diffusion-solvers``;
+5. a download into the cache — unless offline (``DIFFUSION_SOLVERS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or
+   ``download=False``).
+
+A downloaded file goes to a temporary name in the cache folder, is checked (its sha256 or md5 when the card
+knows one; its keys and shapes always, by the caller's ``check``), and only then renamed into place, so the
+cache never holds a file that did not verify.  Every failure names the file and what is wrong; a missing
+file also names the URL and where to put it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
+    "file_digest", "verify_file", "default_permissions", "resolve_weights", "resolve_hub_weights", "find_in_folder", "read_state_dict",
+    "check_state_dict", "load_into", "ASSETS",
+]
+
+PathLike = Union[str, os.PathLike]
+# The project's offline assets (never copied into the repository): ../shared/assets from the project root.
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+class CheckpointError(ValueError):
+    """A weight file is corrupt or does not match the model (checksum, keys, shapes, format)."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weight file was found and none could be downloaded; the message says where to put one."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where one weight file of a card comes from.
+
+    Attributes:
+        filename: the file's name in the cache (and the name a user should give it).
+        url: where :func:`resolve_weights` downloads it from (``None``: no known download).
+        sha256, md5: checksums from the publisher (``None`` where none is published; never guessed).
+        env_var: environment variable that may hold a path to the file.
+        local_default: a path used when it exists (e.g. the shared offline assets).
+        description: a few words for error messages ("the ddpm_mnist checkpoint").
+        folder_names: file names looked for when an explicit path is a folder (besides ``filename``).
+    """
+
+    filename: str
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    md5: Optional[str] = None
+    env_var: Optional[str] = None
+    local_default: Optional[Path] = None
+    description: str = "the weights"
+    folder_names: tuple = ()
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A file in a Hugging Face hub repository, tried under several candidate names.
+
+    Attributes:
+        repo_id: e.g. ``"google/ddpm-cifar10-32"``.
+        candidates: paths inside the repository, tried in order (the first that exists is used).
+        revision: a branch, tag or commit (``"main"`` unless pinned).
+        extra_files: further files fetched from the same folder as the chosen candidate when present
+            (e.g. ``config.json``).
+        env_var, description: as in :class:`WeightsSource`.
+    """
+
+    repo_id: str
+    candidates: tuple
+    revision: str = "main"
+    extra_files: tuple = ()
+    env_var: Optional[str] = None
+    description: str = "the weights"
+
+    def url(self, path: str) -> str:
+        """The download URL of ``path`` in this repository."""
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{path}"
+
+
+def default_permissions(path: PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode an ordinary ``open`` would (0666 − umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def cache_dir(override: Optional[PathLike] = None) -> Path:
+    """The weight cache: ``override``, else ``$DIFFUSION_SOLVERS_CACHE``, else ``~/.cache/diffusion-solvers``."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get("DIFFUSION_SOLVERS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "diffusion-solvers"
+
+
+def offline() -> bool:
+    """True when downloads are switched off by ``DIFFUSION_SOLVERS_OFFLINE`` or ``HF_HUB_OFFLINE``."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("DIFFUSION_SOLVERS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: PathLike, *, sha256: Optional[str] = None, md5: Optional[str] = None,
+                what: str = "the weights") -> None:
+    """Check a file against the published checksums (those that are known).
+
+    Raises:
+        CheckpointError: a checksum differs (the message names the file, the expected and the actual digest).
+    """
+    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+        if expected is None:
+            continue
+        actual = file_digest(path, algorithm)
+        if actual.lower() != expected.lower():
+            raise CheckpointError(
+                f"{path}: {algorithm} is {actual}, but {what} should have {algorithm} {expected}. The file is "
+                "corrupt, truncated or a different checkpoint; delete it and download it again, or pass "
+                "verify=False to load a different checkpoint of the same architecture.")
+
+
+def _explicit_path(path: PathLike, origin: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise WeightsNotFoundError(f"{origin} points to {p}, which does not exist")
+    return p
+
+
+def _download_url(url: str, destination: Path) -> None:
+    """Stream ``url`` to ``destination`` (raises on any network or HTTP error)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "diffusion-solvers"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(destination, "wb") as f:
+        shutil.copyfileobj(response, f, length=1 << 20)
+
+
+def _missing_message(source: WeightsSource, target: Path, reason: str) -> str:
+    where = ["pass weights=PATH (--weights PATH)"]
+    if source.env_var:
+        where.append(f"set {source.env_var}=PATH")
+    where.append(f"or put the file at {target}")
+    url = f"from {source.url}" if source.url else "(no download URL is known)"
+    return (f"{source.description} ({source.filename}) is not available: {reason}. Download it {url} and "
+            + ", ".join(where) + ".")
+
+
+def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *,
+                    cache: Optional[PathLike] = None, download: Optional[bool] = None, verify: bool = True,
+                    check: Optional[Callable[[Path], None]] = None) -> Path:
+    """The path of a card's weight file, downloading it into the cache if needed (see the module docstring).
+
+    Args:
+        source: where the file comes from.
+        weights: an explicit path (wins over everything else).
+        cache: the cache folder (default :func:`cache_dir`).
+        download: allow a download (default: unless :func:`offline`).
+        verify: check the published checksums (explicit paths too: a different file fails unless False).
+        check: ``check(path)`` raising :class:`CheckpointError` if the file does not fit the model (keys,
+            shapes); run on a download before it enters the cache.
+
+    Returns:
+        The path of a verified file.
+
+    Raises:
+        WeightsNotFoundError: nothing found and no download possible (names the file, URL and destination).
+        CheckpointError: a file was found but does not verify.
+    """
+    sums = dict(sha256=source.sha256, md5=source.md5) if verify else {}
+    if weights is not None:
+        path = _explicit_path(weights, "weights=")
+    elif source.env_var and os.environ.get(source.env_var):
+        path = _explicit_path(os.environ[source.env_var], f"${source.env_var}")
+    elif source.local_default is not None and Path(source.local_default).exists():
+        path = Path(source.local_default)
+    else:
+        path = None
+    if path is not None:
+        if path.is_dir():
+            path = find_in_folder(path, (source.filename,) + tuple(source.folder_names))
+        verify_file(path, what=source.description, **sums)
+        return path
+
+    folder = cache_dir(cache)
+    target = folder / source.filename
+    if target.exists():
+        verify_file(target, what=f"{source.description} (cached)", **sums)
+        return target
+    allow = (not offline()) if download is None else bool(download)
+    if not allow:
+        raise WeightsNotFoundError(_missing_message(source, target, "downloads are switched off (offline)"))
+    if source.url is None:
+        raise WeightsNotFoundError(_missing_message(source, target, "it is not in the cache"))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".part", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            _download_url(source.url, tmp)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise WeightsNotFoundError(_missing_message(source, target, f"the download failed ({e})")) from e
+        # Verify before the file gets its cache name: a failed check leaves nothing behind.
+        verify_file(tmp, what=f"{source.description} downloaded from {source.url}",
+                    sha256=source.sha256, md5=source.md5)
+        if check is not None:
+            check(tmp)
+        default_permissions(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *,
+                        cache: Optional[PathLike] = None, download: Optional[bool] = None,
+                        check: Optional[Callable[[Path], None]] = None) -> Path:
+    """A weight file from a hub repository: explicit path (file or folder) → env var → cache → download.
+
+    A folder (a ``save_pretrained`` folder or a hub snapshot) is searched for the candidate names.  The
+    download uses ``huggingface_hub`` (an optional extra) into a temporary folder; the file (and its extra
+    files) are checked with ``check`` before they are moved into the cache.
+
+    Returns:
+        The path of the weight file (its extra files, where there are any, lie next to it).
+    """
+    explicit = weights if weights is not None else (os.environ.get(source.env_var) if source.env_var else None)
+    if explicit:
+        origin = "weights=" if weights is not None else f"${source.env_var}"
+        path = _explicit_path(explicit, origin)
+        return find_in_folder(path, source.candidates) if path.is_dir() else path
+
+    folder = cache_dir(cache) / "hub" / source.repo_id.replace("/", "--") / source.revision
+    if folder.exists():
+        try:
+            return find_in_folder(folder, source.candidates)
+        except WeightsNotFoundError:
+            pass
+    allow = (not offline()) if download is None else bool(download)
+    names = ", ".join(source.candidates)
+    where = (f"pass weights=PATH (a file or a folder holding one of: {names})"
+             + (f", set {source.env_var}=PATH" if source.env_var else "") + f", or put it under {folder}")
+    if not allow:
+        raise WeightsNotFoundError(
+            f"{source.description} ({source.repo_id}) is not available: downloads are switched off (offline). "
+            f"Download {source.url(source.candidates[0])} and {where}.")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise WeightsNotFoundError(
+            f"{source.description} ({source.repo_id}) is not in the cache and downloading it needs the optional "
+            f"package huggingface_hub: pip install 'diffusion-solvers[hub]' — or download "
+            f"{source.url(source.candidates[0])} yourself and {where}.") from None
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{source.revision}.", dir=folder.parent))
+    try:
+        chosen, errors = None, []
+        for candidate in source.candidates:
+            try:
+                huggingface_hub.hf_hub_download(source.repo_id, candidate, revision=source.revision,
+                                                local_dir=staging)
+                chosen = candidate
+                break
+            except Exception as e:  # the hub's own error types vary between versions
+                errors.append(f"{candidate}: {type(e).__name__}: {e}")
+        if chosen is None:
+            raise WeightsNotFoundError(
+                f"{source.description} could not be downloaded from {source.repo_id} "
+                f"({'; '.join(errors)}). Download it yourself and {where}.")
+        parent = str(Path(chosen).parent)
+        for extra in source.extra_files:
+            name = extra if parent == "." else f"{parent}/{extra}"
+            try:
+                huggingface_hub.hf_hub_download(source.repo_id, name, revision=source.revision, local_dir=staging)
+            except Exception:
+                pass  # optional companions (e.g. config.json): the loader says if it needs one
+        for meta in staging.glob(".cache"):
+            shutil.rmtree(meta, ignore_errors=True)
+        if check is not None:
+            check(staging / chosen)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder / chosen
+
+
+def find_in_folder(folder: Path, candidates: Sequence[str]) -> Path:
+    """The first of ``candidates`` (relative paths, or their base names) that exists under ``folder``."""
+    for candidate in candidates:
+        for path in (folder / candidate, folder / Path(candidate).name):
+            if path.is_file():
+                return path
+    raise WeightsNotFoundError(f"{folder} holds none of the expected weight files: {', '.join(candidates)}")
+
+
+def read_state_dict(path: PathLike, *, what: str = "the weights") -> dict[str, torch.Tensor]:
+    """A flat state dict from a ``.safetensors`` file or a torch file (loaded with ``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file cannot be read or does not hold a dict of tensors.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading .safetensors files needs the package safetensors "
+                              "(pip install 'diffusion-solvers[hub]')") from e
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}: {e}). The file is corrupt, "
+                              "truncated or not a weights-only checkpoint.") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors (a state dict) for {what}, got "
+                              f"{type(sd).__name__}")
+    return dict(sd)
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],
+                     *, path: PathLike, what: str = "the weights") -> None:
+    """Compare a state dict with the expected names and shapes.
+
+    Raises:
+        CheckpointError: names the file and lists the missing keys, the unexpected keys and the shape
+            mismatches (a few of each, with their counts).
+    """
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k])} expected"
+             for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = "; ".join(items[:5]) + (f"; … ({len(items)} in all)" if len(items) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{path} does not match {what}: " + " | ".join(problems))
+
+
+def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, path: PathLike,
+              what: str = "the weights") -> torch.nn.Module:
+    """Check ``state_dict`` against ``module`` (:func:`check_state_dict`) and load it strictly."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    check_state_dict(state_dict, expected, path=path, what=what)
+    module.load_state_dict(state_dict, strict=True)
+    return module

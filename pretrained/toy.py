@@ -1,0 +1,200 @@
+"""Small learned models of the ``gmm2d`` point cloud, trained by this project (``pretrained/train_gmm2d.py``).
+
+* ``cm_gmm2d`` — a consistency model distilled from the exact probability-flow ODE of ``gmm2d`` on the EDM
+  schedule (σ ∈ [0.002, 80]), with the EDM boundary scalings (σ_d = the data's per-coordinate std), so
+  f(x, σ_min) = x.  An x0-predicting :class:`solvers.DiffusionModel`; sample with ``solver="consistency"``.
+* ``fm_gmm2d`` — a rectified-flow velocity model u_θ(x, t) ≈ E[ε − x0 | x_t] on x_t = (1 − t)·x0 + t·ε, so the
+  ``velocity`` parameterisation runs on a learned network.
+
+Both are MLPs on (x, Fourier features of the time); the weight files (``pretrained/weights/*.pt``, a few
+hundred KB) hold the state dict, the architecture and how they were trained, and load with
+``weights_only=True``.  The exact ODEs of the teacher are on the cards (``exact_ode``) for error measurements.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+import solvers
+from solvers.schedules import EDM, RectifiedFlow
+
+from .analytic import GaussianMixture, gmm2d
+from .cards import ModelCard, register_card
+from .checkpoints import CheckpointError, check_state_dict
+from .consistency import BoundaryScalings, ConsistencyFunction
+
+__all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "teacher_mixture", "teacher_schedule", "build_network",
+           "read_toy_weights", "load_cm_gmm2d", "load_fm_gmm2d", "FORMAT"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FORMAT = "pretrained.toy/1"
+
+
+def teacher_mixture() -> GaussianMixture:
+    """The exact model both toys learn: the ``gmm2d`` card's mixture (8 Gaussians on a ring)."""
+    return gmm2d("ring")
+
+
+def teacher_schedule(kind: str):
+    """The schedule of the ``cm`` (EDM, σ ∈ [0.002, 80]) or ``fm`` (rectified flow) model."""
+    if kind == "cm":
+        return EDM(0.002, 80.0)
+    if kind == "fm":
+        return RectifiedFlow()
+    raise ValueError(f"unknown toy model kind {kind!r}; valid: cm, fm")
+
+
+class PointMLP(nn.Module):
+    """F(x, c): an MLP on x ∈ R^dim and Fourier features [c, sin(2^k·π·c), cos(2^k·π·c)] of a scalar c.
+
+    Args:
+        dim: data dimension.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        n_freq: number of Fourier frequencies (2^0 … 2^(n_freq−1), times π).
+    """
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 4, n_freq: int = 6):
+        super().__init__()
+        self.dim, self.hidden, self.depth, self.n_freq = dim, hidden, depth, n_freq
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
+        layers, width = [], dim + 1 + 2 * n_freq
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """F(x, c) for x (B, dim) and c (B,)."""
+        c = c.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+        phase = c * self.freqs.to(x.dtype)
+        return self.net(torch.cat([x, c, torch.sin(phase), torch.cos(phase)], dim=1))
+
+    def arch(self) -> dict:
+        """The constructor arguments (stored in weight files)."""
+        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "n_freq": self.n_freq}
+
+
+class FlowVelocity(nn.Module):
+    """u(x, t) = s_out·F(c_in(t)·x, t) with c_in = 1/√((1 − t)²σ_d² + t²) (unit-variance input) and
+    s_out = √(σ_d² + 1) (the std of the target ε − x0)."""
+
+    def __init__(self, network: PointMLP, sigma_data: float):
+        super().__init__()
+        self.network, self.sigma_data = network, float(sigma_data)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(x.dtype).reshape(-1, 1)
+        c_in = torch.rsqrt((1.0 - t) ** 2 * self.sigma_data ** 2 + t ** 2)
+        return math.sqrt(self.sigma_data ** 2 + 1.0) * self.network(x * c_in, t.reshape(-1))
+
+
+def cm_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """c_noise(σ) = ¼·log σ (EDM's), the MLP's time input for the consistency model."""
+    return 0.25 * torch.log(sigma)
+
+
+def build_network(kind: str, arch: dict, sigma_data: float) -> nn.Module:
+    """The ``fn(x, model_time)`` module of a toy model (untrained)."""
+    mlp = PointMLP(**arch)
+    if kind == "cm":
+        return ConsistencyFunction(mlp, BoundaryScalings(sigma_data, teacher_schedule("cm").sigma_min), cm_noise)
+    if kind == "fm":
+        return FlowVelocity(mlp, sigma_data)
+    raise ValueError(f"unknown toy model kind {kind!r}; valid: cm, fm")
+
+
+def read_toy_weights(path: os.PathLike, kind: str) -> tuple[nn.Module, dict]:
+    """Read a weight file written by ``train_gmm2d`` and return (network, its record).
+
+    Raises:
+        CheckpointError: unreadable, another format or kind, missing/unexpected keys or wrong shapes.
+    """
+    path = Path(path)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: cannot read the {kind}_gmm2d weights ({type(e).__name__}: {e})") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} weight file (written by python -m pretrained.train_gmm2d)")
+    if record.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {record.get('kind')!r} model, not {kind!r}")
+    try:
+        net = build_network(kind, dict(record["arch"]), float(record["sigma_data"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad architecture record ({e})") from e
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    check_state_dict(record["state_dict"], expected, path=path, what=f"the {kind}_gmm2d network")
+    net.load_state_dict(record["state_dict"], strict=True)
+    return net.eval(), record
+
+
+def _loader(kind: str):
+    prediction = {"cm": "x0", "fm": "velocity"}[kind]
+
+    def load(*, device: str = "cpu", weights: Optional[os.PathLike] = None, dtype: Optional[torch.dtype] = None,
+             **model_kwargs) -> solvers.DiffusionModel:
+        path = Path(weights) if weights is not None else WEIGHTS_DIR / f"{kind}_gmm2d.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; the committed weights are in {WEIGHTS_DIR} "
+                                    f"(rebuild them with: python -m pretrained.train_gmm2d {kind})")
+        net, _ = read_toy_weights(path, kind)
+        net = net.to(device=device, dtype=dtype or torch.float32)
+        return solvers.DiffusionModel(net, schedule=teacher_schedule(kind), prediction=prediction,
+                                      input_dtype=dtype, **model_kwargs)
+
+    load.__doc__ = (f"The ``{kind}_gmm2d`` card's loader: weights=PATH (default pretrained/weights/{kind}_gmm2d.pt),"
+                    " device, dtype; other keyword arguments go to solvers.DiffusionModel.")
+    return load
+
+
+load_cm_gmm2d = _loader("cm")
+load_fm_gmm2d = _loader("fm")
+
+
+def _training_note(kind: str) -> str:
+    path = WEIGHTS_DIR / f"{kind}_gmm2d.pt"
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        return record.get("training", {}).get("summary", "")
+    except Exception:  # a card must register even if its weights are missing; load() says what is wrong
+        return f"(weights not found at {path})"
+
+
+def _card(kind: str, loader, description: str, schedule_name: str, prediction: str, **extra_fields) -> ModelCard:
+    mixture = teacher_mixture()
+    schedule = teacher_schedule(kind)
+
+    def exact_ode(x_T: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
+        return mixture.ode_solution(schedule, x_T, t_from, t_to, rtol=1e-9, atol=1e-11, per_sample=False)
+
+    return register_card(ModelCard(
+        name=f"{kind}_gmm2d", kind="points", description=description, loader=loader, sample_shape=(2,),
+        prediction=prediction, schedule_name=schedule_name,
+        data_range=(float((mixture.means - 3 * mixture.stds[:, None]).min()),
+                    float((mixture.means + 3 * mixture.stds[:, None]).max())),
+        reference="exact", data_sampler=lambda n, seed=0: mixture.sample(n, seed), exact_ode=exact_ode,
+        default_num_samples=2000, default_batch_size=2000,
+        source_url=None, sha256=None, licence="MIT (this project)",
+        weights_note=f"Trained by this project: {_training_note(kind)}",
+        notes=f"Rebuild the weights with: python -m pretrained.train_gmm2d {kind} (a few CPU minutes). exact_ode "
+              "is the teacher's (the exact gmm2d mixture's) probability-flow ODE on this schedule.",
+        extra={"mixture": mixture, "schedule": schedule, "weights": WEIGHTS_DIR / f"{kind}_gmm2d.pt"},
+        **extra_fields))
+
+
+_card("cm", load_cm_gmm2d,
+      "A consistency model of gmm2d (8 Gaussians on a ring), distilled by this project from the exact "
+      "probability-flow ODE: one network call maps noise σ = 80 to a sample.",
+      "EDM(σ_min = 0.002, σ_max = 80), solver time = σ; EDM boundary scalings, σ_d = data std", "x0",
+      default_solver_options={"consistency": {"sigma_boundary": 0.002}})
+_card("fm", load_fm_gmm2d,
+      "A rectified-flow velocity model of gmm2d trained by this project (conditional flow matching), so "
+      "the velocity parameterisation runs on a learned network.",
+      "RectifiedFlow: x_t = (1 − t)·x0 + t·ε, t ∈ [0, 1]", "velocity")
