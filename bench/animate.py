@@ -134,6 +134,18 @@ def _write_html(gif: Path, path: Path, command: str, title: str) -> None:
     os.replace(tmp, path)
 
 
+def _reference_data(card, n: int) -> torch.Tensor:
+    """n real images of the card's reference set, mapped into the model's data range (image models)."""
+    from bench import datasets
+
+    if card.reference != "mnist-test":
+        raise ValueError(f"no local reference images for {card.name!r} (reference {card.reference!r}); "
+                         "the animation of image models needs the MNIST test set (ddpm_mnist)")
+    images = datasets.mnist_test_images()[:n, : card.sample_shape[0]].to(torch.float32) / 255.0
+    lo, hi = card.data_range
+    return lo + (hi - lo) * images
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry point (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python -m bench.animate", description=__doc__.split("\n\n")[0])
@@ -153,8 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     n = args.num_samples or (1000 if two_d else 8)
     data = None
     if card.data_sampler is None:
-        from bench import datasets  # real data for image models (e.g. the MNIST test set)
-        data = datasets.load_reference_images(card, n)
+        data = _reference_data(card, n)
     frames, labels, card = trajectory(args.model, args.solver, args.steps, n, args.seed, data=data)
     out = Path(args.out or f"reports/animation_{args.model}")
     out.parent.mkdir(parents=True, exist_ok=True)
