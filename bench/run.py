@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-opt", action="append", default=[], metavar="OPT=VAL",
                    help="an option for the model's loader (repeatable), e.g. clip_x0=(-1,1) for ddpm_cifar "
                         "(Ho et al. clip the predicted x0)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="the model's weights file or folder (default: the card's lookup — its environment "
+                        "variable, ../shared/assets, the cache, then a verified download)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples per cell (default: the model card's, e.g. 2000 for gmm2d)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the model card's)")
@@ -628,10 +631,16 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     out_dir = Path(args.out or Path("runs") / card.name)
 
     model_options = dict(_parse_assignment(o, "--model-opt") for o in args.model_opt)
+    if args.weights is not None:
+        if "weights" in model_options:
+            raise UsageError("give the weights once: --weights PATH or --model-opt weights=PATH, not both")
+        model_options["weights"] = args.weights
     try:
         model = pretrained.load(card.name, device=device, **model_options)
     except TypeError as e:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
+    except ValueError as e:
+        raise UsageError(f"cannot load {card.name}: {e}") from None
     cells = plan_cells(card, model, specs, steps, args.spacing)
 
     settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,

@@ -69,6 +69,15 @@ class GaussianMixture:
         post = mu[None, :, :] + (a * sd[None, :] ** 2 / var)[:, :, None] * diff  # (B, K, d)
         return (r[:, :, None] * post).sum(1).reshape(x.shape).to(x.dtype)
 
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of the data distribution at each row of x (float64, shape (batch,))."""
+        xd = x.to(torch.float64).reshape(x.shape[0], -1)
+        var = self.stds.to(xd.device) ** 2
+        sq = ((xd[:, None, :] - self.means.to(xd.device)[None]) ** 2).sum(-1)
+        logp = (torch.log(self.weights.to(xd.device))[None] - 0.5 * sq / var
+                - 0.5 * self.dim * torch.log(2 * math.pi * var))
+        return torch.logsumexp(logp, 1)
+
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n exact samples of x0 (float64), reproducible from ``seed``."""
         g = torch.Generator().manual_seed(int(seed))
