@@ -69,7 +69,7 @@ class DPMSolverPPMultistep(_LogSNRSolver):
             # First-order step (DDIM).
             return (x * c_x).add_(denoised, alpha=-a_phi), state, 1
         # Every update is x_n = c_x·x + Σ_k c_k·D_{i−k} with host-side coefficients c_k: one new tensor per
-        # step, accumulated in place (fresh batch-sized tensors are what costs on the CPU).
+        # step, accumulated in place (fewer batch-sized temporaries and passes than forming d1, d2 first).
         d_prev, lam_prev = history[-1]
         r0 = (p.lam - lam_prev) / h
         if order == 2:
