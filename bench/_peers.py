@@ -26,6 +26,8 @@ What makes a comparison exact (see also ``../shared/PEERS.md``):
 """
 from __future__ import annotations
 
+import math
+
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -244,3 +246,27 @@ def run_peer(sched, fn: Callable[[torch.Tensor, Any], torch.Tensor], sample: tor
         out = fn(sched.scale_model_input(x, t), t)
         x = sched.step(out, t, x, **kwargs).prev_sample
     return x
+
+
+class SigmaModel:
+    """A Gaussian mixture's exact ε as a network: ``fn(x, t)`` evaluates it at the noise level σ̃ = ``sigma_of(t)``.
+
+    Each side of a parity test maps its own time input to σ̃; the model records every σ̃ it is called at, so
+    the two sides' calls can be compared one by one.
+    """
+
+    def __init__(self, mixture, sigma_of: Callable[[float], float]):
+        self.mixture = mixture
+        self.sigma_of = sigma_of
+        self.levels: list[float] = []
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        if not bool((times == times[0]).all()):
+            raise ValueError("SigmaModel expects one time per call")
+        s_ve = float(self.sigma_of(float(times[0])))
+        self.levels.append(s_ve)
+        alpha = 1.0 / math.sqrt(1.0 + s_ve * s_ve)
+        sigma = s_ve * alpha
+        x0 = self.mixture.denoise(x, alpha, sigma)
+        return (x - alpha * x0) / sigma

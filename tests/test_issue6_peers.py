@@ -40,23 +40,6 @@ MIXTURE = gmm_nd(dim=DIM, n_components=3, spread=1.5, std=0.4, seed=1)
 SCHEDULE = P.linear_schedule()
 
 
-class EpsNet:
-    """The mixture's exact ε at the noise level σ̃ = ``sigma_of(t)``; records the levels it is called at."""
-
-    def __init__(self, sigma_of):
-        self.sigma_of = sigma_of
-        self.levels: list[float] = []
-
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
-        assert bool((times == times[0]).all()), "one time per call"
-        s_ve = float(self.sigma_of(float(times[0])))
-        self.levels.append(s_ve)
-        alpha = 1.0 / math.sqrt(1.0 + s_ve * s_ve)
-        sigma = s_ve * alpha
-        return (x - alpha * MIXTURE.denoise(x, alpha, sigma)) / sigma
-
-
 def _spy_orders(sched, methods: dict) -> list:
     """Make the scheduler record the order of each update it takes (``methods``: name → order or callable)."""
     orders = []
@@ -78,13 +61,13 @@ def _run(scheduler: str, config: dict, steps: int, final_t: float, solver: str, 
     their_orders = _spy_orders(sched, spies)
     grid = [float(t) for t in sched.timesteps.tolist()] + [final_t]
 
-    ours_net = EpsNet(lambda t: float(SCHEDULE.sigma_ve(t)))
+    ours_net = P.SigmaModel(MIXTURE, lambda t: float(SCHEDULE.sigma_ve(t)))
     model = solvers.DiffusionModel(ours_net, schedule=SCHEDULE, prediction="eps")
     x_T = solvers.initial_noise((BATCH, DIM), SEEDS, dtype=torch.float64)
     res = solvers.sample(model, x_T, solver, steps=None, timesteps=grid, seeds=SEEDS, **options)
 
     abar = sched.alphas_cumprod.double()
-    their_net = EpsNet(lambda t: math.sqrt((1.0 - float(abar[int(t)])) / float(abar[int(t)])))
+    their_net = P.SigmaModel(MIXTURE, lambda t: math.sqrt((1.0 - float(abar[int(t)])) / float(abar[int(t)])))
     theirs = P.run_peer(sched, their_net, x_T.clone())
 
     assert res.nfe == len(ours_net.levels) == len(their_net.levels) == steps
@@ -132,7 +115,7 @@ def test_unipc_without_corrector_matches_diffusers():
 def test_unipc_corrector_changes_the_samples():
     """Negative control: with and without the corrector the samples differ far beyond the tolerance."""
     x_T = solvers.initial_noise((BATCH, DIM), SEEDS, dtype=torch.float64)
-    model = solvers.DiffusionModel(EpsNet(lambda t: float(SCHEDULE.sigma_ve(t))), schedule=SCHEDULE)
+    model = solvers.DiffusionModel(P.SigmaModel(MIXTURE, lambda t: float(SCHEDULE.sigma_ve(t))), schedule=SCHEDULE)
     a = solvers.sample(model, x_T, "unipc", steps=10, spacing="linspace").samples
     b = solvers.sample(model, x_T, "unipc", steps=10, spacing="linspace", use_corrector=False).samples
     assert (a - b).abs().max().item() > 1e3 * TOL
@@ -157,7 +140,7 @@ def test_deis_matches_diffusers(solver_order, steps):
 def test_deis_other_variables_are_not_diffusers():
     """Negative control: the ρ and t polynomials are different methods from diffusers' log ρ."""
     x_T = solvers.initial_noise((BATCH, DIM), SEEDS, dtype=torch.float64)
-    model = solvers.DiffusionModel(EpsNet(lambda t: float(SCHEDULE.sigma_ve(t))), schedule=SCHEDULE)
+    model = solvers.DiffusionModel(P.SigmaModel(MIXTURE, lambda t: float(SCHEDULE.sigma_ve(t))), schedule=SCHEDULE)
     grid = solvers.make_grid(SCHEDULE, 10, spacing="linspace", denoise_to_zero=False)
     ref = solvers.sample(model, x_T, "deis", timesteps=grid, steps=None, solver_order=3).samples
     for variable in ("rho", "t"):

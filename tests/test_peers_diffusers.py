@@ -51,30 +51,9 @@ MIXTURE = gmm_nd(dim=DIM, n_components=3, spread=1.5, std=0.4, seed=1)
 SCHEDULE = P.linear_schedule()
 
 
-class SigmaModel:
-    """The mixture's exact ε as a network: ``fn(x, t)`` evaluates it at the noise level σ̃ = ``sigma_of(t)``.
-
-    Records every σ̃ it is called at, so that the two sides' calls can be compared one by one.
-    """
-
-    def __init__(self, sigma_of):
-        self.sigma_of = sigma_of
-        self.levels: list[float] = []
-
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
-        assert bool((times == times[0]).all()), "one time per call"
-        s_ve = float(self.sigma_of(float(times[0])))
-        self.levels.append(s_ve)
-        alpha = 1.0 / math.sqrt(1.0 + s_ve * s_ve)
-        sigma = s_ve * alpha
-        x0 = MIXTURE.denoise(x, alpha, sigma)
-        return (x - alpha * x0) / sigma
-
-
 def _ours(solver: str, grid: list, **options):
     """Sample with our solver on ``grid``; returns (result, the σ̃ levels the model saw)."""
-    net = SigmaModel(lambda t: SCHEDULE.sigma_ve(t))
+    net = P.SigmaModel(MIXTURE, lambda t: SCHEDULE.sigma_ve(t))
     model = solvers.DiffusionModel(net, schedule=SCHEDULE, prediction="eps")
     x_T = solvers.initial_noise((BATCH, DIM), SEEDS, dtype=torch.float64)
     res = solvers.sample(model, x_T, solver, steps=None, timesteps=grid, seeds=SEEDS, **options)
@@ -101,7 +80,7 @@ def _compare(key: str, steps: int, *, config=None, options=None, step_kwargs=Non
     opts = {**spec.options, **(options or {})}
     x_T, res, our_levels = _ours(spec.solver, grid, **opts)
 
-    net = SigmaModel(_peer_sigma_of(sched))
+    net = P.SigmaModel(MIXTURE, _peer_sigma_of(sched))
     generator = P.solver_generators(SEEDS, BATCH) if stochastic else None
     theirs = P.run_peer(sched, net, P.peer_start(sched, x_T, SCHEDULE, grid[0]), generator=generator,
                         step_kwargs={**spec.step_kwargs, **(step_kwargs or {})})
@@ -181,7 +160,7 @@ def test_dpmpp_multistep_matches_diffusers(solver_order, steps, final_sigmas_typ
     grid = P.our_grid(sched, SCHEDULE)
     ours_lof = "auto" if lower_order_final else False
     x_T, res, our_levels = _ours(spec.solver, grid, **{**spec.options, "lower_order_final": ours_lof})
-    net = SigmaModel(_peer_sigma_of(sched))
+    net = P.SigmaModel(MIXTURE, _peer_sigma_of(sched))
     theirs = P.run_peer(sched, net, P.peer_start(sched, x_T, SCHEDULE, grid[0]))
 
     assert res.orders == their_orders
@@ -200,7 +179,7 @@ def test_dpmpp_3m_default_is_not_diffusers():
     P.set_timesteps(sched, 10)
     grid = P.our_grid(sched, SCHEDULE)
     x_T, res, _ = _ours("dpmpp_3m", grid, official_d2=False)
-    theirs = P.run_peer(sched, SigmaModel(_peer_sigma_of(sched)), P.peer_start(sched, x_T, SCHEDULE, grid[0]))
+    theirs = P.run_peer(sched, P.SigmaModel(MIXTURE, _peer_sigma_of(sched)), P.peer_start(sched, x_T, SCHEDULE, grid[0]))
     assert (res.samples - theirs).abs().max().item() > 100 * TOL_F32_STATE
 
 
