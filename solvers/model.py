@@ -105,26 +105,8 @@ class DiffusionModel:
         Raises:
             ValueError: the conversion is singular at t (e.g. ε-prediction where α = 0).
         """
-        s = self.schedule
-        alpha, sigma = float(s.alpha(t)), float(s.sigma(t))
-        p = self.prediction
-        if p == "x0":
-            return 0.0, 1.0
-        if p == "v":
-            return alpha, -sigma
-        if p == "velocity":
-            da, ds = float(s.d_alpha(t)), float(s.d_sigma(t))
-            den = ds * alpha - sigma * da
-            if den == 0:
-                raise ValueError(f"prediction 'velocity' cannot be converted to x0 at t={t} "
-                                 f"({type(s).__name__}: σ'α − σα' = 0)")
-            return ds / den, -sigma / den
-        if alpha == 0:
-            raise ValueError(f"prediction {p!r} cannot be converted to x0 at t={t}: α(t) = 0 on "
-                             f"{type(s).__name__}. Start the grid below t={t} or use a velocity/x0 model.")
-        if p == "eps":
-            return 1.0 / alpha, -sigma / alpha
-        return 1.0 / alpha, sigma * sigma / alpha  # score
+        a, b = self.conversion_at(torch.tensor([float(t)], dtype=torch.float64))
+        return float(a[0]), float(b[0])
 
     def raw(self, x: torch.Tensor, model_time: Union[float, torch.Tensor]) -> torch.Tensor:
         """One network call at a host-side model time (or a (batch,) tensor of them, one per sample); casts to
@@ -183,18 +165,21 @@ class DiffusionModel:
         p = self.prediction
         if p == "x0":
             return torch.zeros_like(t), torch.ones_like(t)
-        alpha, sigma = s.alpha(t), s.sigma(t)
+        alpha, sigma = torch.broadcast_to(s.alpha(t), t.shape), torch.broadcast_to(s.sigma(t), t.shape)
         if p == "v":
             return alpha, -sigma
         if p == "velocity":
             den = s.d_sigma(t) * alpha - sigma * s.d_alpha(t)
             if bool((den == 0).any()):
-                raise ValueError(f"prediction 'velocity' cannot be converted to x0 at t={t[den == 0].tolist()} "
+                bad = t[den == 0].tolist()
+                raise ValueError(f"prediction 'velocity' cannot be converted to x0 at t={bad[0] if len(bad) == 1 else bad} "
                                  f"({type(s).__name__}: σ'α − σα' = 0)")
             return s.d_sigma(t) / den, -sigma / den
         if bool((alpha == 0).any()):
-            raise ValueError(f"prediction {p!r} cannot be converted to x0 at t={t[alpha == 0].tolist()}: "
-                             f"α(t) = 0 on {type(s).__name__}")
+            bad = t[alpha == 0].tolist()
+            where = bad[0] if len(bad) == 1 else bad
+            raise ValueError(f"prediction {p!r} cannot be converted to x0 at t={where}: α(t) = 0 on "
+                             f"{type(s).__name__}. Start the grid below t={min(bad)} or use a velocity/x0 model.")
         if p == "eps":
             return 1.0 / alpha, -sigma / alpha
         return 1.0 / alpha, sigma * sigma / alpha  # score
