@@ -14,7 +14,6 @@ import html
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +22,7 @@ import torch
 
 import pretrained
 import solvers
+from bench.results import atomic_write_bytes
 
 
 def _label(schedule, t: float, phase: str) -> str:
@@ -127,11 +127,7 @@ def _write_html(gif: Path, path: Path, command: str, title: str) -> None:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body><h1>{html.escape(title)}</h1><img src='{html.escape(gif.name)}'/>"
             f"<p>Made by <code>{html.escape(command)}</code></p></body></html>")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, page.encode("utf-8"))
 
 
 def _reference_data(card, n: int) -> torch.Tensor:

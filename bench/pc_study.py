@@ -13,7 +13,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +21,7 @@ import torch
 import pretrained
 import solvers
 from bench.metrics import frechet_distance_features
+from bench.results import atomic_write_bytes
 
 RUNS = (("euler_maruyama", {}), ("pc", {"predictor": "euler_maruyama", "corrector_steps": 1, "snr": 0.3}))
 
@@ -77,13 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         lines.append(f"| {r['solver']} | {r['steps'] or '—'} | {r['nfe'] or '—'} | {r['xent_excess']:+.4f} | "
                      f"{r['fd_data']:.4f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode("utf-8"))
     print("\n".join(lines))
     return 0
 
