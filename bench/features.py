@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pretrained.checkpoints import file_digest
 
 __all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor", "extract_features",
            "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "EXTRACTORS", "RESNET20_WEIGHTS",
@@ -84,14 +85,6 @@ class ResNet20(nn.Module):
         return pooled, self.linear(pooled)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_resnet20(path: Optional[os.PathLike] = None) -> ResNet20:
     """The pretrained ResNet-20 from ``path`` (default: the shared asset), checksum verified.
 
@@ -104,7 +97,7 @@ def load_resnet20(path: Optional[os.PathLike] = None) -> ResNet20:
             f"the ResNet-20 weights are not at {path}; they come with ../shared/assets/resnet20_cifar/ "
             "(file resnet20-12fca82f.th from akamaster/pytorch_resnet_cifar10); pass another path with "
             "--resnet20-weights")
-    if path == RESNET20_WEIGHTS and _sha256(path) != RESNET20_SHA256:
+    if path == RESNET20_WEIGHTS and file_digest(path, "sha256") != RESNET20_SHA256:
         raise OfflineFeatureExtractorError(f"{path} does not have the expected sha256 {RESNET20_SHA256}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
