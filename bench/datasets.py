@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pretrained.checkpoints import ASSETS
+
 from .features import UInt8Images, extract_features
 from .metrics import gaussian_statistics
 from .results import atomic_write_bytes
@@ -30,7 +32,6 @@ from .results import atomic_write_bytes
 __all__ = ["read_idx_images", "mnist_test_images", "reference_dataset", "reference_statistics",
            "default_cache_dir", "ReferenceDataError", "REFERENCE_DATASETS", "MNIST_DIR"]
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 MNIST_DIR = ASSETS / "mnist"
 REFERENCE_DATASETS = ("mnist-test", "cifar10-train")
 # Full sizes, known up front so that cached statistics are found without opening (or downloading) the data.

@@ -22,13 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrained.checkpoints import file_digest
+from pretrained.checkpoints import ASSETS, file_digest
 
 __all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor", "extract_features",
            "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "EXTRACTORS", "RESNET20_WEIGHTS",
            "RESNET20_SHA256"]
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"
 RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
 

@@ -38,8 +38,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import solvers
+from pretrained.checkpoints import ASSETS
 from solvers.base import points_at
-from solvers.noise import SeedStreams
+from solvers.noise import PhiloxStreams, SeedStreams
 
 from . import _peers as P
 from .results import _cpu_name, atomic_write_text, git_commit
@@ -48,7 +49,6 @@ __all__ = ["OVERHEAD_METHODS", "Measurement", "overhead_runners", "measure_inter
            "setup_costs", "run_e2e", "profile_unet", "load_cifar_unet", "main"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = PROJECT_ROOT.parent / "shared" / "assets"
 UNET_CONFIG = ASSETS / "ddpm_cifar10_32" / "unet_config.json"
 SAMPLE_SHAPE = (3, 32, 32)
 
@@ -80,6 +80,11 @@ class Measurement:
         return (self.wall - self.network) / self.calls
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def _timed_attribute(owner, name: str, acc: list):
     """Within the block, calls of ``owner.name`` add their seconds to acc[0] and count in acc[1]."""
@@ -101,7 +106,7 @@ def _timed_attribute(owner, name: str, acc: list):
 
 
 def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivial_network,
-                     shape: Sequence[int] = SAMPLE_SHAPE
+                     shape: Sequence[int] = SAMPLE_SHAPE, device: str = "cpu", rng: str = "torch"
                      ) -> tuple[Callable[[], Measurement], Callable[[], Measurement]]:
     """Two callables that each run one full sampling call of method ``key`` and time it: (ours, diffusers').
 
@@ -109,10 +114,14 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
         key: a key of :data:`bench._peers.PEERS` (our solver and the diffusers scheduler of the same method).
         batch, steps, shape: the problem: ``steps`` solver steps on (batch, *shape) float32 samples.
         network: the network both call.
+        device: where the samples live; on CUDA the device is synchronised before and after each call, and
+            the network's time is the host time of launching it.
+        rng: our per-sample noise generator (``solvers.sample``'s ``rng``).
     """
     diffusers = P.import_diffusers()
     spec = P.PEERS[key]
-    x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
+    dev = torch.device(device)
+    x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0)).to(dev)
     seeds = list(range(batch))
 
     ours_fn = P.TimedFn(network)
@@ -124,9 +133,12 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
     def ours() -> Measurement:
         ours_fn.calls, ours_fn.seconds = 0, 0.0
         noise = [0.0, 0]
-        with _timed_attribute(SeedStreams, "randn", noise):
+        with _timed_attribute(PhiloxStreams if rng == "philox" else SeedStreams, "randn", noise):
+            _sync(dev)
             t0 = time.perf_counter()
-            solvers.sample(model, x, spec.solver, steps=steps, spacing=spacing, seeds=seeds, **spec.options)
+            solvers.sample(model, x, spec.solver, steps=steps, spacing=spacing, seeds=seeds, rng=rng,
+                           **spec.options)
+            _sync(dev)
             wall = time.perf_counter() - t0
         return Measurement(wall, ours_fn.seconds, ours_fn.calls, noise[0], noise[1])
 
@@ -134,7 +146,7 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
     theirs_fn = P.TimedFn(network)
     stochastic = spec.solver == "ddpm" or spec.options.get("eta", 0) > 0
 
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=dev)
     start = x * sched.init_noise_sigma  # the pipelines' first line; not part of the loop timed below
 
     module = sys.modules[type(sched).__module__]
@@ -145,9 +157,11 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
         noise = [0.0, 0]
         draws_noise = hasattr(module, "randn_tensor")  # the deterministic schedulers' modules lack it
         with _timed_attribute(module, "randn_tensor", noise) if draws_noise else contextlib.nullcontext():
+            _sync(dev)
             t0 = time.perf_counter()
-            sched.set_timesteps(steps)
+            sched.set_timesteps(steps, device=dev)
             P.run_peer(sched, theirs_fn, start, generator=generator, step_kwargs=spec.step_kwargs)
+            _sync(dev)
             wall = time.perf_counter() - t0
         return Measurement(wall, theirs_fn.seconds, theirs_fn.calls, noise[0], noise[1])
 
@@ -169,7 +183,8 @@ def measure_interleaved(runners: dict[str, Callable[[], Measurement]], repeats: 
 
 
 def run_overhead(methods: Sequence[str] = OVERHEAD_METHODS, batches: Sequence[int] = (1, 64, 1024), steps: int = 20,
-                 repeats: int = 9, shape: Sequence[int] = SAMPLE_SHAPE, progress: bool = True) -> list[dict]:
+                 repeats: int = 9, shape: Sequence[int] = SAMPLE_SHAPE, progress: bool = True,
+                 device: str = "cpu", rng: str = "torch") -> list[dict]:
     """The overhead table's rows: per method and batch, median µs per model call outside the network.
 
     For the stochastic methods the time spent drawing noise inside each loop is also subtracted, which gives
@@ -180,7 +195,8 @@ def run_overhead(methods: Sequence[str] = OVERHEAD_METHODS, batches: Sequence[in
         if key not in P.PEERS:
             raise ValueError(f"unknown method {key!r}; valid: {', '.join(P.PEERS)}")
         for batch in batches:
-            runners = dict(zip(("ours", "theirs"), overhead_runners(key, batch, steps, shape=shape)))
+            runners = dict(zip(("ours", "theirs"), overhead_runners(key, batch, steps, shape=shape,
+                                                                                 device=device, rng=rng)))
             res = measure_interleaved(runners, repeats)
             o = statistics.median(m.overhead_per_call for m in res["ours"])
             t = statistics.median(m.overhead_per_call for m in res["theirs"])
@@ -247,129 +263,258 @@ def load_cifar_unet(config_path: os.PathLike = UNET_CONFIG, seed: int = 0, overr
 
 
 def _unet_fn(unet, bf16_channels_last: bool = False) -> Callable:
-    """``fn(x, t) = unet(x, t).sample``; optionally under bf16 autocast with channels_last input."""
+    """``fn(x, t) = unet(x, t).sample``; optionally under bf16 autocast with channels_last input (output float32)."""
+    fn = lambda x, t: unet(x, t).sample  # noqa: E731
     if not bf16_channels_last:
-        return lambda x, t: unet(x, t).sample
+        return fn
+    return solvers.FastNetwork(fn, autocast="bf16", channels_last=True)
 
-    def fn(x, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = unet(x.contiguous(memory_format=torch.channels_last), t).sample
-        return out.float()  # the solver state stays float32
 
-    return fn
+@dataclass(frozen=True)
+class E2EVariant:
+    """One way of running a whole sampling call in the e2e benchmark.
+
+    ``loop``: "ours" (``solvers.sample``), "diffusers" (the stock scheduler's pipeline loop) or "network" (the
+    network alone, NFE calls with nothing else: the floor any sampler can reach with this network call).
+    The other fields are :func:`solvers.accelerate`'s options for the network call.
+    """
+
+    loop: str
+    autocast: Optional[str] = None
+    channels_last: bool = False
+    compile: "bool | str" = False
+    cuda_graph: bool = False
+
+    @property
+    def network_key(self) -> tuple:
+        return (self.autocast, self.channels_last, self.compile, self.cuda_graph)
+
+
+E2E_VARIANTS = {
+    "diffusers": E2EVariant("diffusers"),
+    "ours": E2EVariant("ours"),
+    "network alone": E2EVariant("network"),
+    "diffusers bf16+CL": E2EVariant("diffusers", "bf16", True),
+    "ours bf16+CL": E2EVariant("ours", "bf16", True),
+    "ours bf16": E2EVariant("ours", "bf16"),
+    "network alone bf16+CL": E2EVariant("network", "bf16", True),
+    "ours graph": E2EVariant("ours", cuda_graph=True),
+    "network alone graph": E2EVariant("network", cuda_graph=True),
+    "ours bf16+CL graph": E2EVariant("ours", "bf16", True, cuda_graph=True),
+    "network alone bf16+CL graph": E2EVariant("network", "bf16", True, cuda_graph=True),
+    "ours compile+graph": E2EVariant("ours", compile="default", cuda_graph=True),
+    "network alone compile+graph": E2EVariant("network", compile="default", cuda_graph=True),
+    "ours bf16 compile+graph": E2EVariant("ours", "bf16", compile="default", cuda_graph=True),
+    "ours bf16+CL compile": E2EVariant("ours", "bf16", True, compile="default"),
+    "ours bf16+CL compile+graph": E2EVariant("ours", "bf16", True, compile="default", cuda_graph=True),
+    "network alone bf16+CL compile+graph": E2EVariant("network", "bf16", True, compile="default", cuda_graph=True),
+}
+E2E_DEFAULTS = {"cpu": ("ours", "diffusers", "ours bf16+CL"),
+                "cuda": ("diffusers", "ours", "network alone", "diffusers bf16+CL", "ours bf16+CL",
+                         "network alone bf16+CL", "ours graph", "network alone graph", "ours bf16+CL graph",
+                         "network alone bf16+CL graph", "ours bf16+CL compile+graph",
+                         "network alone bf16+CL compile+graph")}
 
 
 def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[int] = (10, 50), batch: int = 2,
-            repeats: int = 1, unet=None, bf16: bool = True, progress: bool = True) -> list[dict]:
-    """Samples per second of whole sampling calls on the UNet: ours, diffusers', ours with bf16 autocast.
+            repeats: int = 1, unet=None, bf16: bool = True, progress: bool = True, device: str = "cpu",
+            variants: Optional[Sequence[str]] = None) -> list[dict]:
+    """Samples per second of whole sampling calls on the UNet, per variant (:data:`E2E_VARIANTS`).
 
     Every variant samples ``batch`` images in one call of ``nfe`` model calls (= steps for these solvers);
-    the variants of one (solver, NFE) run interleaved in one process.
+    the variants of one (solver, NFE) run interleaved in one process, the device synchronised before and after
+    each call.  ``variants`` defaults to :data:`E2E_DEFAULTS` for the device type (``bf16=False`` drops the
+    bf16 ones).  Each variant's network call is set up (kernels chosen, compiled, graphs captured) before any
+    timing.
+
+    Raises:
+        ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
     """
+    import copy
+
     diffusers = P.import_diffusers()
-    unet = load_cifar_unet() if unet is None else unet
+    dev = torch.device(device)
+    names = list(variants or E2E_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
+    if not bf16:
+        names = [n for n in names if E2E_VARIANTS.get(n, E2EVariant("?")).autocast is None]
+    unknown = [n for n in names if n not in E2E_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown e2e variant(s) {', '.join(unknown)}; valid: {', '.join(E2E_VARIANTS)}")
+    if dev.type != "cuda" and any(E2E_VARIANTS[n].cuda_graph for n in names):
+        raise ValueError("CUDA-graph variants need --device cuda")
+    unet = (load_cifar_unet() if unet is None else unet).to(dev)
     unet_cl = None
-    if bf16:
-        import copy
+    if any(E2E_VARIANTS[n].channels_last for n in names):
         unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
-    rows = []
-    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0))
-    # One forward of each network variant first: the first call of a shape sets up its kernels (oneDNN
-    # primitives for bf16) and would otherwise be charged to whichever variant happens to run first.
+    networks: dict = {}
+    for n in names:
+        v = E2E_VARIANTS[n]
+        if v.network_key not in networks:
+            base = unet_cl if v.channels_last else unet
+            networks[v.network_key] = solvers.FastNetwork(
+                lambda x, t, base=base: base(x, t).sample, autocast=v.autocast, channels_last=v.channels_last,
+                compile=v.compile, cuda_graph=v.cuda_graph)
+    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
+    t_batch = torch.full((batch,), 500.0, device=dev)
+    # One forward of each network variant first (twice for graphs: capture, then a replay): the first call of a
+    # shape sets up its kernels (oneDNN primitives, cuDNN algorithms), compiles, or captures the graph, and would
+    # otherwise be charged to whichever variant happens to run first.
+    setup_s = {}
+    peer_keys = {E2E_VARIANTS[n].network_key for n in names if E2E_VARIANTS[n].loop == "diffusers"}
     with torch.no_grad():
-        for fn in [_unet_fn(unet)] + ([_unet_fn(unet_cl, True)] if bf16 else []):
-            fn(x, torch.full((batch,), 500.0))
+        for key, fn in networks.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn(x, t_batch)
+            # diffusers' loop passes a 0-dim t; graphs replay the (batch,) one again
+            fn(x, torch.tensor(500.0, device=dev) if key in peer_keys else t_batch)
+            _sync(dev)
+            setup_s[key] = time.perf_counter() - t0
+    rows = []
     for key in solver_keys:
         spec = P.PEERS[key]
         spacing = _SPACING.get(spec.solver, "logsnr")
         for nfe in nfes:
             runners = {}
-            for variant, fn in [("ours", _unet_fn(unet)), ("diffusers", None)] + (
-                    [("ours bf16+channels_last", _unet_fn(unet_cl, True))] if bf16 else []):
-                if fn is not None:
-                    timed = P.TimedFn(fn)
-                    model = solvers.DiffusionModel(timed, schedule=P.linear_schedule(), prediction="eps")
+            for name in names:
+                v = E2E_VARIANTS[name]
+                fn = networks[v.network_key]
+                if v.loop == "ours":
+                    model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
 
-                    def run(model=model, timed=timed):
-                        timed.calls, timed.seconds = 0, 0.0
+                    def run(model=model):
+                        _sync(dev)
                         t0 = time.perf_counter()
-                        with torch.no_grad():
-                            solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
-                        return Measurement(time.perf_counter() - t0, timed.seconds, timed.calls)
+                        res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
+                        _sync(dev)
+                        return Measurement(time.perf_counter() - t0, float("nan"), res.nfe)
+                elif v.loop == "network":
+                    def run(fn=fn):
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        for _ in range(nfe):
+                            fn(x, t_batch)
+                        _sync(dev)
+                        return Measurement(time.perf_counter() - t0, float("nan"), nfe)
                 else:
                     sched = getattr(diffusers, spec.scheduler)(**spec.config)
-                    timed = P.TimedFn(_unet_fn(unet))
+                    timed = P.TimedFn(fn)
 
                     def run(sched=sched, timed=timed):
-                        timed.calls, timed.seconds = 0, 0.0
+                        timed.calls = 0
+                        _sync(dev)
                         t0 = time.perf_counter()
-                        with torch.no_grad():
-                            sched.set_timesteps(nfe)
-                            P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
-                        return Measurement(time.perf_counter() - t0, timed.seconds, timed.calls)
-                runners[variant] = run
-            res = measure_interleaved(runners, repeats, warmup=0)
-            base = statistics.median(m.wall for m in res["diffusers"])
-            for variant, ms in res.items():
-                wall = statistics.median(m.wall for m in ms)
-                row = {"method": spec.label, "nfe": nfe, "variant": variant, "batch": batch, "calls": ms[0].calls,
-                       "wall_s": wall, "samples_per_s": batch / wall, "vs_diffusers": base / wall,
-                       "network_s_per_call": statistics.median(m.network / m.calls for m in ms),
-                       "outside_network_ms_per_call": statistics.median(
-                           (m.wall - m.network) / m.calls for m in ms) * 1e3}
+                        sched.set_timesteps(nfe, device=dev)
+                        P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
+                        _sync(dev)
+                        return Measurement(time.perf_counter() - t0, float("nan"), timed.calls)
+                runners[name] = run
+            with torch.no_grad():
+                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" else 0)
+            walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
+            base = walls.get("diffusers")
+            for name, ms in res.items():
+                v = E2E_VARIANTS[name]
+                floor = next((walls[n] for n in walls if E2E_VARIANTS[n].loop == "network"
+                              and E2E_VARIANTS[n].network_key == v.network_key), None)
+                wall = walls[name]
+                row = {"method": spec.label, "nfe": nfe, "variant": name, "batch": batch, "calls": ms[0].calls,
+                       "wall_s": wall, "samples_per_s": batch / wall,
+                       "vs_diffusers": base / wall if base else float("nan"),
+                       "ms_per_call": wall / ms[0].calls * 1e3,
+                       "vs_network_alone": wall / floor if floor and v.loop != "network" else float("nan"),
+                       "setup_s": setup_s[v.network_key], "device": str(dev)}
                 rows.append(row)
                 if progress:
-                    print(f"  {spec.label:<12} NFE {nfe:<3} {variant:<26} {row['samples_per_s']:.4f} samples/s "
-                          f"({wall:.1f} s)", file=sys.stderr)
+                    print(f"  {spec.label:<12} NFE {nfe:<3} {name:<36} {row['samples_per_s']:10.2f} samples/s "
+                          f"({wall * 1e3:.1f} ms)", file=sys.stderr)
     return rows
 
 
-def profile_unet(batch: int = 2, top: int = 6, unet=None) -> list[dict]:
-    """Where one UNet forward spends its time, float32 vs bf16 autocast + channels_last (torch.profiler).
+PROFILE_VARIANTS = {"float32": (None, False), "bf16": ("bf16", False), "bf16+channels_last": ("bf16", True)}
+
+
+def profile_unet(batch: int = 2, top: int = 6, unet=None, device: str = "cpu",
+                 variants: Sequence[str] = ("float32", "bf16+channels_last")) -> list[dict]:
+    """Where one UNet forward spends its time, per variant of :data:`PROFILE_VARIANTS` (torch.profiler).
+
+    On the CPU operators are ranked by self CPU time; on CUDA by the device time of the kernels each ``aten::``
+    operator launches itself (``self_device_time_total``), and ``device_ms`` is that summed over all of them
+    (the GPU's busy time, to set against the forward's wall time).
 
     Returns:
-        One row per (variant, operator) for the ``top`` operators by self CPU time, plus each variant's wall
-        time of the profiled forward.
+        One row per (variant, operator) for the ``top`` operators, with the variant's wall time of the profiled
+        forward (``forward_ms``; includes the profiler's own cost) and ``device_ms`` (CUDA only, else NaN).
     """
     import copy
 
     from torch.profiler import ProfilerActivity, profile
 
-    unet = load_cifar_unet() if unet is None else unet
-    variants = {"float32": _unet_fn(unet),
-                "bf16+channels_last": _unet_fn(copy.deepcopy(unet).to(memory_format=torch.channels_last), True)}
-    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0))
-    t = torch.full((batch,), 500.0)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    unet = (load_cifar_unet() if unet is None else unet).to(dev)
+    fns = {}
+    for name in variants:
+        autocast, cl = PROFILE_VARIANTS[name]
+        net = copy.deepcopy(unet).to(memory_format=torch.channels_last) if cl else unet
+        fns[name] = solvers.FastNetwork(lambda x, t, net=net: net(x, t).sample, autocast=autocast, channels_last=cl)
+    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
+    t = torch.full((batch,), 500.0, device=dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     rows = []
     with torch.no_grad():
-        for fn in variants.values():
+        for fn in fns.values():
             fn(x, t)  # set the kernels up before profiling
-        for name, fn in variants.items():
+            fn(x, t)
+        for name, fn in fns.items():
+            _sync(dev)
             t0 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 fn(x, t)
+                _sync(dev)
             wall = time.perf_counter() - t0
-            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-            rows += [{"variant": name, "op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
-                      "forward_ms": wall * 1e3} for e in events]
+            events = list(prof.key_averages())
+            if cuda:
+                ops = [e for e in events if e.key.startswith("aten::")]
+                dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))  # noqa: E731
+                device_ms = sum(dev_time(e) for e in ops) / 1e3
+                ranked = sorted(ops, key=dev_time, reverse=True)[:top]
+                rows += [{"variant": name, "op": e.key, "self_ms": dev_time(e) / 1e3, "calls": e.count,
+                          "forward_ms": wall * 1e3, "device_ms": device_ms} for e in ranked]
+            else:
+                ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+                rows += [{"variant": name, "op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
+                          "forward_ms": wall * 1e3, "device_ms": float("nan")} for e in ranked]
     return rows
 
 
 # -- reports -----------------------------------------------------------------------------------------------
-def _machine() -> str:
+def _machine(device: str = "cpu") -> str:
     import diffusers
 
     commit, dirty = git_commit()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"Machine: {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        gpu = (f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, cuDNN "
+               f"{torch.backends.cudnn.version()}, TF32 for cuDNN convolutions "
+               f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}, for matmul "
+               f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} — torch's defaults).  ")
+    return (f"{gpu}Machine: {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
             f"load average at the end {load}.  Python {platform.python_version()}, torch {torch.__version__}, "
             f"diffusers {diffusers.__version__}, solvers {solvers.__version__}, git {commit or '?'}"
             f"{' (uncommitted changes)' if dirty else ''}.")
 
 
-def format_overhead(rows: list[dict], setup: list[dict], command: str) -> str:
+def format_overhead(rows: list[dict], setup: list[dict], command: str, device: str = "cpu",
+                    rng: str = "torch") -> str:
     """The overhead report as markdown."""
-    lines = [f"Command: `{command}`", "", _machine(), "",
+    where = ("" if torch.device(device).type != "cuda" else
+             f"Samples on {device}; each call synchronises the device before and after; the network's time "
+             "(subtracted) is the host time of launching its one kernel.  ")
+    if rng != "torch":
+        where += f"Our stochastic solvers draw their noise with rng={rng!r} (solvers.noise).  "
+    lines = [f"Command: `{command}`", "", _machine(device), "", where +
              "Solver overhead per model call (µs, median; network time excluded).  For the stochastic methods "
              "the last column also excludes the time spent drawing noise inside the loops (in brackets: noise µs "
              "per model call, ours / diffusers with one generator):", "",
@@ -393,27 +538,38 @@ def format_overhead(rows: list[dict], setup: list[dict], command: str) -> str:
 
 def format_e2e(rows: list[dict], command: str, batch: int, repeats: int) -> str:
     """The end-to-end report as markdown."""
-    lines = [f"Command: `{command}`", "", _machine(), "",
-             f"DDPM CIFAR-10 UNet (35.7 M parameters, random weights), batch {batch}, median of {repeats} "
-             "interleaved call(s) per variant:", "",
-             "| method | NFE | variant | samples/s | seconds per sampling call | vs diffusers | network s per model "
-             "call | outside the network, ms per model call |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    dev = rows[0]["device"] if rows else "cpu"
+    lines = [f"Command: `{command}`", "", _machine(dev), "",
+             f"DDPM CIFAR-10 UNet (35.7 M parameters, random weights), batch {batch}, on {dev}; median of "
+             f"{repeats} interleaved call(s) per variant.  *vs diffusers*: diffusers' float32 loop's time / this "
+             "variant's; *vs network alone*: this variant's time / NFE calls of the same network call with "
+             "nothing else (1.00 = no overhead at all).  CL = channels-last; graph = CUDA-graph replay of the "
+             "network call; compile = torch.compile (default mode).", "",
+             "| method | NFE | variant | samples/s | ms per sampling call | ms per model call | vs diffusers | "
+             "vs network alone | set-up s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['variant']} | {r['samples_per_s']:.4f} | {r['wall_s']:.2f} | "
-                     f"{r['vs_diffusers']:.3f}× | {r['network_s_per_call']:.3f} | "
-                     f"{r['outside_network_ms_per_call']:.2f} |")
+        vs_net = "–" if r["vs_network_alone"] != r["vs_network_alone"] else f"{r['vs_network_alone']:.3f}"
+        vs_d = "–" if r["vs_diffusers"] != r["vs_diffusers"] else f"{r['vs_diffusers']:.3f}×"
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['variant']} | {r['samples_per_s']:.2f} | "
+                     f"{r['wall_s'] * 1e3:.1f} | {r['ms_per_call']:.2f} | {vs_d} | {vs_net} | {r['setup_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def format_profile(rows: list[dict], command: str, batch: int) -> str:
+def format_profile(rows: list[dict], command: str, batch: int, device: str = "cpu") -> str:
     """The UNet profile as markdown."""
-    lines = [f"Command: `{command}`", "", _machine(), "",
-             f"One forward of the DDPM CIFAR-10 UNet at batch {batch} (profiled; the forward's wall time includes "
-             "the profiler's):", "", "| variant | forward ms | operator | self CPU ms | calls |",
-             "|---|---:|---|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['forward_ms']:.0f} | `{r['op']}` | {r['self_ms']:.1f} | {r['calls']} |"
-              for r in rows]
+    cuda = torch.device(device).type == "cuda"
+    what = ("device ms (kernels the operator launches itself)" if cuda else "self CPU ms")
+    lines = [f"Command: `{command}`", "", _machine(device), "",
+             f"One forward of the DDPM CIFAR-10 UNet at batch {batch} on {device} (profiled; the forward's wall "
+             "time includes the profiler's" + ("; *GPU busy* = the device time of every aten operator's kernels"
+                                                 if cuda else "") + "):", "",
+             f"| variant | forward ms |{' GPU busy ms |' if cuda else ''} operator | {what} | calls |",
+             f"|---|---:|{'---:|' if cuda else ''}---|---:|---:|"]
+    for r in rows:
+        busy = f" {r['device_ms']:.1f} |" if cuda else ""
+        lines.append(f"| {r['variant']} | {r['forward_ms']:.1f} |{busy} `{r['op']}` | {r['self_ms']:.2f} | "
+                     f"{r['calls']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -439,25 +595,71 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ov.add_argument("--repeats", type=int, default=9)
     ov.add_argument("--setup-steps", type=_ints, default=[20, 1000])
     ov.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ov.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ov.add_argument("--rng", default="torch", choices=("torch", "philox"),
+                    help="our stochastic solvers' noise generator (default torch: per-sample CPU generators)")
     ov.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_overhead.md"))
     e2e = sub.add_parser("e2e", help="samples/s on the DDPM CIFAR-10 UNet (random weights)")
     e2e.add_argument("--solvers", default="ddim,dpmpp_2m")
     e2e.add_argument("--nfe", type=_ints, default=[10, 50])
     e2e.add_argument("--batch", type=int, default=2)
     e2e.add_argument("--repeats", type=int, default=1)
-    e2e.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast + channels_last variant")
+    e2e.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast + channels_last variants")
+    e2e.add_argument("--variants", default=None,
+                     help="comma-separated variants (default: per device type — cpu: "
+                          f"{', '.join(E2E_DEFAULTS['cpu'])}; cuda: all but 'ours bf16+CL compile'); valid: "
+                          f"{', '.join(E2E_VARIANTS)}")
+    e2e.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     e2e.add_argument("--threads", type=int, default=1,
                      help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on the busy core)")
     e2e.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_e2e.md"))
     prof = sub.add_parser("unet-profile", help="operator profile of one UNet forward, float32 vs bf16")
     prof.add_argument("--batch", type=int, default=2)
+    prof.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    prof.add_argument("--variants", default="float32,bf16+channels_last",
+                      help=f"comma-separated; valid: {', '.join(PROFILE_VARIANTS)}")
+    prof.add_argument("--top", type=int, default=6, help="operators listed per variant")
     prof.add_argument("--threads", type=int, default=1)
     prof.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_unet_profile.md"))
+    sc = sub.add_parser("scaling", help="time vs samples and steps; sampling vs feature extraction share")
+    sc.add_argument("--model", default="ddpm_mnist",
+                    help="an image model card, or 'unet-random' (the DDPM CIFAR-10 UNet, random weights)")
+    sc.add_argument("--samples", type=_ints, default=[100, 200, 400, 800])
+    sc.add_argument("--steps", type=_ints, default=[5, 10, 20, 40])
+    sc.add_argument("--steps-samples", type=int, default=None,
+                    help="samples for the steps sweep (default: the first of --samples)")
+    sc.add_argument("--fixed-steps", type=int, default=10, help="steps of the samples sweep (default 10)")
+    sc.add_argument("--solver", default="ddim")
+    sc.add_argument("--batch", type=int, default=100)
+    sc.add_argument("--metric", default="fd_resnet20", choices=("fd_resnet20", "fid"))
+    sc.add_argument("--inception-random", action="store_true",
+                    help="fid: Inception-v3 with random weights (timing only; no download)")
+    sc.add_argument("--autocast", default=None, choices=("bf16", "fp16"))
+    sc.add_argument("--cuda-graph", action="store_true")
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--threads", type=int, default=1)
+    sc.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_scaling.md"))
+    qu = sub.add_parser("quality", help="quality cost of bf16 autocast (ddpm_mnist FD, fm_gmm2d error)")
+    qu.add_argument("--steps", type=_ints, default=[10, 50])
+    qu.add_argument("--solvers", default="ddim,dpmpp_2m")
+    qu.add_argument("--mnist-samples", type=int, default=1000)
+    qu.add_argument("--gmm-samples", type=int, default=2000)
+    qu.add_argument("--autocast", default="bf16", choices=("bf16", "fp16"))
+    qu.add_argument("--device", default="cpu")
+    qu.add_argument("--threads", type=int, default=1)
+    qu.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_quality.md"))
     args = parser.parse_args(argv)
 
-    for name in ("steps", "repeats", "batch", "threads"):
-        if getattr(args, name, 1) < 1:
+    for name in ("steps", "repeats", "batch", "threads", "fixed_steps", "mnist_samples", "gmm_samples"):
+        value = getattr(args, name, 1)
+        if isinstance(value, int) and value < 1:
             parser.error(f"--{name} must be a positive integer")
+    device = getattr(args, "device", "cpu")
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
+    except RuntimeError as e:
+        parser.error(f"--device {device!r} is not a torch device ({e}); use cpu or cuda[:N]")
     torch.set_num_threads(args.threads)
     command = "python -m bench.perf " + " ".join(sys.argv[1:] if argv is None else argv)
     with torch.no_grad():
@@ -466,16 +668,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unknown = [m for m in methods if m not in P.PEERS]
             if unknown:
                 parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            rows = run_overhead(methods, args.batches, args.steps, args.repeats)
-            text = format_overhead(rows, setup_costs(args.setup_steps), command)
+            rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng)
+            text = format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
+        elif args.command == "scaling":
+            from . import perf_studies as S
+            res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
+                                args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
+                                args.autocast, args.cuda_graph)
+            text = S.format_scaling(res, command, _machine(args.device))
+        elif args.command == "quality":
+            from . import perf_studies as S
+            rows = S.run_quality(args.steps, [v.strip() for v in args.solvers.split(",") if v.strip()],
+                                 args.mnist_samples, args.gmm_samples, args.device, args.autocast)
+            text = S.format_quality(rows, command, _machine(args.device), args.autocast)
         elif args.command == "unet-profile":
-            text = format_profile(profile_unet(args.batch), command, args.batch)
+            names = [v.strip() for v in args.variants.split(",") if v.strip()]
+            bad = [v for v in names if v not in PROFILE_VARIANTS]
+            if bad:
+                parser.error(f"unknown profile variant(s) {', '.join(bad)}; valid: {', '.join(PROFILE_VARIANTS)}")
+            text = format_profile(profile_unet(args.batch, args.top, device=args.device, variants=names), command,
+                                  args.batch, args.device)
         else:
             keys = [m.strip() for m in args.solvers.split(",") if m.strip()]
             unknown = [m for m in keys if m not in P.PEERS]
             if unknown:
                 parser.error(f"unknown solver key(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16)
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+            try:
+                rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16, device=args.device,
+                               variants=variants)
+            except ValueError as e:
+                parser.error(str(e))
             text = format_e2e(rows, command, args.batch, args.repeats)
     atomic_write_text(args.out, text)
     print(text)

@@ -199,6 +199,12 @@ def _load_preview(out_dir: Path, name: str):
         return z["data"], str(z["kind"])
 
 
+def _setting(row, name: str, default: str) -> str:
+    """A run setting of a results row; files written before the setting existed hold its default."""
+    value = row.get(name, default)
+    return value if isinstance(value, str) and value else default
+
+
 def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``figures/`` in ``out_dir`` from its results.
 
@@ -237,6 +243,8 @@ def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
     ok = df[df["status"] == "ok"]
     doc.p(f"{len(df)} cells ({len(ok)} ok, {len(df) - len(ok)} failed), {n:,} samples per cell, seed "
           f"{int(first['seed'])}, {first['dtype']} on {first['device_name']} "
+          f"(batch {int(first['batch_size'])}; network call: {_setting(first, 'network', 'eager')}; noise: "
+          f"{_setting(first, 'rng', 'torch')} generators) "
           f"({first['device']}{', ' + str(int(first['world_size'])) + ' processes' if int(first['world_size']) > 1 else ''})."
           " Every cell starts sample j from the same per-sample seed; timing excludes a warm-up batch and "
           "synchronises the device; NFE is the number of model calls the library counted per sample.")

@@ -32,7 +32,9 @@ RESULTS_PARQUET = "results.parquet"
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
 RUN_SETTING_COLUMNS = ("model", "model_options", "num_samples", "seed", "metrics", "dtype", "device_type",
-                       "reference_size")
+                       "reference_size", "network", "rng")
+# Settings added after the first results files were written: a file without the column was made with this value.
+RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +105,8 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
     diffs = []
     for k in RUN_SETTING_COLUMNS:
         if k not in existing.columns:
+            if k in RUN_SETTING_DEFAULTS and _normalise(settings.get(k)) == RUN_SETTING_DEFAULTS[k]:
+                continue
             diffs.append(f"{k}: (missing in the file) vs {settings.get(k)!r}")
             continue
         old = sorted({str(_normalise(v)) for v in existing[k].tolist()})

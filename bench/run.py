@@ -33,6 +33,7 @@ import solvers
 from solvers import schedules
 
 from . import metrics as M
+from .autobatch import parse_batch_size
 from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
                       atomic_write_text, cell_key, check_run_settings, command_line, environment, load_results,
                       save_results, upsert_row)
@@ -190,7 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "variable, ../shared/assets, the cache, then a verified download)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="samples per cell (default: the model card's, e.g. 2000 for gmm2d)")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the model card's)")
+    p.add_argument("--batch-size", default=None, metavar="N|auto",
+                   help="samples per batch (default: the model card's); 'auto': on CUDA the largest batch that "
+                        "fits in memory, on the CPU the batch where samples/s stops improving (bench.autobatch)")
+    p.add_argument("--autocast", default=None, choices=("bf16", "fp16"),
+                   help="run the network under torch.autocast in this dtype (the solver state keeps --dtype); "
+                        "changes the samples (network rounding), so it is a run setting")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory order for image networks (input and the module's weights)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the network call (MODE: default, max-autotune, "
+                        "max-autotune-no-cudagraphs, reduce-overhead; compile time is spent in the warm-up)")
+    p.add_argument("--rng", default="torch", choices=solvers.noise.RNGS,
+                   help="per-sample noise generator for x_T and the stochastic solvers: torch (default; CPU "
+                        "generators, the same bits on every device) or philox (counter-based, on the device: "
+                        "cheaper on a GPU at large batches); changes the samples, so it is a run setting")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the network call in CUDA graphs (one per batch shape; CUDA only)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu); under torchrun each rank uses "
                         "cuda:LOCAL_RANK")
@@ -327,6 +344,13 @@ def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: 
                               deterministic=not slv.is_stochastic,
                               key=cell_key(card.name, spec.name, options, n, sp, t_start)))
     return cells
+
+
+def network_setting(args) -> str:
+    """How the network is called, as one string ("eager", or e.g. "autocast=bf16,channels_last,compile=default")."""
+    parts = ([f"autocast={args.autocast}"] if args.autocast else []) + (["channels_last"] if args.channels_last else []) \
+        + ([f"compile={args.compile}"] if args.compile else []) + (["cuda_graph"] if args.cuda_graph else [])
+    return ",".join(parts) or "eager"
 
 
 def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
@@ -531,18 +555,19 @@ def _sample_cell(cell: Cell, model, card, args, device: str, dtype: torch.dtype,
     shape = tuple(card.sample_shape)
     batches = [(i, min(i + args.batch_size, stop)) for i in range(start, stop, args.batch_size)]
     sample_kw = dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=dtype,
-                     on_nonfinite="raise", **cell.options)
+                     on_nonfinite="raise", rng=args.rng, **cell.options)
     schedule = model.schedule
     warmup = 0.0
-    if batches:
-        # Warm-up (excluded): one batch of the real batch shape through a short grid of the same solver, so that
-        # lazy initialisation, kernel selection and allocator growth are not charged to the first cell.
-        b0, b1 = batches[0]
+    # Warm-up (excluded): each distinct batch shape (the full one and a shorter last one) through a short grid of
+    # the same solver, so that lazy initialisation, kernel selection, allocator growth, torch.compile and CUDA-graph
+    # capture are not charged to the timed batches.
+    t0 = time.perf_counter()
+    for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
         seeds = sample_seeds(args.seed, b0, b1)
         x = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
-                                  device=device)
-        t0 = time.perf_counter()
+                                  device=device, rng=args.rng)
         solvers.sample(model, x, steps=min(cell.steps, WARMUP_STEPS), seeds=seeds, **sample_kw)
+    if batches:
         warmup = time.perf_counter() - t0
     outs, x_Ts = [], []
     total = model_t = solver_t = 0.0
@@ -552,7 +577,7 @@ def _sample_cell(cell: Cell, model, card, args, device: str, dtype: torch.dtype,
     for b0, b1 in bar:
         seeds = sample_seeds(args.seed, b0, b1)
         x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
-                                    device=device)
+                                    device=device, rng=args.rng)
         res = solvers.sample(model, x_T, steps=cell.steps, seeds=seeds, **sample_kw)
         if nfe is not None and res.nfe != nfe:
             raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
@@ -608,11 +633,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     specs = parse_solvers(args.solvers, args.solver_opt)
     _check_device(device)
     args.num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
-    args.batch_size = card.default_batch_size if args.batch_size is None else args.batch_size
+    try:
+        args.batch_size = card.default_batch_size if args.batch_size is None else parse_batch_size(args.batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (a covariance needs two samples), got {args.num_samples}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.num_samples < dist.world:
         raise UsageError(f"--num-samples {args.num_samples} is fewer than the {dist.world} processes")
     if args.reference_size is not None and args.reference_size < 2:
@@ -642,10 +668,26 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     except ValueError as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
     cells = plan_cells(card, model, specs, steps, args.spacing)
+    if args.cuda_graph and torch.device(device).type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device}")
+    probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
+    if args.batch_size == "auto":
+        from .autobatch import auto_batch_size
+        per_rank = -(-args.num_samples // dist.world)
+        chosen = auto_batch_size(probe, tuple(card.sample_shape), device, dtype, cap=per_rank)
+        args.batch_size = chosen.batch_size
+        if dist.main and not args.quiet:
+            print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
+    try:
+        model = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last,
+                                   compile=args.compile or False, cuda_graph=args.cuda_graph)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
                 "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
-                "reference_size": args.reference_size,
+                "reference_size": args.reference_size, "network": network_setting(args),
+                "rng": args.rng,
                 "model_options": json.dumps(model_options, sort_keys=True, default=str)}
     plan = None
     if dist.main:
@@ -771,7 +813,8 @@ def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, e
            "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
            "dtype": settings["dtype"], "device": device, "device_type": settings["device_type"],
            "world_size": dist.world, "metrics": settings["metrics"], "reference": card.reference,
-           "reference_size": args.reference_size,
+           "reference_size": args.reference_size, "network": settings["network"],
+           "rng": settings["rng"],
            "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
            "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
            "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}

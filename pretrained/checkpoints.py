@@ -36,7 +36,9 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 # The project's offline assets (never copied into the repository): ../shared/assets from the project root.
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+# The workplace's offline artefacts (../shared/assets beside the checkout); DIFFUSION_SOLVERS_ASSETS points
+# elsewhere (e.g. a copy on another machine).
+ASSETS = Path(os.environ.get("DIFFUSION_SOLVERS_ASSETS") or Path(__file__).resolve().parents[1].parent / "shared" / "assets")
 
 
 class CheckpointError(ValueError):

@@ -11,6 +11,7 @@
 This package is pure numerics: it depends on torch (and NumPy for seeding) only.
 """
 from . import grids, schedules
+from .accel import FastNetwork, accelerate
 from .base import Point, Solver, StepContext
 from .grids import SPACINGS, make_grid, validate_grid
 from .inversion import invert
@@ -25,5 +26,5 @@ __all__ = [
     "schedules", "grids", "DiffusionModel", "classifier_free_guidance", "PREDICTIONS", "sample", "invert",
     "SampleResult", "StepInfo", "NonFiniteError", "initial_noise", "available_solvers", "get_solver",
     "solver_class", "register", "ALIASES", "make_grid", "validate_grid", "SPACINGS", "Solver",
-    "StepContext", "Point", "__version__",
+    "StepContext", "Point", "accelerate", "FastNetwork", "__version__",
 ]

@@ -12,7 +12,7 @@ import torch
 from .base import StepContext, points_at
 from .grids import make_grid, validate_grid
 from .model import DiffusionModel
-from .noise import STREAM_SOLVER, SeedStreams, as_seeds
+from .noise import RNGS, STREAM_SOLVER, as_seeds, make_streams
 from .registry import get_solver
 
 __all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
@@ -154,7 +154,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
            timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_start: Optional[float] = None,
            t_end: Optional[float] = None, denoise_to_zero: bool = True, seeds=None,
            dtype: Optional[torch.dtype] = None, callback: Optional[Callable[[StepInfo], Any]] = None,
-           progress: bool = False, on_nonfinite: str = "raise", timing: bool = True,
+           progress: bool = False, on_nonfinite: str = "raise", timing: bool = True, rng: str = "torch",
            **solver_options) -> SampleResult:
     """Integrate from ``x_T`` at the grid's first time to its last with the named solver.
 
@@ -176,6 +176,9 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         on_nonfinite: ``"raise"`` (a :class:`NonFiniteError` naming the samples) or ``"flag"`` (set
             ``result.nonfinite``).
         timing: record model time per call (cheap; one synchronise at the end either way).
+        rng: the stochastic solvers' noise generator: ``"torch"`` (per-sample CPU generators, the same bits on
+            every device) or ``"philox"`` (counter-based, computed on the state's device: far cheaper on a
+            GPU at large batches); see :mod:`solvers.noise`.
         **solver_options: options of the solver (e.g. ``eta=0.5`` for ddim); unknown options raise.
 
     Returns:
@@ -187,6 +190,8 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         raise ValueError("x_T must be a tensor with a batch dimension of at least one sample")
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
+    if rng not in RNGS:
+        raise ValueError(f"unknown rng {rng!r}; valid: {', '.join(RNGS)}")
     slv = get_solver(solver, **solver_options)
     if timesteps is not None:
         grid, points = _prepared(model, timesteps, None, spacing, t_start, t_end, denoise_to_zero)
@@ -204,7 +209,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
 
     batch = x_T.shape[0]
     seed_list = as_seeds(seeds, batch)
-    noise = SeedStreams(seed_list, STREAM_SOLVER) if slv.is_stochastic else None
+    noise = make_streams(seed_list, STREAM_SOLVER, rng) if slv.is_stochastic else None
     x = x_T if dtype is None else x_T.to(dtype)
     on_cuda = x.is_cuda
     timer = (_CudaTimer() if on_cuda else _CpuTimer()) if timing else None

@@ -123,9 +123,28 @@ def tiny_unet():
 def test_e2e_variants_run_on_a_unet(tiny_unet):
     """The e2e benchmark's three variants run whole sampling calls with the UNet and count its calls."""
     rows = perf.run_e2e(["ddim"], nfes=[2], batch=1, repeats=1, unet=tiny_unet, bf16=True, progress=False)
-    assert [r["variant"] for r in rows] == ["ours", "diffusers", "ours bf16+channels_last"]
+    assert [r["variant"] for r in rows] == ["ours", "diffusers", "ours bf16+CL"]
     assert all(r["calls"] == 2 and r["samples_per_s"] > 0 for r in rows)
     assert [r for r in rows if r["variant"] == "diffusers"][0]["vs_diffusers"] == 1.0
+    no_bf16 = perf.run_e2e(["ddim"], nfes=[2], batch=1, repeats=1, unet=tiny_unet, bf16=False, progress=False)
+    assert [r["variant"] for r in no_bf16] == ["ours", "diffusers"]
+
+
+def test_e2e_network_alone_is_the_floor_of_its_variant(tiny_unet):
+    """'network alone' makes NFE calls of the same network call; ours is compared with it (ratio ≥ ~1)."""
+    rows = perf.run_e2e(["dpmpp_2m"], nfes=[3], batch=1, repeats=1, unet=tiny_unet, progress=False,
+                        variants=["ours", "network alone"])
+    ours, alone = rows
+    assert alone["calls"] == ours["calls"] == 3
+    assert ours["vs_network_alone"] == pytest.approx(ours["wall_s"] / alone["wall_s"])
+    assert alone["vs_network_alone"] != alone["vs_network_alone"]  # NaN: not compared with itself
+
+
+def test_e2e_rejects_unknown_and_cuda_only_variants(tiny_unet):
+    with pytest.raises(ValueError, match="unknown e2e variant"):
+        perf.run_e2e(["ddim"], nfes=[1], unet=tiny_unet, variants=["ours", "turbo"], progress=False)
+    with pytest.raises(ValueError, match="need --device cuda"):
+        perf.run_e2e(["ddim"], nfes=[1], unet=tiny_unet, variants=["ours graph"], progress=False)
 
 
 def test_unet_profile_lists_operators_of_both_variants(tiny_unet):
