@@ -302,6 +302,8 @@ E2E_VARIANTS = {
     "network alone graph": E2EVariant("network", cuda_graph=True),
     "ours bf16+CL graph": E2EVariant("ours", "bf16", True, cuda_graph=True),
     "network alone bf16+CL graph": E2EVariant("network", "bf16", True, cuda_graph=True),
+    "ours compile": E2EVariant("ours", compile="default"),
+    "network alone compile": E2EVariant("network", compile="default"),
     "ours compile+graph": E2EVariant("ours", compile="default", cuda_graph=True),
     "network alone compile+graph": E2EVariant("network", compile="default", cuda_graph=True),
     "ours bf16 compile+graph": E2EVariant("ours", "bf16", compile="default", cuda_graph=True),

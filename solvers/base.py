@@ -138,17 +138,31 @@ class StepContext:
         self._timer = timer
         self._whole_batch_calls = 0
         self._row_calls: Optional[torch.Tensor] = None  # per-sample calls made through denoise_at
+        self._point_index = {id(q): i for i, q in enumerate(points)}
+        self._times: Optional[torch.Tensor] = None  # the grid's network times, on the state's device
+
+    def _model_time(self, x: torch.Tensor, p: Point):
+        """The network time input at point p: for a grid point, a (batch,) view of one table of the grid's times
+        made once per sampling call (one host→device copy for the whole grid instead of a fill per call); for
+        an off-grid point, the host float."""
+        i = self._point_index.get(id(p))
+        if i is None or self.points[i] is not p:
+            return p.model_time
+        t_dtype = x.dtype if self.model.input_dtype is None else self.model.input_dtype
+        if self._times is None or self._times.device != x.device or self._times.dtype != t_dtype:
+            self._times = torch.tensor([q.model_time for q in self.points], dtype=t_dtype).to(x.device)
+        return self._times[i].expand(x.shape[0])
 
     def denoise(self, x: torch.Tensor, p: Point) -> torch.Tensor:
         """D(x, t) at point p for the whole batch: one counted model call."""
         return self._whole_batch_call(x, p, lambda: self.model.denoise(x, p.t, coeffs=p.conv,
-                                                                        model_time=p.model_time))
+                                                                        model_time=self._model_time(x, p)))
 
     def denoise_combine(self, x: torch.Tensor, p: Point, c_x: float, c_d: float) -> torch.Tensor:
         """c_x·x + c_d·D(x, t) at point p: one counted model call, fused with the update
         (:meth:`DiffusionModel.denoise_combine`; its time counts as model time)."""
         return self._whole_batch_call(x, p, lambda: self.model.denoise_combine(
-            x, p.t, c_x, c_d, coeffs=p.conv, model_time=p.model_time))
+            x, p.t, c_x, c_d, coeffs=p.conv, model_time=self._model_time(x, p)))
 
     def _whole_batch_call(self, x: torch.Tensor, p: Point, call):
         if p.conv is None:

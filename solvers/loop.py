@@ -90,24 +90,37 @@ class _CpuTimer:
         return self.total
 
 
+_EVENT_POOL: dict = {}          # device index → CUDA timing events for reuse (creating one costs a driver call)
+_EVENT_POOL_MAX = 4096
+
+
 class _CudaTimer:
-    """Model time from CUDA events: recorded asynchronously, read once after the final synchronise."""
+    """Model time from CUDA events: recorded asynchronously, read once after the final synchronise; the events
+    then go back to a pool for the next call."""
 
     def __init__(self):
-        self.pairs = []
+        self.events = []
+        self.pool = _EVENT_POOL.setdefault(torch.cuda.current_device(), [])
+
+    def _event(self):
+        ev = self.pool.pop() if self.pool else torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.events.append(ev)
 
     def start(self):
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        self.pairs.append([ev, None])
+        self._event()
 
     def stop(self):
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        self.pairs[-1][1] = ev
+        self._event()
 
     def seconds(self) -> float:
-        return sum(a.elapsed_time(b) for a, b in self.pairs) / 1000.0
+        ev = self.events
+        total = sum(ev[k].elapsed_time(ev[k + 1]) for k in range(0, len(ev) - 1, 2)) / 1000.0
+        room = _EVENT_POOL_MAX - len(self.pool)
+        if room > 0:
+            self.pool.extend(ev[:room])
+        self.events = []
+        return total
 
 
 DEFAULT_STEPS = 10
