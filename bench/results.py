@@ -109,7 +109,12 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
                 continue
             diffs.append(f"{k}: (missing in the file) vs {settings.get(k)!r}")
             continue
-        old = sorted({str(_normalise(v)) for v in existing[k].tolist()})
+        values = [_normalise(v) for v in existing[k].tolist()]
+        if k in RUN_SETTING_DEFAULTS:
+            # Rows written before the setting existed are empty in its column once a newer run has added it
+            # (an old file extended by a default run): they were made with the default.
+            values = [RUN_SETTING_DEFAULTS[k] if v is None else v for v in values]
+        old = sorted({str(v) for v in values})
         new = str(_normalise(settings.get(k)))
         if old != [new]:
             diffs.append(f"{k}: {', '.join(old)} in the file vs {new} now")

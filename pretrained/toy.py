@@ -147,7 +147,7 @@ def _loader(kind: str):
         net, _ = read_toy_weights(path, kind)
         net = net.to(device=device, dtype=dtype or torch.float32)
         return solvers.DiffusionModel(net, schedule=teacher_schedule(kind), prediction=prediction,
-                                      input_dtype=dtype, **model_kwargs)
+                                      input_dtype=dtype or torch.float32, **model_kwargs)
 
     load.__doc__ = (f"The ``{kind}_gmm2d`` card's loader: weights=PATH (default pretrained/weights/{kind}_gmm2d.pt),"
                     " device, dtype; other keyword arguments go to solvers.DiffusionModel.")
