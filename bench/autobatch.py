@@ -4,8 +4,9 @@
   is measured at two batch sizes n and 2n, n grown ×4 until the peak passes ``PROBE_BYTES`` (below that the
   allocator's rounding hides the slope); that gives the memory per sample and the fixed part.  The solver
   state (``STATE_COPIES`` copies of x) is added, and the batch is the largest that keeps the total under
-  ``memory_fraction`` of what the device has free (free memory plus this process's unused cache).  That batch
-  is then tried; on an out-of-memory error it is halved until one call fits.
+  ``memory_fraction`` of what the device has free (free memory plus this process's unused cache), evened out so
+  that the samples split into batches of one size.  That batch is then tried; on an out-of-memory error it is
+  halved until one call fits.
 * **CPU** — memory is rarely the limit there but throughput saturates: the batch is doubled from 1 (one
   network call timed at each, best of ``CPU_REPEATS``) until two doublings in a row fail to beat the best
   samples/s by ``CPU_GAIN``, or a call takes over ``cpu_call_budget_s``; the fastest batch is kept.
@@ -82,6 +83,13 @@ def auto_batch_size(model, shape, device, dtype: torch.dtype = torch.float32, ca
     return _cpu(model, shape, dev, dtype, cap, cpu_call_budget_s)
 
 
+def _even(total: int, most: int) -> int:
+    """The batch that splits ``total`` samples into as few batches of at most ``most`` as possible, all of
+    (nearly) one size: no short last batch, which would cost its own kernel selection, compilation or graph."""
+    batches = -(-total // most)
+    return -(-total // batches)
+
+
 def _peak(model, shape, n, dev, dtype) -> int:
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)
@@ -114,8 +122,7 @@ def _cuda(model, shape, dev, dtype, cap, fraction) -> AutoBatch:
     available = free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
     n = int((fraction * available - fixed) // per_sample)
     n = max(1, min(cap, n))
-    if n >= 16:
-        n -= n % 8
+    n = _even(cap, n)
     tried = []
     while True:
         try:
@@ -126,7 +133,7 @@ def _cuda(model, shape, dev, dtype, cap, fraction) -> AutoBatch:
             torch.cuda.empty_cache()
             if n == 1:
                 raise
-            n = max(1, n // 2)
+            n = _even(cap, max(1, n // 2))
     torch.cuda.empty_cache()
     note = (f"auto: {n} on {torch.cuda.get_device_name(dev)} ({per_sample / 2**20:.1f} MiB per sample, "
             f"{fixed / 2**20:.0f} MiB fixed, {available / 2**30:.1f} GiB available × {fraction}"

@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
+FAILED=""
 
 pack() { tar czf "$OUT/suite.tgz.part" -C "$WORK" . && mv "$OUT/suite.tgz.part" "$OUT/suite.tgz"; }
 step() {  # step NAME LIMIT_S COMMAND...
@@ -22,6 +23,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     echo "=== $name (limit ${limit}s, at +$(( $(date +%s) - START ))s)"
     timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
+    [ $rc -eq 0 ] || FAILED="$FAILED $name"
     echo "    rc=$rc after +$(( $(date +%s) - START ))s"
     tail -n 4 "$WORK/$name.log" | sed 's/^/    /'
     pack
@@ -57,4 +59,5 @@ want compile && step compile 150 python -m bench.perf e2e --device cuda --batch 
     --variants "diffusers,ours bf16+CL graph,ours compile+graph,network alone compile+graph,ours bf16 compile+graph,ours bf16+CL compile+graph,network alone bf16+CL compile+graph" \
     --out "$WORK/perf_e2e_cuda_compile.md"
 cp "$WORK"/*.md "$OUT"/ 2>/dev/null
-echo "=== done at +$(( $(date +%s) - START ))s"
+echo "=== done at +$(( $(date +%s) - START ))s${FAILED:+; failed or timed out:$FAILED}"
+[ -z "$FAILED" ]

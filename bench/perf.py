@@ -262,9 +262,15 @@ def load_cifar_unet(config_path: os.PathLike = UNET_CONFIG, seed: int = 0, overr
     return diffusers.UNet2DModel(**config).eval()
 
 
+def unet_call(unet) -> Callable:
+    """``fn(x, t) = unet(x, t).sample``: a diffusers UNet2DModel as our network contract (and as diffusers'
+    pipelines call it)."""
+    return lambda x, t: unet(x, t).sample
+
+
 def _unet_fn(unet, bf16_channels_last: bool = False) -> Callable:
-    """``fn(x, t) = unet(x, t).sample``; optionally under bf16 autocast with channels_last input (output float32)."""
-    fn = lambda x, t: unet(x, t).sample  # noqa: E731
+    """:func:`unet_call`; optionally under bf16 autocast with channels_last input (output float32)."""
+    fn = unet_call(unet)
     if not bf16_channels_last:
         return fn
     return solvers.FastNetwork(fn, autocast="bf16", channels_last=True)
@@ -326,8 +332,9 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
     Every variant samples ``batch`` images in one call of ``nfe`` model calls (= steps for these solvers);
     the variants of one (solver, NFE) run interleaved in one process, the device synchronised before and after
     each call.  ``variants`` defaults to :data:`E2E_DEFAULTS` for the device type (``bf16=False`` drops the
-    bf16 ones).  Each variant's network call is set up (kernels chosen, compiled, graphs captured) before any
-    timing.
+    bf16 ones).  Each network call is set up (kernels chosen, compiled, graphs captured) by two calls before
+    any timing, and each (solver, NFE) runs every variant once untimed first on CUDA or when a variant
+    compiles (on the CPU's plain variants that would double a long benchmark for nothing).
 
     Raises:
         ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
@@ -354,8 +361,8 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
         if v.network_key not in networks:
             base = unet_cl if v.channels_last else unet
             networks[v.network_key] = solvers.FastNetwork(
-                lambda x, t, base=base: base(x, t).sample, autocast=v.autocast, channels_last=v.channels_last,
-                compile=v.compile, cuda_graph=v.cuda_graph)
+                unet_call(base), autocast=v.autocast, channels_last=v.channels_last, compile=v.compile,
+                cuda_graph=v.cuda_graph)
     x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
     t_batch = torch.full((batch,), 500.0, device=dev)
     # One forward of each network variant first (twice for graphs: capture, then a replay): the first call of a
@@ -412,7 +419,8 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
                         return Measurement(time.perf_counter() - t0, float("nan"), timed.calls)
                 runners[name] = run
             with torch.no_grad():
-                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" else 0)
+                compiles = any(E2E_VARIANTS[n].compile for n in names)
+                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" or compiles else 0)
             walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
             base = walls.get("diffusers")
             for name, ms in res.items():
@@ -459,7 +467,7 @@ def profile_unet(batch: int = 2, top: int = 6, unet=None, device: str = "cpu",
     for name in variants:
         autocast, cl = PROFILE_VARIANTS[name]
         net = copy.deepcopy(unet).to(memory_format=torch.channels_last) if cl else unet
-        fns[name] = solvers.FastNetwork(lambda x, t, net=net: net(x, t).sample, autocast=autocast, channels_last=cl)
+        fns[name] = solvers.FastNetwork(unet_call(net), autocast=autocast, channels_last=cl)
     x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
     t = torch.full((batch,), 500.0, device=dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -598,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ov.add_argument("--setup-steps", type=_ints, default=[20, 1000])
     ov.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ov.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    ov.add_argument("--rng", default="torch", choices=("torch", "philox"),
+    ov.add_argument("--rng", default="torch", choices=solvers.noise.RNGS,
                     help="our stochastic solvers' noise generator (default torch: per-sample CPU generators)")
     ov.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_overhead.md"))
     e2e = sub.add_parser("e2e", help="samples/s on the DDPM CIFAR-10 UNet (random weights)")
@@ -609,7 +617,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e2e.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast + channels_last variants")
     e2e.add_argument("--variants", default=None,
                      help="comma-separated variants (default: per device type — cpu: "
-                          f"{', '.join(E2E_DEFAULTS['cpu'])}; cuda: all but 'ours bf16+CL compile'); valid: "
+                          f"{', '.join(E2E_DEFAULTS['cpu'])}; cuda: {', '.join(E2E_DEFAULTS['cuda'])}); valid: "
                           f"{', '.join(E2E_VARIANTS)}")
     e2e.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     e2e.add_argument("--threads", type=int, default=1,
@@ -674,6 +682,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             text = format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
         elif args.command == "scaling":
             from . import perf_studies as S
+            if len(set(args.samples)) < 2 or len(set(args.steps)) < 2:
+                parser.error("--samples and --steps need at least two different values each (a line is fitted)")
             res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
                                 args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
                                 args.autocast, args.cuda_graph)

@@ -32,15 +32,12 @@ import torch
 import pretrained
 import solvers
 
+from .perf import _sync
+
 __all__ = ["random_inception_weights", "linear_fit", "run_scaling", "format_scaling", "run_quality",
            "format_quality", "UNET_RANDOM"]
 
 UNET_RANDOM = "unet-random"
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
@@ -82,9 +79,9 @@ def _load(model_name: str, device: str):
     """(model, sample shape, to_images) for a card name or ``unet-random``."""
     if model_name == UNET_RANDOM:
         from . import _peers as P
-        from .perf import SAMPLE_SHAPE, load_cifar_unet
+        from .perf import SAMPLE_SHAPE, load_cifar_unet, unet_call
         unet = load_cifar_unet().to(device)
-        model = solvers.DiffusionModel(lambda x, t: unet(x, t).sample, schedule=P.linear_schedule(), prediction="eps")
+        model = solvers.DiffusionModel(unet_call(unet), schedule=P.linear_schedule(), prediction="eps")
         return model, SAMPLE_SHAPE, lambda x: ((x + 1) / 2).clamp(0, 1)
     card = pretrained.get_card(model_name)
     if card.kind != "image":
@@ -95,13 +92,13 @@ def _load(model_name: str, device: str):
 
 def _time_sampling(model, shape, n: int, steps: int, solver: str, batch: int, device) -> float:
     seeds = list(range(n))
-    _sync(device)
+    _sync(torch.device(device))
     t0 = time.perf_counter()
     for b0 in range(0, n, batch):
         s = seeds[b0:b0 + batch]
         x = solvers.initial_noise((len(s), *shape), s, schedule=model.schedule, device=device)
         solvers.sample(model, x, solver=solver, steps=steps, seeds=s)
-    _sync(device)
+    _sync(torch.device(device))
     return time.perf_counter() - t0
 
 
@@ -141,10 +138,10 @@ def run_scaling(model_name: str = "ddpm_mnist", samples: Sequence[int] = (100, 2
             seeds = list(range(n))
             x = solvers.initial_noise((n, *shape), seeds, schedule=model.schedule, device=device)
             images = to_uint8_rgb(to_images(x[:n].clamp(-1, 1)))  # any images of the right size time the same
-            _sync(device)
+            _sync(torch.device(device))
             t0 = time.perf_counter()
             extract_features(extractor, layer, UInt8Images(images), device=device, batch_size=batch)
-            _sync(device)
+            _sync(torch.device(device))
             t_f = time.perf_counter() - t0
             out["by_samples"].append({"n": n, "sampling_s": t_s, "features_s": t_f})
             if progress:

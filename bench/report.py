@@ -243,10 +243,10 @@ def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
     ok = df[df["status"] == "ok"]
     doc.p(f"{len(df)} cells ({len(ok)} ok, {len(df) - len(ok)} failed), {n:,} samples per cell, seed "
           f"{int(first['seed'])}, {first['dtype']} on {first['device_name']} "
-          f"(batch {int(first['batch_size'])}; network call: {_setting(first, 'network', 'eager')}; noise: "
-          f"{_setting(first, 'rng', 'torch')} generators) "
+          f"(batch {', '.join(str(int(b)) for b in sorted(set(df['batch_size'].dropna())))}; network call: "
+          f"{_setting(first, 'network', 'eager')}; noise: {_setting(first, 'rng', 'torch')} generators) "
           f"({first['device']}{', ' + str(int(first['world_size'])) + ' processes' if int(first['world_size']) > 1 else ''})."
-          " Every cell starts sample j from the same per-sample seed; timing excludes a warm-up batch and "
+          " Every cell starts sample j from the same per-sample seed; timing excludes the warm-up batches and "
           "synchronises the device; NFE is the number of model calls the library counted per sample.")
     doc.p("Produced by:")
     doc.code("\n".join(dict.fromkeys(df["command"].dropna().astype(str))))

@@ -670,6 +670,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     cells = plan_cells(card, model, specs, steps, args.spacing)
     if args.cuda_graph and torch.device(device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device}")
+    variable_rows = [s.label for s in specs if s.name == "adaptive"]
+    if variable_rows and (args.cuda_graph or args.compile):
+        raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
+                         "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
+                         "without them")
     probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
     if args.batch_size == "auto":
         from .autobatch import auto_batch_size

@@ -133,7 +133,17 @@ class ClassConditionalUNet(torch.nn.Module):
         self.num_classes = int(unet.config.num_class_embeds)
 
     def labels(self, batch: int, device) -> torch.Tensor:
-        """The class labels of a batch of ``batch`` rows."""
+        """The class labels of a batch of ``batch`` rows (made and moved to ``device`` once per batch size and
+        device: no host→device copy per network call, so the network can be captured in a CUDA graph)."""
+        cache = self.__dict__.setdefault("_label_cache", {})
+        lab = self.class_labels
+        lab_key = lab if lab is None or isinstance(lab, int) else tuple(torch.as_tensor(lab).reshape(-1).tolist())
+        key = (batch, str(device), lab_key, self.label_seed)
+        if key not in cache:
+            cache[key] = self._make_labels(batch).to(device)
+        return cache[key]
+
+    def _make_labels(self, batch: int) -> torch.Tensor:
         lab = self.class_labels
         if lab is None:
             g = torch.Generator().manual_seed(self.label_seed)
@@ -146,7 +156,7 @@ class ClassConditionalUNet(torch.nn.Module):
                 raise ValueError(f"class_labels has {out.numel()} entries for a batch of {batch}")
         if bool(((out < 0) | (out >= self.num_classes)).any()):
             raise ValueError(f"class labels must be in [0, {self.num_classes}), got {out.tolist()[:10]}")
-        return out.to(device)
+        return out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, class_labels=self.labels(x.shape[0], x.device), return_dict=False)[0]

@@ -116,6 +116,10 @@ def points_at(schedule: Schedule, model: Optional[DiffusionModel], ts: Sequence[
     return out
 
 
+TIME_TABLE_MAX = 1 << 22       # entries (points × batch) of a grid's network-time table; larger → fill per call
+TIME_TABLES_PER_GRID = 4       # (device, dtype, batch) tables kept with one cached grid
+
+
 class StepContext:
     """What a solver step may use: the grid's points, the counted model, per-sample noise.
 
@@ -126,7 +130,7 @@ class StepContext:
     """
 
     def __init__(self, model: DiffusionModel, points: list[Point], noise: Optional[SeedStreams],
-                 timer=None, batch: Optional[int] = None):
+                 timer=None, batch: Optional[int] = None, time_tables: Optional[dict] = None):
         self.model = model
         self.schedule = model.schedule
         self.points = points
@@ -139,19 +143,30 @@ class StepContext:
         self._whole_batch_calls = 0
         self._row_calls: Optional[torch.Tensor] = None  # per-sample calls made through denoise_at
         self._point_index = {id(q): i for i, q in enumerate(points)}
-        self._times: Optional[torch.Tensor] = None  # the grid's network times, on the state's device
+        self._tables = {} if time_tables is None else time_tables
 
     def _model_time(self, x: torch.Tensor, p: Point):
-        """The network time input at point p: for a grid point, a (batch,) view of one table of the grid's times
-        made once per sampling call (one host→device copy for the whole grid instead of a fill per call); for
-        an off-grid point, the host float."""
+        """The network time input at point p.
+
+        For a grid point: row i of a (points, batch) table of the grid's network times, made once per grid,
+        device, dtype and batch size (kept with the cached grid), so a model call launches no fill kernel and
+        the sampling loop makes no host→device copy.  Each row is an ordinary contiguous (batch,) tensor
+        (networks must not modify their inputs in place: a row is reused by the next call on the same grid).
+        For an off-grid point, or a table over ``TIME_TABLE_MAX`` entries, the host float (filled per call).
+        """
         i = self._point_index.get(id(p))
-        if i is None or self.points[i] is not p:
+        batch = x.shape[0]
+        if i is None or self.points[i] is not p or len(self.points) * batch > TIME_TABLE_MAX:
             return p.model_time
-        t_dtype = x.dtype if self.model.input_dtype is None else self.model.input_dtype
-        if self._times is None or self._times.device != x.device or self._times.dtype != t_dtype:
-            self._times = torch.tensor([q.model_time for q in self.points], dtype=t_dtype).to(x.device)
-        return self._times[i].expand(x.shape[0])
+        t_dtype = self.model.time_dtype(x)
+        key = (x.device, t_dtype, batch)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= TIME_TABLES_PER_GRID:
+                self._tables.clear()
+            times = torch.tensor([q.model_time for q in self.points], dtype=t_dtype)
+            table = self._tables[key] = times.unsqueeze(1).expand(-1, batch).contiguous().to(x.device)
+        return table[i]
 
     def denoise(self, x: torch.Tensor, p: Point) -> torch.Tensor:
         """D(x, t) at point p for the whole batch: one counted model call."""

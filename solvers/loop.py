@@ -12,7 +12,7 @@ import torch
 from .base import StepContext, points_at
 from .grids import make_grid, validate_grid
 from .model import DiffusionModel
-from .noise import RNGS, STREAM_SOLVER, as_seeds, make_streams
+from .noise import STREAM_SOLVER, as_seeds, check_rng, make_streams
 from .registry import get_solver
 
 __all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
@@ -90,7 +90,7 @@ class _CpuTimer:
         return self.total
 
 
-_EVENT_POOL: dict = {}          # device index → CUDA timing events for reuse (creating one costs a driver call)
+_EVENT_POOL: dict = {}          # device → CUDA timing events for reuse (creating one costs a driver call)
 _EVENT_POOL_MAX = 4096
 
 
@@ -98,13 +98,14 @@ class _CudaTimer:
     """Model time from CUDA events: recorded asynchronously, read once after the final synchronise; the events
     then go back to a pool for the next call."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.events = []
-        self.pool = _EVENT_POOL.setdefault(torch.cuda.current_device(), [])
+        self.stream = torch.cuda.current_stream(device)   # the state's device, whichever device is current
+        self.pool = _EVENT_POOL.setdefault(str(device), [])
 
     def _event(self):
         ev = self.pool.pop() if self.pool else torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(self.stream)
         self.events.append(ev)
 
     def start(self):
@@ -135,7 +136,7 @@ _PREPARED_PER_MODEL = 8
 
 
 def _prepared(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, denoise_to_zero):
-    """(grid, points) for these grid arguments: validated/built and evaluated once, then reused."""
+    """(grid, points, time tables) for these grid arguments: validated/built and evaluated once, then reused."""
     schedule = model.schedule
     try:
         given = None if timesteps is None else tuple(
@@ -148,19 +149,20 @@ def _prepared(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, 
     entry = per_model.get(key) if per_model is not None and key is not None else None
     if entry is not None and entry[0] is schedule:
         per_model.move_to_end(key)
-        return list(entry[1]), list(entry[2])
+        return list(entry[1]), list(entry[2]), entry[3]
     if timesteps is not None:
         grid = validate_grid(schedule, timesteps)
     else:
         grid = make_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
                          denoise_to_zero=denoise_to_zero)
     points = points_at(schedule, model, grid)
+    tables: dict = {}  # the grid's network-time tables on a device (StepContext), kept with the grid
     if key is not None:
         per_model = _PREPARED.setdefault(model, OrderedDict())
-        per_model[key] = (schedule, tuple(grid), tuple(points))
+        per_model[key] = (schedule, tuple(grid), tuple(points), tables)
         while len(per_model) > _PREPARED_PER_MODEL:
             per_model.popitem(last=False)
-    return grid, points
+    return grid, points, tables
 
 
 def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = None, *,
@@ -203,11 +205,10 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         raise ValueError("x_T must be a tensor with a batch dimension of at least one sample")
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
-    if rng not in RNGS:
-        raise ValueError(f"unknown rng {rng!r}; valid: {', '.join(RNGS)}")
+    check_rng(rng)
     slv = get_solver(solver, **solver_options)
     if timesteps is not None:
-        grid, points = _prepared(model, timesteps, None, spacing, t_start, t_end, denoise_to_zero)
+        grid, points, tables = _prepared(model, timesteps, None, spacing, t_start, t_end, denoise_to_zero)
         if steps is not None and steps != len(grid) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
                              "pass steps=None or the matching count")
@@ -216,7 +217,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
     else:
         if steps is None:
             steps = DEFAULT_STEPS
-        grid, points = _prepared(model, None, steps, spacing, t_start, t_end, denoise_to_zero)
+        grid, points, tables = _prepared(model, None, steps, spacing, t_start, t_end, denoise_to_zero)
         spacing_used, denoise_used = spacing, denoise_to_zero
     slv.check(points)
 
@@ -225,8 +226,8 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
     noise = make_streams(seed_list, STREAM_SOLVER, rng) if slv.is_stochastic else None
     x = x_T if dtype is None else x_T.to(dtype)
     on_cuda = x.is_cuda
-    timer = (_CudaTimer() if on_cuda else _CpuTimer()) if timing else None
-    ctx = StepContext(model, points, noise, timer, batch=batch)
+    timer = (_CudaTimer(x.device) if on_cuda else _CpuTimer()) if timing else None
+    ctx = StepContext(model, points, noise, timer, batch=batch, time_tables=tables)
 
     if on_cuda:
         torch.cuda.synchronize(x.device)

@@ -56,7 +56,8 @@ class DiffusionModel:
 
     Args:
         fn: ``fn(x, t) -> tensor`` of the same shape as x; ``t`` is a tensor of shape (batch,) holding the
-            network's own time input (``schedule.model_time`` of the solver time).
+            network's own time input (``schedule.model_time`` of the solver time).  ``fn`` must not modify
+            ``x`` or ``t`` in place (the loop reuses them).
         schedule: the :class:`~solvers.schedules.Schedule` the network was trained with.
         prediction: what ``fn`` predicts (see the module docstring).
         clip_x0: optional ``(low, high)``: clamp the predicted x0 to this range (DDPM's ``clip_sample``).
@@ -108,10 +109,14 @@ class DiffusionModel:
         a, b = self.conversion_at(torch.tensor([float(t)], dtype=torch.float64))
         return float(a[0]), float(b[0])
 
+    def time_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the network's inputs for a state ``x``: ``input_dtype``, else the state's."""
+        return x.dtype if self.input_dtype is None else self.input_dtype
+
     def raw(self, x: torch.Tensor, model_time: Union[float, torch.Tensor]) -> torch.Tensor:
         """One network call at a host-side model time (or a (batch,) tensor of them, one per sample); casts to
         ``input_dtype`` and back."""
-        t_dtype = x.dtype if self.input_dtype is None else self.input_dtype
+        t_dtype = self.time_dtype(x)
         if torch.is_tensor(model_time):
             t = model_time.reshape(-1).to(device=x.device, dtype=t_dtype)
         else:

@@ -333,16 +333,18 @@ def test_accelerate_validates_its_options(fm):
         solvers.accelerate(model, autocast="fp32")
     with pytest.raises(ValueError, match="compile must be True/False or a torch.compile mode"):
         solvers.accelerate(model, compile="fastest")
-    with pytest.raises(ValueError, match="reduce-overhead"):
-        solvers.accelerate(model, compile="reduce-overhead", cuda_graph=True)
+    for mode in ("reduce-overhead", "max-autotune"):  # modes that capture CUDA graphs themselves
+        with pytest.raises(ValueError, match=f"compile='{mode}' already captures CUDA graphs"):
+            solvers.accelerate(model, compile=mode, cuda_graph=True)
+        assert solvers.accel.compile_mode_uses_cudagraphs(mode)
     with pytest.raises(TypeError, match="takes a solvers.DiffusionModel, got function"):
         solvers.accelerate(lambda x, t: x)
     with pytest.raises(TypeError, match="DiffusionModel"):
         solvers.accelerate("gmm")
     # the valid ones are accepted (compilation is lazy: nothing is compiled here)
-    for mode in solvers.accel.COMPILE_MODES:
-        if mode != "reduce-overhead":
-            solvers.accelerate(model, compile=mode, cuda_graph=True)
+    for mode in ("default", "max-autotune-no-cudagraphs", True):
+        assert not solvers.accel.compile_mode_uses_cudagraphs(mode)
+        solvers.accelerate(model, compile=mode, cuda_graph=True)
     solvers.accelerate(model, compile="reduce-overhead")
     solvers.accelerate(model, autocast="fp16", compile=False)
 
