@@ -737,3 +737,106 @@ def test_gpu_check_refuses_without_cuda(capsys):
         gpu_check.main([])
     assert e.value.code == 2
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+# -- the review fixes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("total, most, expected", [(1001, 1000, 501), (50_000, 4096, 3847), (10, 64, 10),
+                                                   (300, 128, 100), (1024, 1024, 1024), (7, 1, 1)])
+def test_auto_batch_splits_the_samples_evenly(total, most, expected):
+    """The auto batch is at most the memory bound and splits the samples into batches of (nearly) one size."""
+    n = autobatch._even(total, most)
+    assert n == expected and n <= most
+    batches = -(-total // n)
+    assert batches == -(-total // most)           # no more batches than the bound needs
+    assert total - (batches - 1) * n >= n - batches  # the last batch is not short by more than the rounding
+
+
+def test_run_refuses_graphs_and_compile_for_the_adaptive_solver(tmp_path):
+    for flag in (["--compile"], ["--cuda-graph", "--device", "cpu"]):
+        with pytest.raises(run_mod.UsageError):
+            run_mod.run(["--out", str(tmp_path / "x"), "--solvers", "adaptive", "--steps", "2", "--num-samples", "8",
+                         "--quiet", "--no-report", *flag])
+    assert not (tmp_path / "x" / "results.csv").exists()
+    with pytest.raises(run_mod.UsageError, match="adaptive solver calls the network on a varying number of rows"):
+        run_mod.run(["--out", str(tmp_path / "y"), "--solvers", "ddim,adaptive", "--steps", "2", "--num-samples", "8",
+                     "--quiet", "--no-report", "--compile"])
+
+
+class TimeRecorder:
+    """A network that records the time tensors it is given (and returns 0.1·x)."""
+
+    def __init__(self):
+        self.ts = []
+
+    def __call__(self, x, t):
+        self.ts.append(t)
+        return 0.1 * x
+
+
+def test_the_grid_time_table_is_contiguous_cached_with_the_grid_and_exact():
+    """Grid points get rows of one (points × batch) table made once per grid, device, dtype and batch: ordinary
+    contiguous (batch,) tensors holding exactly what a per-call fill would hold; off-grid points a fresh fill."""
+    sched = schedules.DiscreteVP.linear(1000)
+    rec = TimeRecorder()
+    model = solvers.DiffusionModel(rec, schedule=sched, prediction="eps")
+    x = torch.randn(5, 3)
+    res = solvers.sample(model, x, solver="ddim", steps=6, spacing="trailing")
+    assert len(rec.ts) == 6
+    expected = [float(sched.model_time(torch.tensor([t], dtype=torch.float64))[0]) for t in res.timesteps[:-1]]
+    for t, e in zip(rec.ts, expected):
+        assert t.shape == (5,) and t.is_contiguous() and t.dtype == x.dtype
+        assert torch.equal(t, torch.full((5,), e, dtype=x.dtype))
+    assert all(t.untyped_storage().nbytes() == 7 * 5 * t.element_size() for t in rec.ts)  # rows of one table
+    first = [t.data_ptr() for t in rec.ts]
+    rec.ts.clear()
+    solvers.sample(model, x, solver="ddim", steps=6, spacing="trailing")
+    assert [t.data_ptr() for t in rec.ts] == first          # the same table: made once for this grid
+    rec.ts.clear()
+    solvers.sample(model, torch.randn(4, 3), solver="ddim", steps=6, spacing="trailing")
+    assert rec.ts[0].shape == (4,) and rec.ts[0].data_ptr() not in first  # another batch size, another table
+    # off-grid points (DPM-Solver++(2S) midpoints) still get a fresh tensor per call
+    rec.ts.clear()
+    solvers.sample(model, x, solver="dpmpp_2s", steps=3)
+    assert len(rec.ts) == 5 and all(t.shape == (5,) and t.is_contiguous() for t in rec.ts)
+
+
+def test_a_large_grid_time_table_falls_back_to_a_fill_per_call(monkeypatch):
+    from solvers import base
+    monkeypatch.setattr(base, "TIME_TABLE_MAX", 10)
+    rec = TimeRecorder()
+    model = solvers.DiffusionModel(rec, schedule=schedules.DiscreteVP.linear(1000), prediction="eps")
+    x = torch.randn(5, 3)
+    solvers.sample(model, x, solver="ddim", steps=6, spacing="trailing")
+    solvers.sample(model, x, solver="ddim", steps=6, spacing="trailing")
+    assert len(rec.ts) == 12
+    # fresh (batch,) fills, not rows of a shared (points × batch) table
+    assert all(t.untyped_storage().nbytes() == 5 * t.element_size() for t in rec.ts)
+
+
+def test_scaling_needs_two_values_of_samples_and_steps(tmp_path):
+    from bench import perf
+    with pytest.raises(SystemExit) as e:
+        perf.main(["scaling", "--samples", "4", "--steps", "1,2", "--out", str(tmp_path / "s.md")])
+    assert e.value.code == 2
+    assert not (tmp_path / "s.md").exists()
+
+
+def test_consistency_class_labels_are_made_once_per_batch_and_device():
+    """The class-conditional wrapper keeps its labels on the device (no host→device copy per network call, which
+    CUDA-graph capture forbids) and remakes them when the labels asked for change."""
+    from types import SimpleNamespace
+
+    from pretrained.consistency import ClassConditionalUNet
+
+    unet = torch.nn.Identity()
+    unet.config = SimpleNamespace(num_class_embeds=10)
+    wrapper = ClassConditionalUNet(unet, class_labels=None, label_seed=3)
+    a = wrapper.labels(6, "cpu")
+    assert wrapper.labels(6, "cpu") is a and a.shape == (6,) and int(a.max()) < 10
+    assert torch.equal(a, wrapper._make_labels(6))
+    wrapper.class_labels = 7
+    assert torch.equal(wrapper.labels(6, "cpu"), torch.full((6,), 7))
+    wrapper.class_labels = [1, 2]
+    assert wrapper.labels(2, "cpu").tolist() == [1, 2]
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        wrapper.labels(3, "cpu")
