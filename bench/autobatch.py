@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["AutoBatch", "auto_batch_size", "parse_batch_size", "STATE_COPIES", "CPU_GAIN"]
 
-STATE_COPIES = 8          # x, the denoised value, multistep history and temporaries of the widest solver
+STATE_COPIES = 12         # x and what the widest solver keeps besides: dopri5's 7 stages, error, temporaries
 CPU_GAIN = 1.10           # on the CPU, doubling stops after two doublings that raise samples/s by < 10 %
 CPU_REPEATS = 3
 PROBE_BYTES = 256 * 2**20  # CUDA: probe where one call's activations take at least this much
