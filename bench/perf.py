@@ -45,7 +45,8 @@ from solvers.noise import PhiloxStreams, SeedStreams
 from . import _peers as P
 from .results import _cpu_name, atomic_write_text, git_commit
 
-__all__ = ["OVERHEAD_METHODS", "Measurement", "overhead_runners", "measure_interleaved", "run_overhead",
+__all__ = ["OVERHEAD_METHODS", "Measurement", "overhead_runners", "kdiffusion_runner", "KDIFFUSION_SAMPLERS",
+           "import_kdiffusion", "measure_interleaved", "run_overhead",
            "setup_costs", "run_e2e", "profile_unet", "load_cifar_unet", "main"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,70 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
     return ours, theirs
 
 
+# k-diffusion's sampler for each method (the one its users call for it), with its options.  DDIM (η = 0) is
+# k-diffusion's Euler in σ; DDIM η = 1 its ancestral Euler; DPM-Solver++(2S) its 2S ancestral sampler with η = 0;
+# DPM-Solver++(3M) its 3M SDE sampler with η = 0 (the ODE case).  k-diffusion has no DDPM sampler.
+KDIFFUSION_SAMPLERS = {"ddim": ("sample_euler", {}), "euler": ("sample_euler", {}), "heun": ("sample_heun", {}),
+                       "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_3m": ("sample_dpmpp_3m_sde", {"eta": 0.0}),
+                       "dpmpp_2s": ("sample_dpmpp_2s_ancestral", {"eta": 0.0}),
+                       "ddim_eta1": ("sample_euler_ancestral", {"eta": 1.0})}
+PEER_NAMES = ("diffusers", "k-diffusion")
+
+
+def import_kdiffusion():
+    """``(k_diffusion.sampling, k_diffusion.external)``, or ImportError saying how to get them.
+
+    k-diffusion is not a dependency of this project (its package imports wandb, clean-fid, CLIP, kornia, …);
+    the overhead benchmark compares with it when it is installed.
+    """
+    try:
+        import k_diffusion.external as external
+        import k_diffusion.sampling as sampling
+    except ImportError as e:
+        raise ImportError(f"--peers k-diffusion needs the k-diffusion package ({type(e).__name__}: {e}); install it "
+                          "beside this project, e.g. in a virtual environment made with --system-site-packages: "
+                          "pip install k-diffusion") from e
+    return sampling, external
+
+
+def kdiffusion_runner(key: str, batch: int, steps: int, network: Callable = trivial_network,
+                      shape: Sequence[int] = SAMPLE_SHAPE, device: str = "cpu") -> Callable[[], Measurement]:
+    """One full sampling call of k-diffusion's sampler for method ``key``, timed like :func:`overhead_runners`.
+
+    The network is wrapped as k-diffusion's users wrap a discrete ε-network (``DiscreteEpsDDPMDenoiser``: its
+    σ → timestep interpolation and scalings run on every call, as they do for them), on the same linear-β
+    schedule; the σ grid is ``get_sigmas_karras`` (built inside the timed call, as diffusers' ``set_timesteps``
+    is).  The network's own time is subtracted.
+
+    Raises:
+        ValueError: a method k-diffusion has no sampler for.
+        ImportError: k-diffusion is not installed.
+    """
+    if key not in KDIFFUSION_SAMPLERS:
+        raise ValueError(f"k-diffusion has no sampler for {key!r}; it has: {', '.join(KDIFFUSION_SAMPLERS)}")
+    sampling, external = import_kdiffusion()
+    dev = torch.device(device)
+    betas = torch.linspace(P.BETA_START, P.BETA_END, P.NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    inner = P.TimedFn(network)
+    denoiser = external.DiscreteEpsDDPMDenoiser(inner, alphas_cumprod, quantize=False).to(dev)
+    sigma_min, sigma_max = float(denoiser.sigma_min), float(denoiser.sigma_max)
+    name, options = KDIFFUSION_SAMPLERS[key]
+    sampler = getattr(sampling, name)
+    x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def run() -> Measurement:
+        inner.calls, inner.seconds = 0, 0.0
+        _sync(dev)
+        t0 = time.perf_counter()
+        sigmas = sampling.get_sigmas_karras(steps, sigma_min, sigma_max, device=dev)
+        sampler(denoiser, x * sigmas[0], sigmas, disable=True, **options)
+        _sync(dev)
+        return Measurement(time.perf_counter() - t0, inner.seconds, inner.calls)
+
+    return run
+
+
 def measure_interleaved(runners: dict[str, Callable[[], Measurement]], repeats: int, warmup: int = 1
                         ) -> dict[str, list[Measurement]]:
     """Call every runner ``warmup`` times, then ``repeats`` times each, alternating which goes first."""
@@ -184,12 +249,19 @@ def measure_interleaved(runners: dict[str, Callable[[], Measurement]], repeats: 
 
 def run_overhead(methods: Sequence[str] = OVERHEAD_METHODS, batches: Sequence[int] = (1, 64, 1024), steps: int = 20,
                  repeats: int = 9, shape: Sequence[int] = SAMPLE_SHAPE, progress: bool = True,
-                 device: str = "cpu", rng: str = "torch") -> list[dict]:
+                 device: str = "cpu", rng: str = "torch", peers: Sequence[str] = ("diffusers",)) -> list[dict]:
     """The overhead table's rows: per method and batch, median µs per model call outside the network.
 
     For the stochastic methods the time spent drawing noise inside each loop is also subtracted, which gives
-    the ratio of everything else (``ratio_without_noise``).
+    the ratio of everything else (``ratio_without_noise``).  With ``"k-diffusion"`` in ``peers``, k-diffusion's
+    sampler for the method (:data:`KDIFFUSION_SAMPLERS`, where it has one) runs interleaved with the other two
+    (``kdiff_us``, ``ratio_kdiff``).
     """
+    bad = [p for p in peers if p not in PEER_NAMES]
+    if bad or "diffusers" not in peers:
+        raise ValueError(f"peers must include diffusers and be among {', '.join(PEER_NAMES)}; got {', '.join(peers)}")
+    if "k-diffusion" in peers:
+        import_kdiffusion()
     rows = []
     for key in methods:
         if key not in P.PEERS:
@@ -197,6 +269,8 @@ def run_overhead(methods: Sequence[str] = OVERHEAD_METHODS, batches: Sequence[in
         for batch in batches:
             runners = dict(zip(("ours", "theirs"), overhead_runners(key, batch, steps, shape=shape,
                                                                                  device=device, rng=rng)))
+            if "k-diffusion" in peers and key in KDIFFUSION_SAMPLERS:
+                runners["kdiff"] = kdiffusion_runner(key, batch, steps, shape=shape, device=device)
             res = measure_interleaved(runners, repeats)
             o = statistics.median(m.overhead_per_call for m in res["ours"])
             t = statistics.median(m.overhead_per_call for m in res["theirs"])
@@ -211,6 +285,10 @@ def run_overhead(methods: Sequence[str] = OVERHEAD_METHODS, batches: Sequence[in
                            noise_theirs_us=statistics.median(m.noise / m.calls for m in res["theirs"]) * 1e6,
                            draws_ours=res["ours"][0].draws, draws_theirs=res["theirs"][0].draws,
                            ratio_without_noise=o_rest / t_rest)
+            if "kdiff" in res:
+                k = statistics.median(m.overhead_per_call for m in res["kdiff"])
+                row.update(kdiff_sampler=KDIFFUSION_SAMPLERS[key][0], kdiff_us=k * 1e6, ratio_kdiff=o / k,
+                           nfe_kdiff=res["kdiff"][0].calls)
             rows.append(row)
             if progress:
                 print(f"  {row['method']:<22} B={batch:<5} ours {row['ours_us']:9.1f} µs/call  "
@@ -535,6 +613,14 @@ def format_overhead(rows: list[dict], setup: list[dict], command: str, device: s
             f"{r['ratio_without_noise']:.2f} ({r['noise_ours_us']:.0f} / {r['noise_theirs_us']:.0f})")
         lines.append(f"| {r['method']} | {r['scheduler']} | {r['batch']} | {r['nfe_ours']} / {r['nfe_theirs']} | "
                      f"{r['ours_us']:.1f} | {r['theirs_us']:.1f} | **{r['ratio']:.2f}** | {without} |")
+    kd = [r for r in rows if "kdiff_us" in r]
+    if kd:
+        lines += ["", "Against k-diffusion's sampler for the same method (same run, interleaved; its ε-network wrapped "
+                  "in `DiscreteEpsDDPMDenoiser` as its users do; Karras σ grid; noise not separated):", "",
+                  "| method (ours) | k-diffusion sampler | batch | NFE ours / k-diffusion | ours µs | k-diffusion µs | "
+                  "ours / k-diffusion |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['method']} | `{r['kdiff_sampler']}` | {r['batch']} | {r['nfe_ours']} / {r['nfe_kdiff']} | "
+                  f"{r['ours_us']:.1f} | {r['kdiff_us']:.1f} | **{r['ratio_kdiff']:.2f}** |" for r in kd]
     notes = sorted({f"{r['method']}: {r['note']}" for r in rows if r["note"]})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -606,6 +692,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ov.add_argument("--setup-steps", type=_ints, default=[20, 1000])
     ov.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ov.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ov.add_argument("--peers", default="diffusers",
+                    help="comma-separated peers: diffusers (always) and k-diffusion (needs the k-diffusion package, "
+                         "not a dependency of this project)")
     ov.add_argument("--rng", default="torch", choices=solvers.noise.RNGS,
                     help="our stochastic solvers' noise generator (default torch: per-sample CPU generators)")
     ov.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_overhead.md"))
@@ -678,7 +767,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unknown = [m for m in methods if m not in P.PEERS]
             if unknown:
                 parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng)
+            peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+            try:
+                rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng,
+                                    peers=peers)
+            except (ValueError, ImportError) as e:
+                parser.error(str(e))
             text = format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
         elif args.command == "scaling":
             from . import perf_studies as S

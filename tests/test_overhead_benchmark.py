@@ -166,3 +166,35 @@ def test_unet_called_the_same_way_as_diffusers(tiny_unet):
         ours = solvers.sample(model, x, "ddim", steps=None, timesteps=grid).samples
         theirs = P.run_peer(sched, perf._unet_fn(tiny_unet), x.clone(), step_kwargs=spec.step_kwargs)
     assert (ours - theirs).abs().max().item() < 1e-4 * max(1.0, theirs.abs().max().item())
+
+
+def _has_kdiffusion() -> bool:
+    try:
+        perf.import_kdiffusion()
+        return True
+    except ImportError:
+        return False
+
+
+def test_overhead_refuses_unknown_peers(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        perf.main(["overhead", "--peers", "diffusers,comfy", "--methods", "ddim", "--batches", "1", "--steps", "2",
+                   "--repeats", "1", "--out", str(tmp_path / "x.md")])
+    assert e.value.code == 2 and not (tmp_path / "x.md").exists()
+
+
+@pytest.mark.skipif(_has_kdiffusion(), reason="k-diffusion is installed here")
+def test_kdiffusion_peer_without_the_package_says_how_to_get_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        perf.main(["overhead", "--peers", "diffusers,k-diffusion", "--methods", "ddim", "--batches", "1",
+                   "--steps", "2", "--repeats", "1", "--out", str(tmp_path / "x.md")])
+    assert e.value.code == 2 and "pip install k-diffusion" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _has_kdiffusion(), reason="k-diffusion is not installed (it is not a dependency of this "
+                                                  "project; the overhead benchmark compares with it when present)")
+@pytest.mark.parametrize("key", sorted(perf.KDIFFUSION_SAMPLERS))
+def test_kdiffusion_runner_counts_the_same_model_calls(key):
+    ours, _ = perf.overhead_runners(key, batch=2, steps=TINY_STEPS, shape=TINY_SHAPE)
+    theirs = perf.kdiffusion_runner(key, batch=2, steps=TINY_STEPS, shape=TINY_SHAPE)
+    assert theirs().calls == ours().calls
