@@ -86,6 +86,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class synced_clock:
+    """``with synced_clock(device) as c: …`` → ``c.seconds``: the block's wall-clock time, the device
+    synchronised on entry and on exit (so queued device work is neither charged to it nor left out)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds = float("nan")
+
+    def __enter__(self):
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
 @contextlib.contextmanager
 def _timed_attribute(owner, name: str, acc: list):
     """Within the block, calls of ``owner.name`` add their seconds to acc[0] and count in acc[1]."""
@@ -134,14 +153,11 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
     def ours() -> Measurement:
         ours_fn.calls, ours_fn.seconds = 0, 0.0
         noise = [0.0, 0]
-        with _timed_attribute(PhiloxStreams if rng == "philox" else SeedStreams, "randn", noise):
-            _sync(dev)
-            t0 = time.perf_counter()
+        with _timed_attribute(PhiloxStreams if rng == "philox" else SeedStreams, "randn", noise), \
+                synced_clock(dev) as clock:
             solvers.sample(model, x, spec.solver, steps=steps, spacing=spacing, seeds=seeds, rng=rng,
                            **spec.options)
-            _sync(dev)
-            wall = time.perf_counter() - t0
-        return Measurement(wall, ours_fn.seconds, ours_fn.calls, noise[0], noise[1])
+        return Measurement(clock.seconds, ours_fn.seconds, ours_fn.calls, noise[0], noise[1])
 
     sched = getattr(diffusers, spec.scheduler)(**spec.config)
     theirs_fn = P.TimedFn(network)
@@ -157,14 +173,11 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
         generator = torch.Generator().manual_seed(0) if stochastic else None
         noise = [0.0, 0]
         draws_noise = hasattr(module, "randn_tensor")  # the deterministic schedulers' modules lack it
-        with _timed_attribute(module, "randn_tensor", noise) if draws_noise else contextlib.nullcontext():
-            _sync(dev)
-            t0 = time.perf_counter()
+        with _timed_attribute(module, "randn_tensor", noise) if draws_noise else contextlib.nullcontext(), \
+                synced_clock(dev) as clock:
             sched.set_timesteps(steps, device=dev)
             P.run_peer(sched, theirs_fn, start, generator=generator, step_kwargs=spec.step_kwargs)
-            _sync(dev)
-            wall = time.perf_counter() - t0
-        return Measurement(wall, theirs_fn.seconds, theirs_fn.calls, noise[0], noise[1])
+        return Measurement(clock.seconds, theirs_fn.seconds, theirs_fn.calls, noise[0], noise[1])
 
     return ours, theirs
 
@@ -223,12 +236,10 @@ def kdiffusion_runner(key: str, batch: int, steps: int, network: Callable = triv
 
     def run() -> Measurement:
         inner.calls, inner.seconds = 0, 0.0
-        _sync(dev)
-        t0 = time.perf_counter()
-        sigmas = sampling.get_sigmas_karras(steps, sigma_min, sigma_max, device=dev)
-        sampler(denoiser, x * sigmas[0], sigmas, disable=True, **options)
-        _sync(dev)
-        return Measurement(time.perf_counter() - t0, inner.seconds, inner.calls)
+        with synced_clock(dev) as clock:
+            sigmas = sampling.get_sigmas_karras(steps, sigma_min, sigma_max, device=dev)
+            sampler(denoiser, x * sigmas[0], sigmas, disable=True, **options)
+        return Measurement(clock.seconds, inner.seconds, inner.calls)
 
     return run
 
@@ -346,14 +357,6 @@ def unet_call(unet) -> Callable:
     return lambda x, t: unet(x, t).sample
 
 
-def _unet_fn(unet, bf16_channels_last: bool = False) -> Callable:
-    """:func:`unet_call`; optionally under bf16 autocast with channels_last input (output float32)."""
-    fn = unet_call(unet)
-    if not bf16_channels_last:
-        return fn
-    return solvers.FastNetwork(fn, autocast="bf16", channels_last=True)
-
-
 @dataclass(frozen=True)
 class E2EVariant:
     """One way of running a whole sampling call in the e2e benchmark.
@@ -450,13 +453,11 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
     peer_keys = {E2E_VARIANTS[n].network_key for n in names if E2E_VARIANTS[n].loop == "diffusers"}
     with torch.no_grad():
         for key, fn in networks.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn(x, t_batch)
-            # diffusers' loop passes a 0-dim t; graphs replay the (batch,) one again
-            fn(x, torch.tensor(500.0, device=dev) if key in peer_keys else t_batch)
-            _sync(dev)
-            setup_s[key] = time.perf_counter() - t0
+            with synced_clock(dev) as clock:
+                fn(x, t_batch)
+                # diffusers' loop passes a 0-dim t; graphs replay the (batch,) one again
+                fn(x, torch.tensor(500.0, device=dev) if key in peer_keys else t_batch)
+            setup_s[key] = clock.seconds
     rows = []
     for key in solver_keys:
         spec = P.PEERS[key]
@@ -470,31 +471,25 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
                     model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
 
                     def run(model=model):
-                        _sync(dev)
-                        t0 = time.perf_counter()
-                        res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
-                        _sync(dev)
-                        return Measurement(time.perf_counter() - t0, float("nan"), res.nfe)
+                        with synced_clock(dev) as clock:
+                            res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
+                        return Measurement(clock.seconds, float("nan"), res.nfe)
                 elif v.loop == "network":
                     def run(fn=fn):
-                        _sync(dev)
-                        t0 = time.perf_counter()
-                        for _ in range(nfe):
-                            fn(x, t_batch)
-                        _sync(dev)
-                        return Measurement(time.perf_counter() - t0, float("nan"), nfe)
+                        with synced_clock(dev) as clock:
+                            for _ in range(nfe):
+                                fn(x, t_batch)
+                        return Measurement(clock.seconds, float("nan"), nfe)
                 else:
                     sched = getattr(diffusers, spec.scheduler)(**spec.config)
                     timed = P.TimedFn(fn)
 
                     def run(sched=sched, timed=timed):
                         timed.calls = 0
-                        _sync(dev)
-                        t0 = time.perf_counter()
-                        sched.set_timesteps(nfe, device=dev)
-                        P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
-                        _sync(dev)
-                        return Measurement(time.perf_counter() - t0, float("nan"), timed.calls)
+                        with synced_clock(dev) as clock:
+                            sched.set_timesteps(nfe, device=dev)
+                            P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
+                        return Measurement(clock.seconds, float("nan"), timed.calls)
                 runners[name] = run
             with torch.no_grad():
                 compiles = any(E2E_VARIANTS[n].compile for n in names)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +31,7 @@ import torch
 import pretrained
 import solvers
 
-from .perf import _sync
+from .perf import synced_clock
 
 __all__ = ["random_inception_weights", "linear_fit", "run_scaling", "format_scaling", "run_quality",
            "format_quality", "UNET_RANDOM"]
@@ -92,14 +91,12 @@ def _load(model_name: str, device: str):
 
 def _time_sampling(model, shape, n: int, steps: int, solver: str, batch: int, device) -> float:
     seeds = list(range(n))
-    _sync(torch.device(device))
-    t0 = time.perf_counter()
-    for b0 in range(0, n, batch):
-        s = seeds[b0:b0 + batch]
-        x = solvers.initial_noise((len(s), *shape), s, schedule=model.schedule, device=device)
-        solvers.sample(model, x, solver=solver, steps=steps, seeds=s)
-    _sync(torch.device(device))
-    return time.perf_counter() - t0
+    with synced_clock(device) as clock:
+        for b0 in range(0, n, batch):
+            s = seeds[b0:b0 + batch]
+            x = solvers.initial_noise((len(s), *shape), s, schedule=model.schedule, device=device)
+            solvers.sample(model, x, solver=solver, steps=steps, seeds=s)
+    return clock.seconds
 
 
 def run_scaling(model_name: str = "ddpm_mnist", samples: Sequence[int] = (100, 200, 400, 800),
@@ -138,11 +135,9 @@ def run_scaling(model_name: str = "ddpm_mnist", samples: Sequence[int] = (100, 2
             seeds = list(range(n))
             x = solvers.initial_noise((n, *shape), seeds, schedule=model.schedule, device=device)
             images = to_uint8_rgb(to_images(x[:n].clamp(-1, 1)))  # any images of the right size time the same
-            _sync(torch.device(device))
-            t0 = time.perf_counter()
-            extract_features(extractor, layer, UInt8Images(images), device=device, batch_size=batch)
-            _sync(torch.device(device))
-            t_f = time.perf_counter() - t0
+            with synced_clock(device) as clock:
+                extract_features(extractor, layer, UInt8Images(images), device=device, batch_size=batch)
+            t_f = clock.seconds
             out["by_samples"].append({"n": n, "sampling_s": t_s, "features_s": t_f})
             if progress:
                 print(f"  n = {n:>6}: sampling {t_s:8.3f} s, features {t_f:8.3f} s", file=sys.stderr)

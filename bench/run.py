@@ -675,19 +675,21 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
                          "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
                          "without them")
-    probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
     if args.batch_size == "auto":
         from .autobatch import auto_batch_size
+        # probed without compilation or graphs, which would compile or capture every probed shape
+        probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
         per_rank = -(-args.num_samples // dist.world)
         chosen = auto_batch_size(probe, tuple(card.sample_shape), device, dtype, cap=per_rank)
         args.batch_size = chosen.batch_size
         if dist.main and not args.quiet:
             print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
-    try:
-        model = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last,
-                                   compile=args.compile or False, cuda_graph=args.cuda_graph)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if network_setting(args) != "eager":  # a plain run calls the network directly, no wrapper on the hot path
+        try:
+            model = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last,
+                                       compile=args.compile or False, cuda_graph=args.cuda_graph)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
                 "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,

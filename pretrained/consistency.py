@@ -131,17 +131,17 @@ class ClassConditionalUNet(torch.nn.Module):
         self.class_labels = class_labels
         self.label_seed = int(label_seed)
         self.num_classes = int(unet.config.num_class_embeds)
+        self._label_cache: dict = {}
 
     def labels(self, batch: int, device) -> torch.Tensor:
         """The class labels of a batch of ``batch`` rows (made and moved to ``device`` once per batch size and
         device: no host→device copy per network call, so the network can be captured in a CUDA graph)."""
-        cache = self.__dict__.setdefault("_label_cache", {})
         lab = self.class_labels
         lab_key = lab if lab is None or isinstance(lab, int) else tuple(torch.as_tensor(lab).reshape(-1).tolist())
         key = (batch, str(device), lab_key, self.label_seed)
-        if key not in cache:
-            cache[key] = self._make_labels(batch).to(device)
-        return cache[key]
+        if key not in self._label_cache:
+            self._label_cache[key] = self._make_labels(batch).to(device)
+        return self._label_cache[key]
 
     def _make_labels(self, batch: int) -> torch.Tensor:
         lab = self.class_labels

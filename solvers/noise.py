@@ -100,7 +100,7 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rou
     """Philox4x32-``rounds`` on int64 tensors holding 32-bit values (broadcast together).
 
     Args:
-        counter: four tensors (c0, c1, c2, c3), each value in [0, 2³²).
+        counter: four tensors (c0, c1, c2, c3) — or Python ints for constant words — each value in [0, 2³²).
         key: two tensors (k0, k1), each value in [0, 2³²).
 
     Returns:
@@ -139,11 +139,13 @@ class PhiloxStreams:
         for v in shape:
             n *= v
         blocks = (n + 3) // 4                       # one Philox call gives four uniforms → four normals
-        j = torch.arange(blocks, dtype=torch.int64, device=dev).unsqueeze(0)
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
-        draw = torch.full((), self.draws & _M32, dtype=torch.int64, device=dev)
+        j = self._on.get((dev, blocks))
+        if j is None:
+            j = self._on[(dev, blocks)] = torch.arange(blocks, dtype=torch.int64, device=dev).unsqueeze(0)
+        draw = self.draws & _M32
         self.draws += 1
-        words = philox4x32((j, draw, zero, zero), (keys[:, :1], keys[:, 1:]))
+        # the draw number and the zero words stay host ints: no device tensors made per draw for them
+        words = philox4x32((j, draw, 0, 0), (keys[:, :1], keys[:, 1:]))
         scale = 2.0 ** -32
         # u1 in (0, 1] (log is finite), u2 in [0, 1)
         u1a, u2a = (words[0].double() + 1.0) * scale, words[1].double() * scale

@@ -162,9 +162,9 @@ def test_unet_called_the_same_way_as_diffusers(tiny_unet):
     grid = P.our_grid(sched, P.linear_schedule())
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model = solvers.DiffusionModel(perf._unet_fn(tiny_unet), schedule=P.linear_schedule(), prediction="eps")
+        model = solvers.DiffusionModel(perf.unet_call(tiny_unet), schedule=P.linear_schedule(), prediction="eps")
         ours = solvers.sample(model, x, "ddim", steps=None, timesteps=grid).samples
-        theirs = P.run_peer(sched, perf._unet_fn(tiny_unet), x.clone(), step_kwargs=spec.step_kwargs)
+        theirs = P.run_peer(sched, perf.unet_call(tiny_unet), x.clone(), step_kwargs=spec.step_kwargs)
     assert (ours - theirs).abs().max().item() < 1e-4 * max(1.0, theirs.abs().max().item())
 
 
