@@ -20,6 +20,16 @@ from solvers.schedules import Schedule
 __all__ = ["GaussianMixture", "gmm2d", "gaussian", "gmm_nd"]
 
 
+def _solver_time(schedule: Schedule, model_time: torch.Tensor, scale: float) -> torch.Tensor:
+    """The solver time behind a network time input, kept inside the schedule's range.
+
+    A float32 time input carries rounding (0.999 in float32 / 0.001 = 999.0000128 on a 1000-step schedule with
+    ``time_scale=1/1000``), which must not take an exact network outside ``[t_zero, t_max]``.
+    """
+    t = model_time.to(torch.float64).cpu() / scale
+    return torch.clamp(t, min=schedule.t_zero, max=schedule.t_max)
+
+
 class GaussianMixture:
     """An isotropic Gaussian mixture in R^d with an exact denoiser.
 
@@ -93,7 +103,7 @@ class GaussianMixture:
         scale = schedule.time_scale
 
         def fn(x: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
-            t = model_time.to(torch.float64).cpu() / scale
+            t = _solver_time(schedule, model_time, scale)
             a = schedule.alpha(t).to(x.device)
             s = schedule.sigma(t).to(x.device)
             x0 = self.denoise(x, a, s).to(torch.float64)
@@ -180,7 +190,7 @@ class GaussianMixture:
         scale = schedule.time_scale
 
         def fn(x: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
-            t = (model_time.to(torch.float64).cpu() / scale).tolist()
+            t = _solver_time(schedule, model_time, scale).tolist()
             if len(set(t)) != 1:
                 raise ValueError("consistency_network expects one time per call")
             return self.flow_map(schedule, x, t[0], schedule.t_zero)

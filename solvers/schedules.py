@@ -40,7 +40,7 @@ def _t64(t: TimeLike) -> torch.Tensor:
 
 
 def _sigma_from_log_alpha(log_alpha: torch.Tensor) -> torch.Tensor:
-    # σ = sqrt(1 − α²) computed without cancellation for α close to 1.
+    # σ = sqrt(1 − α²) computed without cancellation for α close to 1; log α ≤ 0 (see _VariancePreserving).
     return torch.sqrt(-torch.expm1(2.0 * log_alpha))
 
 
@@ -144,24 +144,34 @@ class Schedule:
 
 
 class _VariancePreserving(Schedule):
-    """Shared pieces of the VP schedules, defined through log α(t)."""
+    """Shared pieces of the VP schedules, defined through log α(t).
+
+    Subclasses implement ``_raw_log_alpha``; the public ``log_alpha`` clamps it to ≤ 0, so α ∈ [0, 1] and
+    σ = sqrt(−expm1(2 log α)) ≥ 0 by construction.  Without the clamp a formula that is exactly 0 at t_zero in
+    exact arithmetic (the cosine schedule's log cos θ(t) − log cos θ(0)) can round to +1e-20 on one CPU and
+    make σ² < 0 (NaN) there while giving 0 on another.
+    """
 
     variance_preserving = True
 
-    def log_alpha(self, t: TimeLike) -> torch.Tensor:
+    def _raw_log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def log_alpha(self, t: TimeLike) -> torch.Tensor:
+        """log α(t), never above 0."""
+        return torch.clamp(self._raw_log_alpha(_t64(t)), max=0.0)
 
     def d_log_alpha(self, t: TimeLike) -> torch.Tensor:
         raise NotImplementedError
 
     def alpha(self, t: TimeLike) -> torch.Tensor:
-        return torch.exp(self.log_alpha(_t64(t)))
+        return torch.exp(self.log_alpha(t))
 
     def sigma(self, t: TimeLike) -> torch.Tensor:
-        return _sigma_from_log_alpha(self.log_alpha(_t64(t)))
+        return _sigma_from_log_alpha(self.log_alpha(t))
 
     def log_snr(self, t: TimeLike) -> torch.Tensor:
-        la = self.log_alpha(_t64(t))
+        la = self.log_alpha(t)
         return la - 0.5 * torch.log(-torch.expm1(2.0 * la))
 
     def d_alpha(self, t: TimeLike) -> torch.Tensor:
@@ -211,8 +221,7 @@ class VPLinear(_VariancePreserving):
         self.t_min, self.t_max, self.default_t_end = float(t_min), 1.0, float(default_t_end)
         self.time_scale = float(time_scale)
 
-    def log_alpha(self, t):
-        t = _t64(t)
+    def _raw_log_alpha(self, t):
         return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def d_log_alpha(self, t):
@@ -246,12 +255,17 @@ class VPCosine(_VariancePreserving):
         self.t_min, self.t_max, self.default_t_end = float(t_min), float(t_max), float(default_t_end)
         self.time_scale = float(time_scale)
         self._log_cos0 = math.log(math.cos(math.pi / 2 * self.s / (1 + self.s)))
+        self._tan0 = math.tan(math.pi / 2 * self.s / (1 + self.s))
 
     def _theta(self, t):
         return math.pi / 2 * (_t64(t) + self.s) / (1 + self.s)
 
-    def log_alpha(self, t):
-        return torch.log(torch.cos(self._theta(t))) - self._log_cos0
+    def _raw_log_alpha(self, t):
+        # cos θ(t) / cos θ(0) with θ(t) = θ(0) + δ:  cos δ − tan θ(0)·sin δ = 1 − 2 sin²(δ/2) − tan θ(0)·sin δ.
+        # Exactly 1 at t = 0 on every CPU (sin 0 = 0 in IEEE arithmetic) and free of cancellation near it,
+        # where log cos θ(t) − log cos θ(0) rounded to ±1e-20 depending on the CPU's cosine.
+        delta = (math.pi / 2) * t / (1 + self.s)
+        return torch.log1p(-2.0 * torch.sin(0.5 * delta) ** 2 - self._tan0 * torch.sin(delta))
 
     def d_log_alpha(self, t):
         return -torch.tan(self._theta(t)) * (math.pi / 2) / (1 + self.s)
@@ -259,7 +273,8 @@ class VPCosine(_VariancePreserving):
     def t_from_log_snr(self, lam):
         log_alpha = _log_alpha_from_log_snr(_t64(lam))
         theta = torch.arccos(torch.exp(log_alpha + self._log_cos0))
-        return theta * 2 * (1 + self.s) / math.pi - self.s
+        # θ(λ = ∞) = θ(0) up to rounding, which can land a hair below t_zero = 0.
+        return torch.clamp(theta * 2 * (1 + self.s) / math.pi - self.s, min=0.0)
 
     def describe(self):
         return f"s={self.s}, t_max={self.t_max}"
@@ -327,8 +342,7 @@ class DiscreteVP(_VariancePreserving):
         k = torch.clamp(torch.floor(pos), 0, self._log_alpha_knots.numel() - 2).long()
         return k, pos - k.to(torch.float64)
 
-    def log_alpha(self, t):
-        t = _t64(t)
+    def _raw_log_alpha(self, t):
         if bool(((t < self.t_zero) | (t > self.t_max)).any()):
             raise ValueError(f"DiscreteVP: time {t.tolist()} is outside [{self.t_zero}, {self.t_max}]")
         k, frac = self._segment(t)

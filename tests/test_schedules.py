@@ -225,3 +225,37 @@ def test_bad_schedule_parameters_raise(build, message):
     """Invalid schedule parameters raise a ValueError that says what is required."""
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# --- α ∈ [0, 1] and σ ≥ 0 by construction, whatever the CPU's rounding ------------------------------------
+
+def test_cosine_log_alpha_is_exactly_zero_at_t_zero_and_accurate_near_it():
+    """log α(0) = 0 exactly (sin 0 = 0 in IEEE arithmetic on every CPU), log α < 0 for t > 0, and the value
+    near 0 agrees with the first-order expansion −tan θ(0)·δ, δ = π/2·t/(1+s), where the former
+    log cos θ(t) − log cos θ(0) rounded to ±1e-20 at t = 0 (NaN σ on an AMD EPYC) and lost 4 digits at 1e-12."""
+    s = schedules.VPCosine()
+    assert float(s.log_alpha(0.0)) == 0.0
+    t = torch.tensor([1e-300, 1e-15, 1e-12], dtype=torch.float64)
+    delta = math.pi / 2 * t / (1 + s.s)
+    first_order = -math.tan(math.pi / 2 * s.s / (1 + s.s)) * delta
+    torch.testing.assert_close(s.log_alpha(t), first_order, rtol=1e-8, atol=0.0)
+    assert bool((s.log_alpha(t) < 0).all())
+
+
+@pytest.mark.parametrize("shift", [1e-20, 1e-16, 0.0])
+@pytest.mark.parametrize("factory", [schedules.VPLinear, schedules.VPCosine, schedules.DiscreteVP.linear,
+                                     schedules.DiscreteVP.cosine], ids=["vp_linear", "vp_cosine",
+                                                                        "discrete_linear", "discrete_cosine"])
+def test_vp_log_alpha_that_rounds_above_zero_is_clamped(factory, shift, monkeypatch):
+    """A raw log α a hair above 0 (a CPU's rounding, simulated) still gives α = 1, σ = 0 and λ = +∞ at
+    t_zero, and α ∈ [0, 1], σ ∈ [0, 1] with finite λ on the whole range above it."""
+    s = factory()
+    raw = type(s)._raw_log_alpha
+    monkeypatch.setattr(s, "_raw_log_alpha", lambda t: raw(s, t) + shift)
+    assert float(s.log_alpha(s.t_zero)) == 0.0
+    assert float(s.alpha(s.t_zero)) == 1.0 and float(s.sigma(s.t_zero)) == 0.0
+    assert float(s.log_snr(s.t_zero)) == math.inf
+    t = torch.linspace(s.t_zero, s.t_max, 2001, dtype=torch.float64)
+    a, sig = s.alpha(t), s.sigma(t)
+    assert bool(((a >= 0) & (a <= 1) & (sig >= 0) & (sig <= 1)).all())
+    assert bool(torch.isfinite(s.log_snr(t[sig > 0])).all())
