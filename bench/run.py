@@ -36,7 +36,7 @@ from . import metrics as M
 from .autobatch import parse_batch_size
 from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
                       atomic_write_text, cell_key, check_run_settings, command_line, environment, load_results,
-                      save_results, upsert_row)
+                      record_row, results_lock)
 
 __all__ = ["main", "run", "build_parser", "parse_steps", "parse_solvers", "default_spacing", "plan_cells", "Cell",
            "sample_seeds", "DEFAULTS"]
@@ -694,7 +694,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
                 "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
                 "reference_size": args.reference_size, "network": network_setting(args),
-                "rng": args.rng,
+                "rng": args.rng, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
                 "model_options": json.dumps(model_options, sort_keys=True, default=str)}
     plan = None
     if dist.main:
@@ -751,7 +751,6 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
                         "num_samples": args.num_samples, "command": command, "written_at": _now()}
             atomic_write_text(out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
 
-    results = load_results(out_dir) if dist.main else None
     labels = {k: M.METRICS[k].label for k in metric_keys}
     for cell in _bar(todo, desc="cells", unit="cell", disable=not progress):
         started = _now()
@@ -792,15 +791,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
             row.update({"status": "failed", "error": errors[0]})
         row["finished_at"] = _now()
         row["time_cell_s"] = time.perf_counter() - t_cell
-        results = upsert_row(results, row)
-        save_results(results, out_dir)
+        record_row(out_dir, row, settings)  # re-reads the file under a lock: rows of a concurrent run are kept
         if not args.quiet:
             _bar_write(_cell_line(row, metric_keys, labels))
         _test_hook(len(todo))
 
     if dist.main and not args.no_report:
         from .report import build_report
-        build_report(out_dir, quiet=args.quiet)
+        with results_lock(out_dir):  # a concurrent run's last report then includes every row
+            build_report(out_dir, quiet=args.quiet)
     if dist.world > 1:
         torch.distributed.barrier()
     return out_dir
@@ -821,7 +820,7 @@ def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, e
            "dtype": settings["dtype"], "device": device, "device_type": settings["device_type"],
            "world_size": dist.world, "metrics": settings["metrics"], "reference": card.reference,
            "reference_size": args.reference_size, "network": settings["network"],
-           "rng": settings["rng"],
+           "rng": settings["rng"], "threads": settings["threads"],
            "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
            "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
            "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}

@@ -50,6 +50,14 @@ def _env():
     return env
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """bench.run's --threads sets torch's thread count for the whole process: give it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- the sweep end to end --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
@@ -133,8 +141,10 @@ def test_report_is_rebuilt_from_the_results_alone(sweep, tmp_path):
 # -- resume ---------------------------------------------------------------------------------------------------
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
     out = tmp_path / "resume"
+    # --threads 1: the killed subprocess and the resuming in-process runs time their cells alike (a folder
+    # refuses cells timed under another thread count)
     args = ["--model", "gmm2d", "--num-samples", "100", "--solvers", "ddim,dpmpp", "--steps", "1,2,3",
-            "--metric", "fd_data", "--no-report"]
+            "--metric", "fd_data", "--no-report", "--threads", "1"]
     # The process dies (os._exit, as if killed) right after the 2nd cell is written.
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quiet", "--out", str(out), *args], cwd=ROOT,
                           env=dict(_env(), BENCH_CRASH_AFTER_CELLS="2"), capture_output=True, text=True,
