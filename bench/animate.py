@@ -3,7 +3,9 @@
     python -m bench.animate --model gmm2d --solver dpmpp --steps 50
     python -m bench.animate --model ddpm_mnist --solver ddim --steps 50 --num-samples 8
 
-writes ``OUT.gif`` (animated) and ``OUT.html`` (a page showing it, with the command that made it).  Each frame
+writes ``OUT.gif`` (animated) and ``OUT.html`` (a page showing it, with the command that made it); OUT defaults
+to ``runs/animation_MODEL`` (the committed copies in ``reports/`` are refreshed only with an explicit
+``--out reports/animation_MODEL``).  Each frame
 shows the solver time t and ᾱ_t = α(t)² (the signal fraction; for non-VP schedules α and σ are shown).
 2-D models are drawn as point clouds, image models as a strip of images.
 """
@@ -152,7 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="points (2-D, default 1000) or images in the strip (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and noise (default 0)")
     p.add_argument("--fps", type=int, default=12, help="frames per second of the GIF (default 12)")
-    p.add_argument("--out", default=None, help="output path without extension (default reports/animation_MODEL)")
+    p.add_argument("--out", default=None, help="output path without extension (default runs/animation_MODEL; the committed "
+                        "copies are refreshed with --out reports/animation_MODEL)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be a positive integer, got {args.steps}")
@@ -163,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if card.data_sampler is None:
         data = _reference_data(card, n)
     frames, labels, card = trajectory(args.model, args.solver, args.steps, n, args.seed, data=data)
-    out = Path(args.out or f"reports/animation_{args.model}")
+    out = Path(args.out or f"runs/animation_{args.model}")
     out.parent.mkdir(parents=True, exist_ok=True)
     gif, page = out.with_suffix(".gif"), out.with_suffix(".html")
     _render_gif(frames, labels, card, gif, args.fps)

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .charts import metric_chart, sample_panels
-from .results import METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results
+from .results import (METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results,
+                      row_threads)
 
 __all__ = ["build_report", "main", "PUBLISHED", "observations"]
 
@@ -205,6 +207,15 @@ def _setting(row, name: str, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
+def _timing_conditions(df: pd.DataFrame) -> tuple[list[int], list[int], list[str]]:
+    """The distinct thread counts and batch sizes the cells were timed with, and the device names without the
+    thread count that older files wrote into them."""
+    threads = sorted({t for t in (row_threads(r) for r in df.to_dict("records")) if t is not None})
+    batches = sorted({int(b) for b in df["batch_size"].dropna()})
+    devices = list(dict.fromkeys(re.sub(r"\s*\(\d+ threads\)\s*$", "", str(v)) for v in df["device_name"]))
+    return threads, batches, devices
+
+
 def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html`` and ``figures/`` in ``out_dir`` from its results.
 
@@ -241,13 +252,20 @@ def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
     doc = _Doc()
     doc.h(1, f"Sampler benchmark: {model}")
     ok = df[df["status"] == "ok"]
+    threads, batches, devices = _timing_conditions(df)
     doc.p(f"{len(df)} cells ({len(ok)} ok, {len(df) - len(ok)} failed), {n:,} samples per cell, seed "
-          f"{int(first['seed'])}, {first['dtype']} on {first['device_name']} "
-          f"(batch {', '.join(str(int(b)) for b in sorted(set(df['batch_size'].dropna())))}; network call: "
+          f"{int(first['seed'])}, {first['dtype']} on {', '.join(devices)} "
+          f"({', '.join(map(str, threads)) or 'unrecorded'} CPU threads; "
+          f"batch {', '.join(map(str, batches))}; network call: "
           f"{_setting(first, 'network', 'eager')}; noise: {_setting(first, 'rng', 'torch')} generators) "
           f"({first['device']}{', ' + str(int(first['world_size'])) + ' processes' if int(first['world_size']) > 1 else ''})."
           " Every cell starts sample j from the same per-sample seed; timing excludes the warm-up batches and "
           "synchronises the device; NFE is the number of model calls the library counted per sample.")
+    if len(threads) > 1 or len(batches) > 1:
+        doc.p(f"**Timings are not comparable across all cells:** they were made under different conditions "
+              f"(CPU threads: {', '.join(map(str, threads))}; batch sizes: {', '.join(map(str, batches))}; see "
+              "the threads and batch_size columns of results.csv). Compare wall-clock only between cells made "
+              "with the same values; bench.run no longer adds cells made under other values to one folder.")
     doc.p("Produced by:")
     doc.code("\n".join(dict.fromkeys(df["command"].dropna().astype(str))))
 

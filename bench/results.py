@@ -8,33 +8,42 @@ overwritten.  Writes go to a temporary file in the same directory followed by ``
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
+import re
 import platform
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
-           "load_results", "save_results", "upsert_row", "cell_key", "check_run_settings",
+           "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
+           "check_run_settings", "row_threads",
            "environment", "git_commit", "metric_columns", "METRIC_PREFIX"]
 
 SCHEMA_VERSION = 1
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
+LOCK_FILE = "results.lock"  # held while a process reads-modifies-writes results.csv (see results_lock)
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
 RUN_SETTING_COLUMNS = ("model", "model_options", "num_samples", "seed", "metrics", "dtype", "device_type",
                        "reference_size", "network", "rng")
 # Settings added after the first results files were written: a file without the column was made with this value.
 RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
+# The conditions that change wall-clock without changing the samples: rows timed under other values are not
+# comparable.  A row that does not record one (a file from before the column) is not compared on it.
+TIMING_SETTING_COLUMNS = {"threads": "--threads", "batch_size": "--batch-size"}
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,11 +132,49 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
             f"{Path(out_dir) / RESULTS_CSV} holds results made with other run settings ("
             + "; ".join(diffs) + "). One results directory holds one study; it was not modified. "
             "Use another --out DIR (or move the old directory away).")
+    _check_timing_settings(existing, settings, out_dir)
+
+
+def row_threads(row) -> Optional[int]:
+    """The CPU thread count a row was timed with: its ``threads`` column, or for files from before that column
+    the "(N threads)" that :func:`environment` wrote into ``device_name``; None where neither says."""
+    value = _normalise(row.get("threads"))
+    if value is not None:
+        return int(value)
+    found = re.search(r"\((\d+) threads\)\s*$", str(row.get("device_name") or ""))
+    return int(found.group(1)) if found else None
+
+
+def _check_timing_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathLike) -> None:
+    """Refuse rows timed under another --threads / --batch-size (their wall-clock is not comparable)."""
+    diffs, same = [], []
+    for k, flag in TIMING_SETTING_COLUMNS.items():
+        if k == "threads":
+            values = [row_threads(r) for r in existing.to_dict("records")]
+        else:
+            values = [_normalise(v) for v in existing[k].tolist()] if k in existing.columns else []
+        old = sorted({int(v) for v in values if v is not None})
+        new = _normalise(settings.get(k))
+        if new is None or not old:
+            continue
+        if old != [int(new)]:
+            diffs.append(f"{flag} {', '.join(map(str, old))} in the file vs {new} now")
+            same.append(f"{flag} {old[0]}" if len(old) == 1 else f"{flag} (one of {', '.join(map(str, old))})")
+    if diffs:
+        raise IncompatibleResultsError(
+            f"{Path(out_dir) / RESULTS_CSV} holds cells timed under other conditions ({'; '.join(diffs)}): "
+            "wall-clock from different thread counts or batch sizes is not comparable, so one results directory "
+            f"does not mix them; it was not modified. Rerun with the same values ({' '.join(same)}) or use "
+            "another --out DIR.")
 
 
 # -- load / save -----------------------------------------------------------------------------------------
-def load_results(out_dir: os.PathLike) -> pd.DataFrame:
+def load_results(out_dir: os.PathLike, *, quiet: bool = False) -> pd.DataFrame:
     """The results table of ``out_dir`` (empty if there is none yet).
+
+    A last row cut short (the file ends inside it: a disk filled up, a copy was interrupted) is not a finished
+    cell: it is left out of the table, so the next write drops it and ``bench.run`` redoes that cell; a line
+    on stderr names it unless ``quiet``.
 
     Raises:
         IncompatibleResultsError: the file is not a results table of this schema version.
@@ -136,10 +183,18 @@ def load_results(out_dir: os.PathLike) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame()
     try:
-        df = pd.read_csv(path, keep_default_na=True)
-    except Exception as e:  # a truncated or foreign file: refuse, keep it
+        text = path.read_text(encoding="utf-8")
+        complete, partial = split_incomplete_row(text)
+        df = pd.read_csv(io.StringIO(complete), keep_default_na=True) if complete else pd.DataFrame()
+    except Exception as e:  # a foreign or damaged file: refuse, keep it
         raise IncompatibleResultsError(f"{path} could not be read as a results table ({e}); "
                                        "it was left as it is: use another --out DIR or move it away") from e
+    if partial == {} and not ("schema_version".startswith(text) or text.startswith("schema_version,")):
+        raise IncompatibleResultsError(f"{path} is not a results table (its first line is incomplete and is not "
+                                       "bench.run's header); it was left as it is: use another --out DIR or move "
+                                       "it away")
+    if df.empty and not len(df.columns):
+        return df
     if "schema_version" not in df.columns:
         raise IncompatibleResultsError(
             f"{path} has no schema_version column: it was not written by bench.run (or by a version before "
@@ -150,7 +205,51 @@ def load_results(out_dir: os.PathLike) -> pd.DataFrame:
             f"{path} was written with results schema version {', '.join(map(str, versions))}; this bench "
             f"writes version {SCHEMA_VERSION} and cannot extend it. It was left as it is; use another --out DIR, "
             "or rebuild the old results with the version of the code that wrote them.")
+    if partial and not quiet:
+        cell = partial.get("cell_id") or partial.get("cell_key") or "unknown: cut before its id"
+        print(f"bench: {path}: the last row (cell {cell}) is incomplete — the file ends inside it; it is not "
+              "counted as done, is dropped at the next write, and bench.run redoes that cell", file=sys.stderr)
     return df
+
+
+def split_incomplete_row(text: str) -> tuple[str, Optional[dict]]:
+    """Split a results CSV into the text of its complete records and the incomplete last record, if any.
+
+    ``save_results`` ends every record with a line break, and every record has one field per header column,
+    with its quotes closed; a last record that breaks any of these was cut short.
+
+    Returns:
+        (text of the header and the complete rows, the incomplete row as {column: value} or None).
+
+    Raises:
+        ValueError: a record other than the last has the wrong number of fields (not a truncation).
+    """
+    spans = []  # (start offset, end offset, fields) of every record
+    consumed = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal consumed
+        for line in io.StringIO(text, newline=""):
+            consumed += len(line)
+            yield line
+
+    start = 0
+    for fields in csv.reader(lines()):
+        spans.append((start, consumed, fields))
+        start = consumed
+    if not spans:
+        return "", None
+    header = spans[0][2]
+    for i, (_, _, fields) in enumerate(spans[1:-1], start=2):
+        if len(fields) != len(header):
+            raise ValueError(f"record {i} has {len(fields)} fields, the header {len(header)}")
+    first, end, fields = spans[-1]
+    whole = text.endswith(("\n", "\r")) and text[first:end].count('"') % 2 == 0
+    if whole and (len(spans) == 1 or len(fields) == len(header)):
+        return text, None
+    if len(spans) == 1:  # cut inside the header: no row at all
+        return "", {}
+    return text[:first], dict(zip(header, fields))
 
 
 def save_results(df: pd.DataFrame, out_dir: os.PathLike) -> None:
@@ -174,6 +273,58 @@ def upsert_row(df: pd.DataFrame, row: dict) -> pd.DataFrame:
         return new
     keep = df[df["cell_key"] != row["cell_key"]]
     return pd.concat([keep, new], ignore_index=True, sort=False)
+
+
+@contextlib.contextmanager
+def results_lock(out_dir: os.PathLike) -> Iterator[None]:
+    """Hold ``out_dir``'s write lock (``results.lock``; the operating system releases it when the process ends,
+    however it ends), so that processes writing to one results directory take turns."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a+b") as f:
+        _lock_file(f, True)
+        try:
+            yield
+        finally:
+            _lock_file(f, False)
+
+
+def _lock_file(f, lock: bool) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        f.seek(0)
+        if lock:
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                    return
+                except OSError:
+                    continue
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX if lock else fcntl.LOCK_UN)
+
+
+def record_row(out_dir: os.PathLike, row: dict, settings: dict) -> pd.DataFrame:
+    """Add one cell's row to ``out_dir``'s results without losing another process's rows.
+
+    Under :func:`results_lock` the file is read again (another ``bench.run`` into the same directory may have
+    added rows since), checked against this run's ``settings``, given the row and written atomically.
+
+    Returns:
+        The table as written.
+
+    Raises:
+        IncompatibleResultsError: rows written meanwhile by a run with other settings (the file is kept).
+    """
+    with results_lock(out_dir):
+        df = load_results(out_dir, quiet=True)
+        check_run_settings(df, settings, out_dir)
+        df = upsert_row(df, row)
+        save_results(df, out_dir)
+    return df
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:

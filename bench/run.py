@@ -36,7 +36,7 @@ from . import metrics as M
 from .autobatch import parse_batch_size
 from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
                       atomic_write_text, cell_key, check_run_settings, command_line, environment, load_results,
-                      save_results, upsert_row)
+                      record_row, results_lock)
 
 __all__ = ["main", "run", "build_parser", "parse_steps", "parse_solvers", "default_spacing", "plan_cells", "Cell",
            "sample_seeds", "DEFAULTS"]
@@ -52,6 +52,10 @@ LOGSNR_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_2m_sde")
 
 class UsageError(ValueError):
     """Bad command-line input (reported with the valid choices)."""
+
+
+class AllCellsFailedError(RuntimeError):
+    """Every cell this run tried failed (each is recorded with its reason): nothing was measured."""
 
 
 # -- argument parsing --------------------------------------------------------------------------------------
@@ -227,8 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image models: use only the first N reference images (default: all, e.g. 50,000 for "
                         "cifar10-train); analytic models: number of exact data samples (default: --num-samples)")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL)")
-    p.add_argument("--force", action="store_true", help="redo cells that are already in OUT/results.csv")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
+    p.add_argument("--force", action="store_true",
+                   help="redo cells that are already in OUT/results.csv. Without it a rerun skips every recorded "
+                        "cell, those recorded as failed included (it says how many): a failure is a result, and "
+                        "redoing it is asked for with --force")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-cell lines (progress bars only when stderr is a terminal; "
+                        "otherwise one plain line per cell)")
+    p.add_argument("--debug", action="store_true",
+                   help="on a known error (bad input, missing weights, unusable results folder) print the full "
+                        "traceback as well as the one-line message")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
     p.add_argument("--cache-dir", default=None,
                    help="cache of reference feature statistics (default: $BENCH_CACHE_DIR or "
@@ -420,12 +432,60 @@ def _init_dist(device_arg: Optional[str]) -> tuple[Dist, str]:
 
 
 def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work.
+
+    Raises:
+        UsageError: naming the device, why it cannot be used and what can.
+    """
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise UsageError(f"--device {device!r} is not a torch device ({e}); use cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was asked for but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 … cuda:{count - 1}; use one of them")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(f"--device {device} was asked for but MPS (Apple Metal) is not available here; "
+                             "use --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+    elif dev.type == "meta":
+        raise UsageError("--device meta holds no data, so nothing can be sampled or measured; use cpu or cuda[:N]")
+    elif dev.type != "cpu":
+        try:
+            torch.zeros(1, device=dev)
+        except Exception as e:  # noqa: BLE001 — any failure means the device is unusable here
+            raise UsageError(f"--device {device} cannot be used here ({type(e).__name__}: {e}); "
+                             "use cpu or cuda[:N]") from None
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that is a file or cannot be written, before any work.
+
+    Raises:
+        UsageError: naming the path and what is wrong with it.
+    """
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out_dir else f" (its parent {existing} is a file)"
+        raise UsageError(f"--out {out_dir} is not a directory{where}; give a directory (created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out_dir}: {existing} is not writable by this user; choose a directory you can "
+                         "write to")
+
+
+def _check_weights(model_options: dict) -> None:
+    """Refuse a --weights (or --model-opt weights=) path that does not exist, before loading anything."""
+    path = model_options.get("weights")
+    if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+        raise UsageError(f"--weights {path}: no such file or folder; give the model's weights file (or the "
+                         "folder holding it), or leave --weights out to use the card's lookup")
 
 
 # -- quality measurement --------------------------------------------------------------------------------------
@@ -623,8 +683,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         if args.threads < 1:
             raise UsageError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.device is not None:
+        _check_device(args.device)
     dist, device = _init_dist(args.device)
-    progress = not args.quiet and dist.main
+    # Bars only on a terminal: in a log file their carriage returns and escapes leave fragments; the per-cell
+    # lines (unless --quiet) are the progress there.
+    progress = not args.quiet and dist.main and sys.stderr.isatty()
     try:
         card = pretrained.get_card(args.model)
     except ValueError as e:
@@ -655,17 +719,20 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
     dtype = getattr(torch, dtype_name)
     out_dir = Path(args.out or Path("runs") / card.name)
+    if dist.main:
+        _check_out_dir(out_dir)
 
     model_options = dict(_parse_assignment(o, "--model-opt") for o in args.model_opt)
     if args.weights is not None:
         if "weights" in model_options:
             raise UsageError("give the weights once: --weights PATH or --model-opt weights=PATH, not both")
         model_options["weights"] = args.weights
+    _check_weights(model_options)
     try:
         model = pretrained.load(card.name, device=device, **model_options)
     except TypeError as e:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
     cells = plan_cells(card, model, specs, steps, args.spacing)
     if args.cuda_graph and torch.device(device).type != "cuda":
@@ -694,7 +761,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
                 "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
                 "reference_size": args.reference_size, "network": network_setting(args),
-                "rng": args.rng,
+                "rng": args.rng, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
                 "model_options": json.dumps(model_options, sort_keys=True, default=str)}
     plan = None
     if dist.main:
@@ -751,8 +818,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
                         "num_samples": args.num_samples, "command": command, "written_at": _now()}
             atomic_write_text(out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
 
-    results = load_results(out_dir) if dist.main else None
     labels = {k: M.METRICS[k].label for k in metric_keys}
+    failed: list[str] = []
     for cell in _bar(todo, desc="cells", unit="cell", disable=not progress):
         started = _now()
         t_cell = time.perf_counter()
@@ -790,19 +857,24 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
                 errors.append(f"{type(e).__name__}: {e}")
         if errors:
             row.update({"status": "failed", "error": errors[0]})
+            failed.append(f"{cell.label} × {cell.steps} steps: {errors[0]}")
         row["finished_at"] = _now()
         row["time_cell_s"] = time.perf_counter() - t_cell
-        results = upsert_row(results, row)
-        save_results(results, out_dir)
+        record_row(out_dir, row, settings)  # re-reads the file under a lock: rows of a concurrent run are kept
         if not args.quiet:
             _bar_write(_cell_line(row, metric_keys, labels))
         _test_hook(len(todo))
 
     if dist.main and not args.no_report:
         from .report import build_report
-        build_report(out_dir, quiet=args.quiet)
+        with results_lock(out_dir):  # a concurrent run's last report then includes every row
+            build_report(out_dir, quiet=args.quiet)
     if dist.world > 1:
         torch.distributed.barrier()
+    if dist.main and todo and len(failed) == len(todo):
+        raise AllCellsFailedError(f"every cell of this run failed ({len(failed)} of {len(todo)}), so nothing was "
+                                  f"measured; first: {failed[0]}. The failures are recorded in "
+                                  f"{out_dir / 'results.csv'} (--force redoes them)")
     return out_dir
 
 
@@ -821,7 +893,7 @@ def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, e
            "dtype": settings["dtype"], "device": device, "device_type": settings["device_type"],
            "world_size": dist.world, "metrics": settings["metrics"], "reference": card.reference,
            "reference_size": args.reference_size, "network": settings["network"],
-           "rng": settings["rng"],
+           "rng": settings["rng"], "threads": settings["threads"],
            "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
            "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
            "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}
@@ -867,21 +939,35 @@ def _test_hook(total: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input, 1 for an unavailable metric)."""
+    """Command-line entry point; returns the exit status.
+
+    The library's known user-facing errors are printed as one line (the traceback too with ``--debug``):
+    2 for bad input, missing or unreadable weights and a results folder this run must not touch; 1 for an
+    unavailable metric and for a sweep in which every cell failed.  Anything else is a bug and raises.
+    """
+    from pretrained.checkpoints import CheckpointError, WeightsNotFoundError
+
     from .datasets import ReferenceDataError
     from .features import OfflineFeatureExtractorError
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
-    except (UsageError, IncompatibleResultsError) as e:
-        print(f"bench.run: error: {e}", file=sys.stderr)
-        return 2
-    except (OfflineFeatureExtractorError, ReferenceDataError) as e:
-        print(f"bench.run: error: {e}", file=sys.stderr)
-        return 1
+    except (UsageError, IncompatibleResultsError, WeightsNotFoundError, CheckpointError) as e:
+        return _report_error(e, 2, "--debug" in argv)
+    except (OfflineFeatureExtractorError, ReferenceDataError, AllCellsFailedError) as e:
+        return _report_error(e, 1, "--debug" in argv)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _report_error(error: BaseException, status: int, debug: bool) -> int:
+    if debug:
+        import traceback
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    print(f"bench.run: error: {error}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

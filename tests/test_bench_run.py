@@ -50,6 +50,14 @@ def _env():
     return env
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """bench.run's --threads sets torch's thread count for the whole process: give it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- the sweep end to end --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
@@ -133,8 +141,10 @@ def test_report_is_rebuilt_from_the_results_alone(sweep, tmp_path):
 # -- resume ---------------------------------------------------------------------------------------------------
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
     out = tmp_path / "resume"
+    # --threads 1: the killed subprocess and the resuming in-process runs time their cells alike (a folder
+    # refuses cells timed under another thread count)
     args = ["--model", "gmm2d", "--num-samples", "100", "--solvers", "ddim,dpmpp", "--steps", "1,2,3",
-            "--metric", "fd_data", "--no-report"]
+            "--metric", "fd_data", "--no-report", "--threads", "1"]
     # The process dies (os._exit, as if killed) right after the 2nd cell is written.
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quiet", "--out", str(out), *args], cwd=ROOT,
                           env=dict(_env(), BENCH_CRASH_AFTER_CELLS="2"), capture_output=True, text=True,
@@ -325,3 +335,135 @@ def test_fid_offline_stops_before_sampling_with_the_alternative(tmp_path, monkey
     err = capsys.readouterr().err
     assert "could not be downloaded" in err and "--metric fd_resnet20" in err and "not FID" in err
     assert not (out / "results.csv").exists()
+
+
+# -- refused before any work ---------------------------------------------------------------------------------------
+def _no_load(monkeypatch) -> list:
+    """Record every model load: a refusal "before any work" must not reach one."""
+    calls = []
+    monkeypatch.setattr(run_mod.pretrained, "load", lambda *a, **k: calls.append(a) or pytest.fail("loaded"))
+    return calls
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("mps", None, "--device mps was asked for but MPS .* is not available here; use --device cpu"),
+    ("cuda", 0, "--device cuda was asked for but CUDA is not available here; use --device cpu"),
+    ("cuda:5", 2, "--device cuda:5: this machine has 2 CUDA device\\(s\\), cuda:0 … cuda:1; use one of them"),
+    ("meta", None, "--device meta holds no data"),
+    ("nonsense", None, "--device 'nonsense' is not a torch device"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys, monkeypatch, device,
+                                                                cuda_devices, message):
+    import re
+    if cuda_devices is not None:  # pretend to be a machine with that many CUDA devices
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    elif device == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    calls = _no_load(monkeypatch)
+    out = tmp_path / "dev"
+    assert bench(out, "--device", device, "--steps", "1", "--solvers", "ddim") == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not calls
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    calls = _no_load(monkeypatch)
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    assert bench(a_file, "--steps", "1", "--solvers", "ddim") == 2
+    assert f"--out {a_file} is not a directory; give a directory" in capsys.readouterr().err
+    assert bench(a_file / "sub", "--steps", "1", "--solvers", "ddim") == 2
+    assert f"is not a directory (its parent {a_file} is a file)" in capsys.readouterr().err
+    assert a_file.read_text() == "mine" and not calls
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    calls = _no_load(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert bench(locked / "out", "--steps", "1", "--solvers", "ddim") == 2
+    finally:
+        locked.chmod(0o700)
+    assert f"{locked} is not writable by this user" in capsys.readouterr().err
+    assert not calls
+
+
+def test_a_missing_weights_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    calls = _no_load(monkeypatch)
+    missing = tmp_path / "nope.pth"
+    out = tmp_path / "w"
+    assert bench(out, "--model", "ddpm_mnist", "--weights", str(missing), "--steps", "1", "--solvers", "ddim") == 2
+    err = capsys.readouterr().err
+    assert err == (f"bench.run: error: --weights {missing}: no such file or folder; give the model's weights file "
+                   "(or the folder holding it), or leave --weights out to use the card's lookup\n")
+    assert not out.exists() and not calls
+
+
+def test_unavailable_weights_are_one_line_and_the_traceback_only_with_debug(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_SOLVERS_OFFLINE", "1")
+    monkeypatch.setenv("DIFFUSION_SOLVERS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DDPM_CIFAR_WEIGHTS", raising=False)
+    out = tmp_path / "cifar"
+    args = ["--model", "ddpm_cifar", "--steps", "1", "--solvers", "ddim", "--num-samples", "4"]
+    assert bench(out, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.run: error: ") and err.count("\n") == 1, err
+    assert "downloads are switched off (offline)" in err and "DDPM_CIFAR_WEIGHTS" in err
+    assert bench(out, *args, "--debug") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "WeightsNotFoundError" in err
+    assert err.splitlines()[-1].startswith("bench.run: error: ")
+    assert not (out / "results.csv").exists()
+
+
+# -- failed cells ------------------------------------------------------------------------------------------------------
+def test_a_sweep_in_which_every_cell_failed_exits_1_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(pretrained.CARDS, "nan2d", _nan_card("nan2d"))
+    out = tmp_path / "allnan"
+    assert bench(out, "--model", "nan2d", "--solvers", "ddim,ddpm", "--steps", "4", "--no-report") == 1
+    err = capsys.readouterr().err
+    assert "bench.run: error: every cell of this run failed (2 of 2), so nothing was measured; first: ddim × 4 " \
+           "steps: NonFiniteError" in err
+    assert "--force redoes them" in err
+    assert (results(out)["status"] == "failed").all() and len(results(out)) == 2
+
+
+def test_a_rerun_skips_cells_recorded_as_failed_unless_forced(tmp_path, monkeypatch, capsys):
+    # Documented in --force's help and the README: a failure is a result; a plain rerun skips it and says so.
+    monkeypatch.setitem(pretrained.CARDS, "nan2d", _nan_card("nan2d"))
+    out = tmp_path / "rerun"
+    args = ["--out", str(out), "--model", "nan2d", "--solvers", "ddim", "--steps", "1,4", "--no-report"]
+    assert run_mod.main(args) == 0
+    before = results(out).set_index("steps")
+    assert before.loc[4, "status"] == "failed" and before.loc[1, "status"] == "ok"
+    capsys.readouterr()
+    assert run_mod.main(args) == 0
+    assert "2 cells (0 to run; skipping 1 done and 1 recorded as failed — --force redoes them)" \
+        in capsys.readouterr().err
+    pd.testing.assert_frame_equal(results(out).set_index("steps"), before)  # the failed row was not redone
+    assert run_mod.main([*args, "--force"]) == 0
+    assert "2 cells (2 to run" in capsys.readouterr().err
+    after = results(out).set_index("steps")
+    assert after.loc[4, "status"] == "failed" and after.loc[4, "started_at"] >= before.loc[4, "started_at"]
+    assert after.loc[4, "time_cell_s"] != before.loc[4, "time_cell_s"]  # written again
+    assert "--force" in run_mod.build_parser().format_help() and "recorded as failed" in \
+        " ".join(run_mod.build_parser().format_help().split())
+
+
+# -- logs ------------------------------------------------------------------------------------------------------------------
+def test_a_log_gets_one_plain_line_per_cell_and_no_carriage_returns(tmp_path, capsys):
+    # capsys's stderr is not a terminal, like a log file
+    out = tmp_path / "log"
+    assert run_mod.main(["--out", str(out), "--model", "gmm2d", "--solvers", "ddim,dpmpp", "--steps", "1,2",
+                         "--num-samples", "40", "--batch-size", "20", "--metric", "fd_data", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    cell_lines = [line for line in err.splitlines() if " steps: NFE " in line]
+    assert len(cell_lines) == 4
+    assert [line.split()[:2] for line in cell_lines] == [["ddim", "1"], ["ddim", "2"], ["dpmpp", "1"], ["dpmpp", "2"]]

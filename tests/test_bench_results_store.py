@@ -1,0 +1,182 @@
+"""The results folder as a store: concurrent writers, a cut-short last row, timing conditions per row."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import report as report_mod
+from bench import results as results_mod
+from bench import run as run_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "gmm2d", "--num-samples", "40", "--metric", "fd_data", "--no-report", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """bench.run's --threads sets torch's thread count for the whole process: give it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict:
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("BENCH_CRASH_AFTER_CELLS", None)
+    return env
+
+
+def _bench(out: Path, *args: str) -> int:
+    return run_mod.main(["--quiet", "--out", str(out), *args])
+
+
+# -- concurrent runs --------------------------------------------------------------------------------------------
+def test_two_concurrent_runs_into_one_folder_keep_every_row(tmp_path):
+    out = tmp_path / "shared"
+    steps = "1,2,3,4"
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.run", "--quiet", "--out", str(out), *SMALL,
+                               "--solvers", solver_list, "--steps", steps], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for solver_list in ("ddim,dpmpp", "heun,ddpm")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    df = pd.read_csv(out / "results.csv")
+    got = sorted(zip(df["solver_label"], df["steps"]))
+    assert got == sorted((s, n) for s in ("ddim", "dpmpp", "heun", "ddpm") for n in (1, 2, 3, 4))
+    assert (df["status"] == "ok").all()
+
+
+def test_record_row_keeps_rows_another_process_wrote_since_this_one_read(tmp_path):
+    out = tmp_path / "merge"
+    settings = {"model": "gmm2d", "num_samples": 40, "seed": 0, "metrics": "fd_data", "dtype": "float64",
+                "device_type": "cpu", "reference_size": None, "network": "eager", "rng": "torch",
+                "model_options": "{}", "threads": 1, "batch_size": 40}
+
+    def row(key: str) -> dict:
+        return {"schema_version": results_mod.SCHEMA_VERSION, "cell_key": key, "status": "ok", "threads": 1,
+                **{k: v for k, v in settings.items() if k not in ("threads",)}}
+
+    results_mod.record_row(out, row("a"), settings)
+    # Another process adds "b" behind this one's back; this process then records "c" …
+    other = results_mod.upsert_row(results_mod.load_results(out), row("b"))
+    results_mod.save_results(other, out)
+    written = results_mod.record_row(out, row("c"), settings)
+    assert list(written["cell_key"]) == ["a", "b", "c"]
+    assert list(pd.read_csv(out / "results.csv")["cell_key"]) == ["a", "b", "c"]
+    # … and redoing "a" replaces it rather than adding a row.
+    assert list(results_mod.record_row(out, row("a"), settings)["cell_key"]) == ["b", "c", "a"]
+
+
+# -- a last row cut short ------------------------------------------------------------------------------------------
+def _cut_last_row(path: Path, where: str) -> None:
+    text = path.read_text()
+    start = text.rstrip("\n").rfind("\n") + 1  # the last row
+    last = text[start:]
+    cut = {"middle": start + len(last) // 2,  # in the middle of the row
+           "end": len(text) - 2,  # only its last character and the line break lost
+           "quoted": start + last.index('"{') + 2}[where]  # inside a quoted field (the JSON of metric_labels)
+    path.write_text(text[:cut])
+
+
+@pytest.mark.parametrize("where", ["middle", "end", "quoted"])
+def test_a_last_row_cut_short_is_named_and_redone(tmp_path, capsys, where):
+    out = tmp_path / "cut"
+    args = [*SMALL, "--solvers", "ddim", "--steps", "1,2"]
+    assert _bench(out, *args) == 0
+    full = pd.read_csv(out / "results.csv")
+    cut_id = full["cell_id"].iloc[-1]
+    _cut_last_row(out / "results.csv", where)
+    capsys.readouterr()
+    assert run_mod.main(["--out", str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"the last row (cell {cut_id}) is incomplete" in err
+    assert "2 cells (1 to run; skipping 1 done)" in err
+    after = pd.read_csv(out / "results.csv")
+    assert list(after["cell_id"]) == list(full["cell_id"])
+    assert list(after.columns) == list(full.columns)  # provenance columns kept
+    for col in ("hostname", "git_commit", "torch", "finished_at", "time_cell_s", "metric.fd_data", "threads"):
+        assert after[col].notna().all(), col
+    pd.testing.assert_frame_equal(after.iloc[:1], full.iloc[:1])  # the complete row was not redone
+
+
+def test_split_incomplete_row_finds_every_kind_of_cut():
+    split = results_mod.split_incomplete_row
+    assert split("a,b\n1,2\n") == ("a,b\n1,2\n", None)
+    assert split('a,b\n1,"x\ny"\n') == ('a,b\n1,"x\ny"\n', None)  # a line break inside quotes is not a cut
+    assert split("a,b\n1,2\n3,4") == ("a,b\n1,2\n", {"a": "3", "b": "4"})  # no final line break
+    assert split("a,b\n1,2\n3\n") == ("a,b\n1,2\n", {"a": "3"})  # too few fields
+    assert split('a,b\n1,"x\n') == ("a,b\n", {"a": "1", "b": "x\n"})  # quotes left open
+    assert split("a,") == ("", {})  # cut inside the header
+    with pytest.raises(ValueError, match="record 2 has 1 fields, the header 2"):
+        split("a,b\n1\n2,3\n")
+
+
+def test_a_foreign_file_without_a_line_break_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "results.csv").write_text("hello")
+    assert _bench(out, *SMALL, "--solvers", "ddim", "--steps", "1") == 2
+    assert "is not a results table" in capsys.readouterr().err
+    assert (out / "results.csv").read_text() == "hello"
+
+
+# -- timing conditions -----------------------------------------------------------------------------------------------
+def test_cells_timed_under_other_threads_or_batch_size_are_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "timing"
+    common = [*SMALL[:-2], "--solvers", "ddim", "--batch-size", "20"]
+    assert _bench(out, *common, "--threads", "1", "--steps", "1") == 0
+    df = pd.read_csv(out / "results.csv")
+    assert df["threads"].tolist() == [1] and df["batch_size"].tolist() == [20]
+    before = (out / "results.csv").read_bytes()
+    capsys.readouterr()
+    assert _bench(out, *common, "--threads", "2", "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "--threads 1 in the file vs 2 now" in err and "Rerun with the same values (--threads 1)" in err
+    assert "another --out" in err
+    common[common.index("--batch-size") + 1] = "40"
+    assert _bench(out, *common, "--threads", "1", "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 20 in the file vs 40 now" in err and "(--batch-size 20)" in err
+    assert (out / "results.csv").read_bytes() == before
+
+
+def test_old_files_without_the_threads_column_stay_readable_and_are_checked(tmp_path, capsys):
+    out = tmp_path / "old"
+    common = [*SMALL[:-2], "--solvers", "ddim", "--batch-size", "20"]
+    assert _bench(out, *common, "--threads", "1", "--steps", "1") == 0
+    df = pd.read_csv(out / "results.csv").drop(columns=["threads"])
+    df["device_name"] = "Some CPU (1 threads)"  # what environment() wrote before the column existed
+    df.to_csv(out / "results.csv", index=False)
+    assert _bench(out, *common, "--threads", "2", "--steps", "2") == 2
+    assert "--threads 1 in the file vs 2 now" in capsys.readouterr().err
+    # Rows that do not say their thread count (a GPU row of an old file) are not compared on it.
+    df["device_name"] = "Some GPU"
+    df.to_csv(out / "results.csv", index=False)
+    assert _bench(out, *common, "--threads", "2", "--steps", "2") == 0
+    after = pd.read_csv(out / "results.csv")
+    assert after["threads"].isna().tolist() == [True, False] and after["threads"].iloc[1] == 2
+
+
+def test_the_report_names_every_thread_count_and_marks_a_mix(tmp_path):
+    out = tmp_path / "mixed"
+    common = [*SMALL[:-2], "--solvers", "ddim", "--batch-size", "20", "--steps", "1,2"]
+    assert _bench(out, *common, "--threads", "1") == 0
+    report_mod.build_report(out, quiet=True)
+    md = (out / "report.md").read_text()
+    assert "(1 CPU threads; batch 20;" in md and "Timings are not comparable" not in md
+    # An old file made under two thread counts (before the refusal): the report says so.
+    df = pd.read_csv(out / "results.csv").drop(columns=["threads"])
+    df["device_name"] = ["Some CPU (1 threads)", "Some CPU (2 threads)"]
+    df.to_csv(out / "results.csv", index=False)
+    report_mod.build_report(out, quiet=True)
+    md = (out / "report.md").read_text()
+    assert "on Some CPU (1, 2 CPU threads; batch 20;" in md
+    assert "**Timings are not comparable across all cells:**" in md and "CPU threads: 1, 2" in md
