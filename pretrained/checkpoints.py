@@ -185,7 +185,8 @@ def verify_file(path: PathLike, *, sha256: Optional[str] = None, md5: Optional[s
 def _explicit_path(path: PathLike, origin: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise WeightsNotFoundError(f"{origin} points to {p}, which does not exist")
+        raise WeightsNotFoundError(f"{origin} points to {p}, which does not exist; give the path of an existing "
+                                   "weights file (bench.run: --weights PATH)")
     return p
 
 
@@ -304,7 +305,7 @@ def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *
             pass
     allow = (not offline()) if download is None else bool(download)
     names = ", ".join(source.candidates)
-    where = (f"pass weights=PATH (a file or a folder holding one of: {names})"
+    where = (f"pass weights=PATH (bench.run: --weights PATH; a file or a folder holding one of: {names})"
              + (f", set {source.env_var}=PATH" if source.env_var else "") + f", or put it under {folder}")
     if not allow:
         raise WeightsNotFoundError(

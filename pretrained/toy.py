@@ -177,7 +177,8 @@ def _loader(kind: str):
         path = Path(weights) if weights is not None else WEIGHTS_DIR / f"{kind}_gmm2d.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; the committed weights are in {WEIGHTS_DIR} "
-                                    f"(rebuild them with: python -m pretrained.train_gmm2d {kind})")
+                                    f"(rebuild them with: python -m pretrained.train_gmm2d {kind}), or pass "
+                                    "weights=PATH (bench.run: --weights PATH)")
         verify_committed_weights(path)
         net, _ = read_toy_weights(path, kind)
         net = net.to(device=device, dtype=dtype or torch.float32)
