@@ -48,7 +48,7 @@ def test_ddpm_mnist_not_found_names_the_variable_the_paths_and_the_flag(empty_as
 
 def test_ddpm_mnist_is_found_in_the_folder_the_variable_names(empty_assets, tmp_path):
     import shutil
-    real = checkpoints.CHECKOUT_ASSETS / "ddpm_mnist" / "ddpm_mnist.pth"
+    real = checkpoints.ASSETS / "ddpm_mnist" / "ddpm_mnist.pth"  # the lookup at import, before the fixture
     if not real.is_file():
         pytest.skip(f"{real} is absent (needed to copy into a DIFFUSION_SOLVERS_ASSETS folder)")
     (empty_assets / "ddpm_mnist").mkdir()
