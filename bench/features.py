@@ -3,9 +3,10 @@
 * ``inception-v3-compat`` — torch-fidelity's own Inception-v3 (FID).  Its weights are downloaded once from
   GitHub; where that fails (no internet, as on the build machines) :func:`create_extractor` says so and
   names the offline alternative.
-* ``resnet20-cifar10`` — a CIFAR-10 ResNet-20 (He et al. 2016, "option A"; weights from
-  ``../shared/assets/resnet20_cifar/``), re-implemented here from that folder's README and registered with
-  torch-fidelity as a feature extractor.  Feature ``"64"`` is the global-average-pooled 64-d vector.
+* ``resnet20-cifar10`` — a CIFAR-10 ResNet-20 (He et al. 2016, "option A"; weights from ``resnet20_cifar/``
+  in the offline assets folder, ``$DIFFUSION_SOLVERS_ASSETS`` or ``../shared/assets``), re-implemented here
+  from that folder's README and registered with torch-fidelity as a feature extractor.  Feature ``"64"`` is
+  the global-average-pooled 64-d vector.
   Input convention: uint8 RGB → [0, 1] → (28×28 MNIST-sized images are zero-padded by 2 pixels on each side
   to 32×32 — black, like MNIST's background; other sizes are resized bilinearly to 32×32) → normalised
   with the ImageNet mean/std the network was trained with.  Grey images arrive with the channel repeated
@@ -30,7 +31,7 @@ __all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor
            "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "FeatureWeightsError", "EXTRACTORS",
            "RESNET20_WEIGHTS", "RESNET20_SHA256", "INCEPTION_FILENAME", "INCEPTION_SHA256"]
 
-RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"
+RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"  # at import; load_resnet20 looks again
 RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
 
 # metric key → (torch-fidelity extractor name, feature layer)
@@ -207,7 +208,8 @@ OFFLINE_INCEPTION_MESSAGE = (
     "once (the weights are cached under $TORCH_HOME/hub/checkpoints), or pass a local copy with "
     "--inception-weights PATH (weights-inception-2015-12-05-6726825d.pth); (2) the offline alternative: "
     "--metric fd_resnet20, a Fréchet distance in the features of a CIFAR-10 ResNet-20 from "
-    "../shared/assets/resnet20_cifar/, reported as \"FD (ResNet-20)\" — it is not FID and not comparable "
+    "$DIFFUSION_SOLVERS_ASSETS/resnet20_cifar/ (default ../shared/assets/resnet20_cifar/), reported as "
+    "\"FD (ResNet-20)\" — it is not FID and not comparable "
     "with published FIDs.")
 
 

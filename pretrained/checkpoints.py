@@ -4,7 +4,8 @@ Where a card's weights come from, in this order (:func:`resolve_weights`):
 
 1. an explicit path (``pretrained.load(name, weights=PATH)``, the benchmark's ``--weights``);
 2. the card's environment variable (e.g. ``DDPM_MNIST_WEIGHTS=/path/to/ddpm_mnist.pth``);
-3. a local default where one exists (e.g. ``../shared/assets/ddpm_mnist/``);
+3. a local default where one exists: a file in the offline assets folder (:func:`assets_dir`:
+   ``$DIFFUSION_SOLVERS_ASSETS``, else ``../shared/assets`` beside a source checkout), e.g. ``ddpm_mnist/``;
 4. the cache: ``$DIFFUSION_SOLVERS_CACHE`` or ``~/.cache/diffusion-solvers``;
 5. a download into the cache — unless offline (``DIFFUSION_SOLVERS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or
    ``download=False``).
