@@ -3,9 +3,10 @@
 * ``inception-v3-compat`` — torch-fidelity's own Inception-v3 (FID).  Its weights are downloaded once from
   GitHub; where that fails (no internet, as on the build machines) :func:`create_extractor` says so and
   names the offline alternative.
-* ``resnet20-cifar10`` — a CIFAR-10 ResNet-20 (He et al. 2016, "option A"; weights from
-  ``../shared/assets/resnet20_cifar/``), re-implemented here from that folder's README and registered with
-  torch-fidelity as a feature extractor.  Feature ``"64"`` is the global-average-pooled 64-d vector.
+* ``resnet20-cifar10`` — a CIFAR-10 ResNet-20 (He et al. 2016, "option A"; weights from ``resnet20_cifar/``
+  in the offline assets folder, ``$DIFFUSION_SOLVERS_ASSETS`` or ``../shared/assets``), re-implemented here
+  from that folder's README and registered with torch-fidelity as a feature extractor.  Feature ``"64"`` is
+  the global-average-pooled 64-d vector.
   Input convention: uint8 RGB → [0, 1] → (28×28 MNIST-sized images are zero-padded by 2 pixels on each side
   to 32×32 — black, like MNIST's background; other sizes are resized bilinearly to 32×32) → normalised
   with the ImageNet mean/std the network was trained with.  Grey images arrive with the channel repeated
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -22,21 +24,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrained.checkpoints import ASSETS, file_digest
+from pretrained.checkpoints import ASSETS, CheckpointError, assets_dir, assets_hint, file_digest, \
+    read_state_dict
 
 __all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor", "extract_features",
-           "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "EXTRACTORS", "RESNET20_WEIGHTS",
-           "RESNET20_SHA256"]
+           "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "FeatureWeightsError", "EXTRACTORS",
+           "RESNET20_WEIGHTS", "RESNET20_SHA256", "INCEPTION_FILENAME", "INCEPTION_SHA256"]
 
-RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"
+RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"  # at import; load_resnet20 looks again
 RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
 
 # metric key → (torch-fidelity extractor name, feature layer)
 EXTRACTORS = {"fid": ("inception-v3-compat", "2048"), "fd_resnet20": ("resnet20-cifar10", "64")}
 
 
+# torch-fidelity's Inception-v3 file (the same bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
+# 95,628,359 bytes); torch.hub's naming puts the first 8 hex digits of this sha256 in the file name.
+# torch-fidelity itself checks no hash and unpickles whatever file it is given with weights_only=False.
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+
 class OfflineFeatureExtractorError(RuntimeError):
     """A feature extractor's weights could not be obtained (e.g. no internet for the Inception download)."""
+
+
+class FeatureWeightsError(OfflineFeatureExtractorError):
+    """A feature extractor's weights file is refused: not a weights-only state dict of the right network."""
 
 
 # -- ResNet-20 (CIFAR variant) ---------------------------------------------------------------------------
@@ -84,25 +98,41 @@ class ResNet20(nn.Module):
         return pooled, self.linear(pooled)
 
 
+RESNET20_ASSET = "resnet20_cifar/resnet20-12fca82f.th"
+
+
 def load_resnet20(path: Optional[os.PathLike] = None) -> ResNet20:
-    """The pretrained ResNet-20 from ``path`` (default: the shared asset), checksum verified.
+    """The pretrained ResNet-20 from ``path`` (default ``$BENCH_RESNET20_WEIGHTS``, else the offline asset
+    ``resnet20_cifar/resnet20-12fca82f.th`` in :func:`pretrained.checkpoints.assets_dir`), read weights-only;
+    the asset's sha256 is verified.
 
     Raises:
         OfflineFeatureExtractorError: the weights file is missing or its sha256 is not the expected one.
+        FeatureWeightsError: the file is not a weights-only ResNet-20 state dict (nothing in it is executed).
     """
-    path = Path(path or os.environ.get("BENCH_RESNET20_WEIGHTS", RESNET20_WEIGHTS))
+    default = assets_dir() / RESNET20_ASSET
+    given = path or os.environ.get("BENCH_RESNET20_WEIGHTS")
+    path = Path(given or default).expanduser()
     if not path.exists():
+        origin = (f"--resnet20-weights / $BENCH_RESNET20_WEIGHTS point to {path}, which does not exist" if given
+                  else f"the ResNet-20 weights are not in the offline assets: {assets_hint(RESNET20_ASSET)}")
         raise OfflineFeatureExtractorError(
-            f"the ResNet-20 weights are not at {path}; they come with ../shared/assets/resnet20_cifar/ "
-            "(file resnet20-12fca82f.th from akamaster/pytorch_resnet_cifar10); pass another path with "
-            "--resnet20-weights")
-    if path == RESNET20_WEIGHTS and file_digest(path, "sha256") != RESNET20_SHA256:
+            f"{origin}. Pass the file (resnet20-12fca82f.th from akamaster/pytorch_resnet_cifar10, sha256 "
+            f"{RESNET20_SHA256}) with --resnet20-weights PATH or $BENCH_RESNET20_WEIGHTS, or set "
+            "DIFFUSION_SOLVERS_ASSETS to the folder that holds resnet20_cifar/.")
+    if path == default and file_digest(path, "sha256") != RESNET20_SHA256:
         raise OfflineFeatureExtractorError(f"{path} does not have the expected sha256 {RESNET20_SHA256}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    try:
+        state = read_state_dict(path, what="the ResNet-20 weights")
+    except CheckpointError as e:
+        raise FeatureWeightsError(f"--resnet20-weights: {e}") from e
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     net = ResNet20()
-    net.load_state_dict(state, strict=True)
+    try:
+        net.load_state_dict(state, strict=True)  # BatchNorm accepts files without num_batches_tracked
+    except RuntimeError as e:
+        detail = str(e) if len(str(e)) < 400 else str(e)[:400] + " …"
+        raise FeatureWeightsError(f"--resnet20-weights {path}: not a CIFAR-10 ResNet-20 state dict ({detail})") from e
     return net.eval()
 
 
@@ -178,13 +208,47 @@ OFFLINE_INCEPTION_MESSAGE = (
     "once (the weights are cached under $TORCH_HOME/hub/checkpoints), or pass a local copy with "
     "--inception-weights PATH (weights-inception-2015-12-05-6726825d.pth); (2) the offline alternative: "
     "--metric fd_resnet20, a Fréchet distance in the features of a CIFAR-10 ResNet-20 from "
-    "../shared/assets/resnet20_cifar/, reported as \"FD (ResNet-20)\" — it is not FID and not comparable "
+    "$DIFFUSION_SOLVERS_ASSETS/resnet20_cifar/ (default ../shared/assets/resnet20_cifar/), reported as "
+    "\"FD (ResNet-20)\" — it is not FID and not comparable "
     "with published FIDs.")
+
+
+def _inception_cache_file() -> Path:
+    """Where torch.hub (and so torch-fidelity's download) keeps the Inception-v3 file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+
+
+def _safe_inception_weights(path: Path, staging: Path, origin: str) -> Path:
+    """A file torch-fidelity may unpickle (it uses ``weights_only=False``): ``path`` itself when it is the
+    published file (its sha256), else a copy of its tensors, read weights-only and saved again in ``staging``.
+
+    Raises:
+        FeatureWeightsError: no such file, or not a weights-only state dict (a pickle that would run code is
+            refused here, unexecuted).
+    """
+    published = f"torch-fidelity's {INCEPTION_FILENAME} (sha256 {INCEPTION_SHA256})"
+    if not path.is_file():
+        raise FeatureWeightsError(f"{origin} {path}: no such file. Pass {published}, or use the offline "
+                                  "alternative --metric fd_resnet20.")
+    if file_digest(path, "sha256") == INCEPTION_SHA256:
+        return path
+    try:
+        state = read_state_dict(path, what="Inception-v3 weights")
+    except CheckpointError as e:
+        raise FeatureWeightsError(
+            f"{origin}: {e} It is not {published}, so it was read weights-only (nothing in it was run) and is "
+            "refused; pass the published file or a plain state dict of tensors.") from e
+    staged = staging / "inception-weights-only.pth"
+    torch.save(state, staged)
+    return staged
 
 
 def create_extractor(metric: str, device: str = "cpu", weights_path: Optional[os.PathLike] = None,
                      verbose: bool = False):
     """Build the torch-fidelity feature extractor of an image metric (``fid`` or ``fd_resnet20``).
+
+    No file that is not the published Inception-v3 file reaches torch-fidelity's unpickler: another
+    ``weights_path`` (or another file in torch.hub's cache) is read weights-only first.
 
     Returns:
         (extractor module on ``device``, feature layer name, extractor name).
@@ -192,24 +256,35 @@ def create_extractor(metric: str, device: str = "cpu", weights_path: Optional[os
     Raises:
         OfflineFeatureExtractorError: the weights cannot be obtained; for Inception the message explains
             the offline alternative.
+        FeatureWeightsError: a weights file is refused (not a weights-only state dict of the network).
     """
     from torch_fidelity.utils import create_feature_extractor
 
     register()
     name, layer = EXTRACTORS[metric]
-    cuda = str(device).startswith("cuda")
     kwargs = {"verbose": verbose}
-    if weights_path is not None:
-        kwargs["feature_extractor_weights_path"] = str(weights_path)
-    try:
-        extractor = create_feature_extractor(name, [layer], cuda=cuda, **kwargs)
-    except OfflineFeatureExtractorError:
-        raise
-    except Exception as e:  # urllib/http/socket errors from torch.hub's download
-        if name == "inception-v3-compat" and weights_path is None:
-            raise OfflineFeatureExtractorError(
-                OFFLINE_INCEPTION_MESSAGE.format(error=f"{type(e).__name__}: {e}")) from e
-        raise
+    with tempfile.TemporaryDirectory(prefix="inception-weights-") as staging:
+        path = None if weights_path is None else Path(weights_path).expanduser()
+        origin = "--inception-weights"
+        if name == "inception-v3-compat" and path is None and _inception_cache_file().exists():
+            path, origin = _inception_cache_file(), "the torch.hub cache file"  # torch-fidelity would unpickle it
+        if name == "inception-v3-compat" and path is not None:
+            path = _safe_inception_weights(path, Path(staging), origin)
+        if path is not None:
+            kwargs["feature_extractor_weights_path"] = str(path)
+        try:
+            extractor = create_feature_extractor(name, [layer], cuda=str(device).startswith("cuda"), **kwargs)
+        except OfflineFeatureExtractorError:
+            raise
+        except Exception as e:  # urllib/http/socket errors from torch.hub's download
+            if name == "inception-v3-compat" and path is None:
+                raise OfflineFeatureExtractorError(
+                    OFFLINE_INCEPTION_MESSAGE.format(error=f"{type(e).__name__}: {e}")) from e
+            if name == "inception-v3-compat" and isinstance(e, RuntimeError):  # load_state_dict: keys/shapes
+                detail = str(e) if len(str(e)) < 400 else str(e)[:400] + " …"
+                raise FeatureWeightsError(f"--inception-weights {weights_path}: not torch-fidelity's Inception-v3 "
+                                          f"state dict ({detail})") from e
+            raise
     return extractor, layer, name
 
 

@@ -4,7 +4,8 @@ Where a card's weights come from, in this order (:func:`resolve_weights`):
 
 1. an explicit path (``pretrained.load(name, weights=PATH)``, the benchmark's ``--weights``);
 2. the card's environment variable (e.g. ``DDPM_MNIST_WEIGHTS=/path/to/ddpm_mnist.pth``);
-3. a local default where one exists (e.g. ``../shared/assets/ddpm_mnist/``);
+3. a local default where one exists: a file in the offline assets folder (:func:`assets_dir`:
+   ``$DIFFUSION_SOLVERS_ASSETS``, else ``../shared/assets`` beside a source checkout), e.g. ``ddpm_mnist/``;
 4. the cache: ``$DIFFUSION_SOLVERS_CACHE`` or ``~/.cache/diffusion-solvers``;
 5. a download into the cache — unless offline (``DIFFUSION_SOLVERS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or
    ``download=False``).
@@ -31,14 +32,42 @@ import torch
 __all__ = [
     "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
     "file_digest", "verify_file", "default_permissions", "resolve_weights", "resolve_hub_weights", "find_in_folder", "read_state_dict",
-    "check_state_dict", "load_into", "ASSETS",
+    "check_state_dict", "load_into", "ASSETS", "ASSETS_ENV", "assets_dir", "assets_origin", "assets_hint",
 ]
 
 PathLike = Union[str, os.PathLike]
-# The project's offline assets (never copied into the repository): ../shared/assets from the project root.
-# The workplace's offline artefacts (../shared/assets beside the checkout); DIFFUSION_SOLVERS_ASSETS points
-# elsewhere (e.g. a copy on another machine).
-ASSETS = Path(os.environ.get("DIFFUSION_SOLVERS_ASSETS") or Path(__file__).resolve().parents[1].parent / "shared" / "assets")
+# The offline assets (third-party files never copied into the repository) are looked for in
+# $DIFFUSION_SOLVERS_ASSETS, else in ../shared/assets beside a source checkout.  The default means nothing
+# after a non-editable install (it would point next to site-packages): there, set the variable.
+ASSETS_ENV = "DIFFUSION_SOLVERS_ASSETS"
+CHECKOUT_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+def assets_dir() -> Path:
+    """The offline assets folder: ``$DIFFUSION_SOLVERS_ASSETS``, else ``../shared/assets`` beside the checkout.
+
+    Read at every call (:data:`ASSETS` is the value at import, for module-level defaults).
+    """
+    env = os.environ.get(ASSETS_ENV)
+    return Path(env).expanduser() if env else CHECKOUT_ASSETS
+
+
+def assets_origin() -> str:
+    """Where :func:`assets_dir` comes from, in words for messages."""
+    if os.environ.get(ASSETS_ENV):
+        return f"set by ${ASSETS_ENV}"
+    return f"../shared/assets beside the source checkout, the default while ${ASSETS_ENV} is not set"
+
+
+def assets_hint(relative: str) -> str:
+    """Words for a "not found" message: where ``relative`` (a path inside the assets folder) was looked for,
+    where that folder came from, and the environment variable that changes it."""
+    folder = assets_dir()
+    return (f"looked for {folder / relative} (assets folder {folder}: {assets_origin()}); set {ASSETS_ENV}=FOLDER "
+            f"to the folder that holds {Path(relative).parts[0]}/")
+
+
+ASSETS = assets_dir()
 
 
 class CheckpointError(ValueError):
@@ -58,7 +87,9 @@ class WeightsSource:
         url: where :func:`resolve_weights` downloads it from (``None``: no known download).
         sha256, md5: checksums from the publisher (``None`` where none is published; never guessed).
         env_var: environment variable that may hold a path to the file.
-        local_default: a path used when it exists (e.g. the shared offline assets).
+        local_default: a path used when it exists.
+        asset: a path inside the offline assets folder (:func:`assets_dir`, resolved at every lookup), used
+            when it exists, e.g. ``"ddpm_mnist/ddpm_mnist.pth"``.
         description: a few words for error messages ("the ddpm_mnist checkpoint").
         folder_names: file names looked for when an explicit path is a folder (besides ``filename``).
     """
@@ -69,8 +100,14 @@ class WeightsSource:
     md5: Optional[str] = None
     env_var: Optional[str] = None
     local_default: Optional[Path] = None
+    asset: Optional[str] = None
     description: str = "the weights"
     folder_names: tuple = ()
+
+    def local_paths(self) -> list[Path]:
+        """The local defaults looked at, in order (``local_default``, then the asset's current path)."""
+        paths = [Path(self.local_default)] if self.local_default is not None else []
+        return paths + ([assets_dir() / self.asset] if self.asset else [])
 
 
 @dataclass(frozen=True)
@@ -149,7 +186,8 @@ def verify_file(path: PathLike, *, sha256: Optional[str] = None, md5: Optional[s
 def _explicit_path(path: PathLike, origin: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise WeightsNotFoundError(f"{origin} points to {p}, which does not exist")
+        raise WeightsNotFoundError(f"{origin} points to {p}, which does not exist; give the path of an existing "
+                                   "weights file (bench.run: --weights PATH)")
     return p
 
 
@@ -161,13 +199,18 @@ def _download_url(url: str, destination: Path) -> None:
 
 
 def _missing_message(source: WeightsSource, target: Path, reason: str) -> str:
-    where = ["pass weights=PATH (--weights PATH)"]
+    looked = ([f"${source.env_var} (not set)"] if source.env_var else []) + [str(p) for p in source.local_paths()]
+    looked.append(f"{target} (the cache)")
+    where = ["pass weights=PATH (bench.run: --weights PATH)"]
     if source.env_var:
         where.append(f"set {source.env_var}=PATH")
+    if source.asset:
+        where.append(f"set {ASSETS_ENV}=FOLDER to a folder holding {source.asset} (the assets folder now is "
+                     f"{assets_dir()}: {assets_origin()})")
     where.append(f"or put the file at {target}")
     url = f"from {source.url}" if source.url else "(no download URL is known)"
-    return (f"{source.description} ({source.filename}) is not available: {reason}. Download it {url} and "
-            + ", ".join(where) + ".")
+    return (f"{source.description} ({source.filename}) is not available: {reason}. Looked at: {', '.join(looked)}. "
+            f"Download it {url} and " + ", ".join(where) + ".")
 
 
 def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *,
@@ -196,10 +239,8 @@ def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *
         path = _explicit_path(weights, "weights=")
     elif source.env_var and os.environ.get(source.env_var):
         path = _explicit_path(os.environ[source.env_var], f"${source.env_var}")
-    elif source.local_default is not None and Path(source.local_default).exists():
-        path = Path(source.local_default)
     else:
-        path = None
+        path = next((p for p in source.local_paths() if p.exists()), None)
     if path is not None:
         if path.is_dir():
             path = find_in_folder(path, (source.filename,) + tuple(source.folder_names))
@@ -265,7 +306,7 @@ def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *
             pass
     allow = (not offline()) if download is None else bool(download)
     names = ", ".join(source.candidates)
-    where = (f"pass weights=PATH (a file or a folder holding one of: {names})"
+    where = (f"pass weights=PATH (bench.run: --weights PATH; a file or a folder holding one of: {names})"
              + (f", set {source.env_var}=PATH" if source.env_var else "") + f", or put it under {folder}")
     if not allow:
         raise WeightsNotFoundError(

@@ -28,7 +28,7 @@ import solvers
 from solvers.schedules import DiscreteVP
 
 from .cards import ModelCard, register_card
-from .checkpoints import ASSETS, CheckpointError, WeightsSource, check_state_dict, read_state_dict, \
+from .checkpoints import CheckpointError, WeightsSource, check_state_dict, read_state_dict, \
     resolve_weights
 
 __all__ = ["MnistEpsNet", "MnistDiscreteVP", "SOURCE", "load_ddpm_mnist"]
@@ -40,7 +40,7 @@ SOURCE = WeightsSource(
     # From ../shared/assets/README.md, which lists the sha256 of the copy taken from that commit.
     sha256="1995214f56c5bb6f37204e38d9f239227ce13a2c64734c27441fbf04defc6e6a",
     env_var="DDPM_MNIST_WEIGHTS",
-    local_default=ASSETS / "ddpm_mnist" / "ddpm_mnist.pth",
+    asset="ddpm_mnist/ddpm_mnist.pth",
     description="the ddpm_mnist checkpoint",
 )
 T = 1000
@@ -174,8 +174,9 @@ register_card(ModelCard(
     weights_note="The authors' trained ε-network (one checkpoint; no EMA variant is published).",
     published={"FID (authors' own set-up, not comparable to CIFAR FIDs)":
                (50.0, "../shared/assets/ddpm_mnist/README.md, quoting the authors (≈ 50)")},
-    notes="Weights: weights=PATH, $DDPM_MNIST_WEIGHTS, ../shared/assets/ddpm_mnist/, the cache, or a download "
-          "from the authors' repository (sha256-verified). The authors' sampler is solver='ddpm', "
+    notes="Weights: weights=PATH, $DDPM_MNIST_WEIGHTS, $DIFFUSION_SOLVERS_ASSETS/ddpm_mnist/ (default "
+          "../shared/assets/ddpm_mnist/ beside the checkout), the cache, or a download from the authors' "
+          "repository (sha256-verified). The authors' sampler is solver='ddpm', "
           "variance='large', 1000 steps (any discrete spacing): identical for i = 1000…2; see "
           "pretrained/ddpm_mnist.py for the last step. Trained on i = 1…999 only.",
     extra={"weights_source": SOURCE,

@@ -25,14 +25,48 @@ from solvers.schedules import EDM, RectifiedFlow
 
 from .analytic import GaussianMixture, gmm2d
 from .cards import ModelCard, register_card
-from .checkpoints import CheckpointError, check_state_dict
+from .checkpoints import CheckpointError, check_state_dict, file_digest
 from .consistency import BoundaryScalings, ConsistencyFunction
 
-__all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "teacher_mixture", "teacher_schedule", "build_network",
-           "read_toy_weights", "load_cm_gmm2d", "load_fm_gmm2d", "FORMAT"]
+__all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "WEIGHTS_SHA256", "verify_committed_weights",
+           "teacher_mixture", "teacher_schedule", "build_network", "read_toy_weights", "load_cm_gmm2d",
+           "load_fm_gmm2d", "FORMAT"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "pretrained.toy/1"
+# The sha256 of every committed file in pretrained/weights/, checked at load.  After retraining
+# (python -m pretrained.train_gmm2d KIND prints the new digest) put the new value here.
+WEIGHTS_SHA256 = {
+    "cm_gmm2d.pt": "a60a4b764607fc80148a163821888bab7c24bc4e8f401907896fd2d869e6e80d",
+    "fm_gmm2d.pt": "2af1219d0c24851da0b5c9092da6eb17515f2ae552893db33b5dff193f264e3d",
+}
+
+
+def verify_committed_weights(path: os.PathLike) -> None:
+    """Check a file of :data:`WEIGHTS_DIR` against its entry in :data:`WEIGHTS_SHA256`.
+
+    Files elsewhere (a user's own ``weights=PATH``) are not checked here; they load weights-only.
+
+    Raises:
+        CheckpointError: the file has no digest entry, or its sha256 differs (the message names the file,
+            the expected and the actual digest, and how to restore or rebuild it).
+    """
+    path = Path(path)
+    if path.resolve().parent != WEIGHTS_DIR.resolve():
+        return
+    name, kind = path.name, path.name.split("_")[0]
+    rebuild = f"python -m pretrained.train_gmm2d {kind}" if kind in ("cm", "fm") else "its training script"
+    expected = WEIGHTS_SHA256.get(name)
+    if expected is None:
+        raise CheckpointError(
+            f"{path} is in pretrained/weights/ but has no sha256 entry in WEIGHTS_SHA256 (pretrained/toy.py); "
+            f"add its digest there (sha256sum {path}) before loading it")
+    actual = file_digest(path, "sha256")
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: sha256 is {actual}, but the committed {name} has sha256 {expected}. The file was changed "
+            f"or corrupted; restore it with `git checkout -- pretrained/weights/{name}`, or retrain it with "
+            f"`{rebuild}` and put its new sha256 in WEIGHTS_SHA256 (pretrained/toy.py).")
 
 
 def teacher_mixture() -> GaussianMixture:
@@ -143,7 +177,9 @@ def _loader(kind: str):
         path = Path(weights) if weights is not None else WEIGHTS_DIR / f"{kind}_gmm2d.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; the committed weights are in {WEIGHTS_DIR} "
-                                    f"(rebuild them with: python -m pretrained.train_gmm2d {kind})")
+                                    f"(rebuild them with: python -m pretrained.train_gmm2d {kind}), or pass "
+                                    "weights=PATH (bench.run: --weights PATH)")
+        verify_committed_weights(path)
         net, _ = read_toy_weights(path, kind)
         net = net.to(device=device, dtype=dtype or torch.float32)
         return solvers.DiffusionModel(net, schedule=teacher_schedule(kind), prediction=prediction,

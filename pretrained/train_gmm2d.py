@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoints import default_permissions
+from .checkpoints import default_permissions, file_digest
 from .toy import FORMAT, WEIGHTS_DIR, build_network, teacher_mixture, teacher_schedule
 
 __all__ = ["train", "karras_levels", "main"]
@@ -152,6 +152,8 @@ def main(argv: Optional[list] = None) -> int:
     save_atomic(record, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) in {record['training']['seconds']:.0f} s: "
           f"{record['training']['summary']}")
+    print(f"sha256 {file_digest(out, 'sha256')}: for a file in pretrained/weights/, put it in WEIGHTS_SHA256 "
+          f"(pretrained/toy.py), or loading it fails the checksum")
     return 0
 
 

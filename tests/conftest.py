@@ -6,6 +6,7 @@ solver's error is measured against the truth, not against another solver.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import solvers
 from pretrained.analytic import GaussianMixture, gaussian, gmm2d
+from pretrained.checkpoints import assets_dir, assets_hint
 from solvers import schedules
 
 # Every schedule family, with the DiscreteVP time conventions that change the network input.
@@ -25,6 +27,36 @@ SCHEDULE_FACTORIES: dict[str, Callable[[], schedules.Schedule]] = {
     "edm": schedules.EDM,
     "rectified_flow": schedules.RectifiedFlow,
 }
+
+
+# -- offline assets: found through the project's one lookup (DIFFUSION_SOLVERS_ASSETS, else ../shared/assets) ---
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "assets(*paths): needs these paths inside the offline assets folder "
+        "(pretrained.checkpoints.assets_dir(): $DIFFUSION_SOLVERS_ASSETS, else ../shared/assets); skipped, "
+        "naming the path looked at and the variable, when one is absent")
+
+
+def skip_unless_asset(relative: str) -> Path:
+    """The path of ``relative`` in the offline assets folder; skips the test (naming the path looked at and
+    DIFFUSION_SOLVERS_ASSETS) when it is absent."""
+    path = assets_dir() / relative
+    if not path.exists():
+        pytest.skip(f"offline asset absent: {assets_hint(relative)}")
+    return path
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("assets"):
+        for relative in mark.args:
+            skip_unless_asset(relative)
+
+
+@pytest.fixture(scope="session")
+def offline_asset() -> Callable[[str], Path]:
+    """``offline_asset("ddpm_mnist/ddpm_mnist.pth")`` → its path, or a skip that says where it was looked for
+    (for fixtures and helpers; decorate tests with ``@pytest.mark.assets(...)``)."""
+    return skip_unless_asset
 
 
 @pytest.fixture

@@ -15,10 +15,8 @@ import torch
 from bench import datasets, features
 from bench import metrics as M
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-needs_resnet = pytest.mark.skipif(not (ASSETS / "resnet20_cifar").is_dir(),
-                                  reason="../shared/assets/resnet20_cifar/ (ResNet-20 weights) is absent")
-needs_mnist = pytest.mark.skipif(not (ASSETS / "mnist").is_dir(), reason="../shared/assets/mnist/ is absent")
+needs_resnet = pytest.mark.assets("resnet20_cifar/resnet20-12fca82f.th")  # see conftest.py: the assets lookup
+needs_mnist = pytest.mark.assets("mnist/t10k-images-idx3-ubyte.gz")
 
 
 def _random_images(n, seed, size=28):

@@ -25,7 +25,7 @@ from pretrained.cards import ModelCard
 from solvers import schedules
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
+ASSETS = pretrained.checkpoints.ASSETS  # $DIFFUSION_SOLVERS_ASSETS, else ../shared/assets beside the checkout
 SWEEP = ["--model", "gmm2d", "--num-samples", "200", "--batch-size", "80", "--solvers", "ddim,dpmpp,heun",
          "--steps", "1,5,20"]
 

@@ -10,7 +10,6 @@ or, for the report's table (larger batches, interleaved, medians), ``python -m b
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -107,16 +106,14 @@ def test_perf_rejects_unknown_method(tmp_path):
         perf.main(["overhead", "--methods", "nope", "--out", str(tmp_path / "x.md")])
 
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 TINY_UNET = {"block_out_channels": [32, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
              "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8,
              "sample_size": 16}
 
 
 @pytest.fixture(scope="module")
-def tiny_unet():
-    if not (ASSETS / "ddpm_cifar10_32" / "unet_config.json").is_file():
-        pytest.skip(f"{ASSETS / 'ddpm_cifar10_32'} is absent (shared assets live outside the repository)")
+def tiny_unet(offline_asset):
+    offline_asset("ddpm_cifar10_32/unet_config.json")  # read by bench.perf (UNET_CONFIG)
     return perf.load_cifar_unet(overrides=TINY_UNET)
 
 

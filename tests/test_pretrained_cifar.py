@@ -7,7 +7,6 @@ checked against an independent implementation: diffusers' ``UNet2DModel`` with t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from pretrained.ddpm_unet import CIFAR10_CONFIG, DDPMUNet, config_from_diffusers
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the optional 'hub' extra) is the independent "
                                                     "reference implementation of the U-Net")
 
-ASSET = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "ddpm_cifar10_32" / "unet_config.json"
 LEVELS = len(CIFAR10_CONFIG.ch_mult)
 
 
@@ -36,12 +34,11 @@ def _offline(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(offline_asset):
     """diffusers' UNet2DModel from the hub config, its default initialisation perturbed so that no parameter
     is left at a constant (a mapping error between two zero-initialised layers would go unseen)."""
-    if not ASSET.exists():
-        pytest.skip(f"the exact hub config is not at {ASSET} (../shared/assets/ddpm_cifar10_32 is absent)")
-    config = {k: v for k, v in json.loads(ASSET.read_text()).items() if not k.startswith("_")}
+    config_file = offline_asset("ddpm_cifar10_32/unet_config.json")
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**config).eval()
     with torch.no_grad():

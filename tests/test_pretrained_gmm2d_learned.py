@@ -100,3 +100,56 @@ def test_training_script_writes_a_loadable_file(tmp_path):
         pretrained.load("cm_gmm2d", weights=junk)
     with pytest.raises(FileNotFoundError, match="python -m pretrained.train_gmm2d cm"):
         pretrained.load("cm_gmm2d", weights=tmp_path / "none.pt")
+
+
+# -- the committed weight files are checked against their sha256 ------------------------------------------
+def _copy_weights(tmp_path, monkeypatch):
+    """A copy of pretrained/weights/ in tmp_path, made the loaders' WEIGHTS_DIR."""
+    import shutil
+    from pretrained import toy
+    folder = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, folder)
+    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
+    return folder
+
+
+def test_a_committed_weights_file_with_flipped_bytes_is_refused(tmp_path, monkeypatch):
+    from pretrained.toy import WEIGHTS_SHA256
+    path = _copy_weights(tmp_path, monkeypatch) / "cm_gmm2d.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        pretrained.load("cm_gmm2d")
+    message = str(err.value)
+    assert str(path) in message and WEIGHTS_SHA256["cm_gmm2d.pt"] in message
+    assert pretrained.checkpoints.file_digest(path) in message
+    assert "git checkout -- pretrained/weights/cm_gmm2d.pt" in message
+    assert "python -m pretrained.train_gmm2d cm" in message
+
+
+def test_a_weights_file_without_a_digest_entry_is_refused(tmp_path, monkeypatch):
+    folder = _copy_weights(tmp_path, monkeypatch)
+    (folder / "fm_gmm2d.pt").rename(folder / "fm_gmm2d_v2.pt")
+    with pytest.raises(CheckpointError, match="no sha256 entry in WEIGHTS_SHA256"):
+        pretrained.load("fm_gmm2d", weights=folder / "fm_gmm2d_v2.pt")
+
+
+def test_the_intact_copies_load_and_give_the_committed_networks(tmp_path, monkeypatch):
+    _copy_weights(tmp_path, monkeypatch)
+    x = torch.tensor([[0.5, -1.0], [2.0, 3.0]])
+    t = torch.tensor([0.3, 0.7])
+    for kind in ("cm", "fm"):
+        loaded = pretrained.load(f"{kind}_gmm2d").fn
+        committed, _ = read_toy_weights(WEIGHTS_DIR / f"{kind}_gmm2d.pt", kind)
+        torch.testing.assert_close(loaded(x, t), committed(x, t), rtol=0, atol=0)
+
+
+def test_every_committed_weights_file_has_a_matching_digest_entry():
+    from pretrained.checkpoints import file_digest
+    from pretrained.toy import WEIGHTS_SHA256
+    files = {p.name for p in WEIGHTS_DIR.iterdir() if p.is_file()}
+    assert files == set(WEIGHTS_SHA256), "a file in pretrained/weights/ without an entry in WEIGHTS_SHA256"
+    for name, expected in WEIGHTS_SHA256.items():
+        assert file_digest(WEIGHTS_DIR / name) == expected, name

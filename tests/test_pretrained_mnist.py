@@ -1,14 +1,14 @@
 """``ddpm_mnist``: the port of the authors' network and sampler, checked against their description and code.
 
-Needs ../shared/assets/ddpm_mnist/ (weights) and, for the data checks, ../shared/assets/mnist/; each test
-skips with the reason when its asset is absent.  The authors' sampler (their notebook ``DDPM.ipynb``, also
-quoted in the asset README) is written out literally below and compared with ``solver="ddpm"``.
+Needs the offline assets ddpm_mnist/ (weights) and, for the data checks, mnist/ ($DIFFUSION_SOLVERS_ASSETS, else
+../shared/assets; see conftest.py); each test skips with the path it looked at when its asset is absent.  The
+authors' sampler (their notebook ``DDPM.ipynb``, also quoted in the asset README) is written out literally
+below and compared with ``solver="ddpm"``.
 """
 from __future__ import annotations
 
 import gzip
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +16,14 @@ import torch
 
 import pretrained
 import solvers
+from pretrained.checkpoints import ASSETS
 from pretrained.ddpm_mnist import SOURCE, MnistEpsNet
 from solvers.noise import STREAM_SOLVER, SeedStreams
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 WEIGHTS = ASSETS / "ddpm_mnist" / "ddpm_mnist.pth"
 MNIST_IMAGES = ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz"
 
-pytestmark = pytest.mark.skipif(not WEIGHTS.exists(),
-                                reason=f"ddpm_mnist weights not found at {WEIGHTS} (../shared/assets is absent)")
+pytestmark = pytest.mark.assets("ddpm_mnist/ddpm_mnist.pth")  # see conftest.py: the project's assets lookup
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +104,12 @@ def test_last_step_returns_the_x0_prediction(model, checkpoint):
 
 
 def _mnist_test_images(n: int) -> torch.Tensor:
-    if not MNIST_IMAGES.exists():
-        pytest.skip(f"MNIST test images not found at {MNIST_IMAGES} (../shared/assets/mnist is absent)")
     raw = gzip.decompress(MNIST_IMAGES.read_bytes())
     images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
     return torch.from_numpy(images.astype(np.float32) / 255.0 - 0.5)   # the authors' x/255 − 0.5
 
 
+@pytest.mark.assets("mnist/t10k-images-idx3-ubyte.gz")
 @pytest.mark.parametrize("i", [50, 300, 600, 900])
 def test_the_network_denoises_real_test_digits(i, model):
     # Predicting ε ~ N(0, I) with zeros scores MSE 1; a trained network on its own training distribution

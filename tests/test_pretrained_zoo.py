@@ -16,7 +16,6 @@ from pretrained.checkpoints import CheckpointError, WeightsNotFoundError, Weight
     read_state_dict, resolve_weights
 from pretrained.consistency import CD_TEST_CONFIG
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 EXPECTED = {"gmm2d", "gmm", "gaussian", "ddpm_mnist", "ddpm_cifar", "ddpm_cifar_hub", "cd_imagenet64_l2",
             "cm_gmm2d", "fm_gmm2d"}
 
@@ -43,7 +42,7 @@ def test_unknown_name_lists_the_valid_ones():
 
 # -- every card loads and takes one solver step ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def fixture_weights(tmp_path_factory):
+def fixture_weights(tmp_path_factory, offline_asset):
     """Random-weight files in each card's on-disk format (built lazily, once per module)."""
     root = tmp_path_factory.mktemp("zoo_weights")
     made = {}
@@ -65,8 +64,7 @@ def fixture_weights(tmp_path_factory):
             diffusers.UNet2DModel(**CD_TEST_CONFIG).save_pretrained(folder)
             made[name] = {"weights": folder, "strict_config": False}
         elif name == "ddpm_mnist":
-            if not (ASSETS / "ddpm_mnist" / "ddpm_mnist.pth").exists():
-                pytest.skip(f"ddpm_mnist weights are not at {ASSETS / 'ddpm_mnist'} (../shared/assets absent)")
+            offline_asset("ddpm_mnist/ddpm_mnist.pth")  # found there by the card's own lookup
             made[name] = {}
         elif pretrained.get_card(name).kind in ("analytic", "points"):
             made[name] = {}   # exact models, or weights committed in pretrained/weights/
