@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pretrained.checkpoints import ASSETS
+from pretrained.checkpoints import ASSETS, assets_dir, assets_hint
 
 from .features import UInt8Images, extract_features
 from .metrics import gaussian_statistics
@@ -63,11 +63,17 @@ def read_idx_images(path: os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
 
 
-def mnist_test_images(directory: os.PathLike = MNIST_DIR) -> torch.Tensor:
-    """The MNIST test images as uint8 (10000, 3, 28, 28) (grey repeated to three channels)."""
-    path = Path(directory) / "t10k-images-idx3-ubyte.gz"
+def mnist_test_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
+    """The MNIST test images as uint8 (10000, 3, 28, 28) (grey repeated to three channels).
+
+    ``directory`` defaults to ``mnist/`` in the offline assets folder (:func:`pretrained.checkpoints.assets_dir`,
+    read at every call, so ``DIFFUSION_SOLVERS_ASSETS`` set after import is honoured).
+    """
+    name = "t10k-images-idx3-ubyte.gz"
+    path = (assets_dir() / "mnist" if directory is None else Path(directory)) / name
     if not path.exists():
-        raise ReferenceDataError(f"MNIST test images not found at {path} (the ../shared/assets/mnist/ folder)")
+        where = assets_hint(f"mnist/{name}") if directory is None else f"looked for {path}"
+        raise ReferenceDataError(f"MNIST test images not found: {where}")
     images = torch.from_numpy(read_idx_images(path).copy())[:, None]
     return images.expand(-1, 3, -1, -1).contiguous()
 

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import solvers
-from pretrained.checkpoints import ASSETS
+from pretrained.checkpoints import ASSETS, assets_dir, assets_hint
 from solvers.base import points_at
 from solvers.noise import PhiloxStreams, SeedStreams
 
@@ -335,16 +335,18 @@ def setup_costs(steps_list: Sequence[int] = (20, 1000), repeats: int = 5) -> lis
 
 
 # -- end to end --------------------------------------------------------------------------------------------
-def load_cifar_unet(config_path: os.PathLike = UNET_CONFIG, seed: int = 0, overrides: Optional[dict] = None):
+def load_cifar_unet(config_path: Optional[os.PathLike] = None, seed: int = 0, overrides: Optional[dict] = None):
     """The DDPM CIFAR-10 UNet architecture with random weights (seeded), in eval mode.
 
     Raises:
         FileNotFoundError: the config is absent (it lives in ``../shared/assets``, outside the repository).
     """
     diffusers = P.import_diffusers()
-    path = Path(config_path)
+    relative = "ddpm_cifar10_32/unet_config.json"
+    path = assets_dir() / relative if config_path is None else Path(config_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the e2e benchmark needs ../shared/assets/ddpm_cifar10_32")
+        where = assets_hint(relative) if config_path is None else f"looked for {path}"
+        raise FileNotFoundError(f"the DDPM CIFAR-10 UNet config is not found: {where}")
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     config.update(overrides or {})
     torch.manual_seed(seed)

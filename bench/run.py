@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Inception-v3 weights for FID (torch-fidelity's "
                         "weights-inception-2015-12-05-6726825d.pth) instead of the download")
     p.add_argument("--resnet20-weights", default=None,
-                   help="ResNet-20 weights for fd_resnet20 (default: ../shared/assets/resnet20_cifar/)")
+                   help="ResNet-20 weights for fd_resnet20 (default: resnet20_cifar/ in the offline assets folder, $DIFFUSION_SOLVERS_ASSETS or ../shared/assets)")
     return p
 
 

@@ -73,3 +73,19 @@ def test_a_missing_resnet20_file_given_explicitly_is_named(empty_assets, tmp_pat
     with pytest.raises(features.OfflineFeatureExtractorError) as err:
         features.load_resnet20(missing)
     assert f"--resnet20-weights / $BENCH_RESNET20_WEIGHTS point to {missing}, which does not exist" in str(err.value)
+
+
+def test_mnist_images_and_the_unet_config_not_found_name_the_variable_and_the_path(empty_assets):
+    """The MNIST reference images and the e2e benchmark's UNet config are looked up at call time, through the
+    same assets folder, and their errors say where they looked and which variable moves the folder."""
+    from bench import datasets, perf
+    with pytest.raises(datasets.ReferenceDataError) as err:
+        datasets.mnist_test_images()
+    message = str(err.value)
+    assert str(empty_assets / "mnist" / "t10k-images-idx3-ubyte.gz") in message
+    assert "DIFFUSION_SOLVERS_ASSETS" in message
+    with pytest.raises(FileNotFoundError) as err:
+        perf.load_cifar_unet()
+    message = str(err.value)
+    assert str(empty_assets / "ddpm_cifar10_32" / "unet_config.json") in message
+    assert "DIFFUSION_SOLVERS_ASSETS" in message
