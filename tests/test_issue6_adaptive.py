@@ -62,7 +62,10 @@ def test_matches_the_mixture_ode_solution_with_per_sample_steps():
     x_T = _x_T(24)
     ref = mixture.ode_solution(VP, x_T, T0, T1, rtol=1e-11, atol=1e-11, per_sample=False)
     res = solvers.sample(model, x_T, "adaptive", steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5)
-    assert (res.samples - ref).abs().max().item() < 1e-4
+    # bs3's global error is 7–10 × its tolerance on these problems (measured 9.7e-5 here, 7.4–7.6 × tol on the
+    # Gaussian above): a bound of 10 × tol had 2.5 % headroom and could fail on another CPU's rounding.  20 × tol
+    # still fails by orders of magnitude if per-sample step control breaks (errors then are O(1e-2) or more).
+    assert (res.samples - ref).abs().max().item() < 2e-4
     per_sample = res.nfe_per_sample
     assert len(per_sample) == 24 and len(set(per_sample)) > 1, "samples should need different step counts"
     # One segment: every unfinished sample is in every call, so the batch made as many calls as the longest.
