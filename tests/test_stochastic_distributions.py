@@ -109,8 +109,10 @@ BIAS_RING_HEUN = 0.025
 
 
 def test_heun_with_churn_keeps_the_ring_modes_narrow():
-    """The global ring moments cannot see the spread within a mode (0.96 SE for a model call at the old σ
-    after churning); the within-mode variance can."""
+    """The global ring moments cannot see the spread within a mode; the within-mode variance can: it catches a
+    churn noise of std σ̂ − σ instead of √(σ̂² − σ²).  (A model call at the old σ after churning moves it by
+    less than the tolerance; the narrow Gaussian's heun_churn case above and the step-exact references catch
+    that one.)"""
     ring = gmm2d("ring")
     model = ring.as_model(schedules.EDM(), "x0")
     spread = within_mode_spread(draw(schedules.EDM(), "heun", 100, model=model, dim=2, s_churn=10.0, spacing="karras"),
