@@ -100,12 +100,14 @@ def check_real(owner: str, name: str, value, *, low: Optional[float] = None, hig
     """
     lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
     hi = ("inf]" if allow_inf else "inf)") if high is None else f"{high:g}{')' if high_open else ']'}"
-    accepted = f"a {'' if allow_inf else 'finite '}number in {lo}, {hi}"
-    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-    if ok:
+    accepted = f"in {lo}, {hi}{'' if allow_inf else ' and finite'}"
+    number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    ok = number
+    if number:
         v = float(value)
         ok = not math.isnan(v) and (allow_inf or math.isfinite(v))
         ok = ok and (low is None or (v > low if low_open else v >= low))
         ok = ok and (high is None or (v < high if high_open else v <= high))
     if not ok:
-        raise ValueError(f"{owner}: {name} must be {accepted}, got {value!r}")
+        kind = "" if number else f" ({type(value).__name__}, not a number)"
+        raise ValueError(f"{owner}: {name} must be {accepted}, got {value!r}{kind}")

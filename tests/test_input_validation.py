@@ -194,7 +194,7 @@ def test_other_spacings_to_t_zero_need_denoise_to_zero_off(counted):
 def test_make_grid_rho_must_be_a_positive_finite_number():
     """rho=nan passed the old `rho <= 0` test and gave a NaN grid's error; now every bad rho names itself."""
     for rho in (math.nan, math.inf, 0.0, -1.0, True):
-        with pytest.raises(ValueError, match=f"make_grid: rho must be a finite number in \\(0, inf\\), got {rho}"):
+        with pytest.raises(ValueError, match=f"make_grid: rho must be in \\(0, inf\\) and finite, got {rho}"):
             grids.make_grid(SCHEDULE, 4, spacing="karras", rho=rho)
 
 
