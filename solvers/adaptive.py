@@ -102,6 +102,11 @@ def _pow(v: torch.Tensor, p: float) -> torch.Tensor:
     return lanewise(lambda a: a ** p, v)
 
 
+def _finite_rows(v: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of each row of ``v`` is finite: a bool (n,) host tensor."""
+    return torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1).cpu()
+
+
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-row (n,) host tensor shaped to broadcast against ``like``."""
     return v.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
@@ -211,6 +216,7 @@ class Adaptive(Solver):
         u = torch.full((n,), self._u(ctx, p), dtype=torch.float64)
         y = x / p.ode_scale
         f = self._rhs(ctx, u, y, rows)
+        finite = _finite_rows(y) & _finite_rows(f)
         span = state["u_end"] - float(u[0])
         if self.h_init is not None:
             h = torch.full((n,), min(float(self.h_init), span), dtype=torch.float64)
@@ -220,6 +226,7 @@ class Adaptive(Solver):
             d0, d1 = _rms(y / scale), _rms(f / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).clamp(max=span)
             f1 = self._rhs(ctx, u + h0, y + _col(h0, y) * f, rows)
+            finite &= _finite_rows(f1)
             d2 = _rms((f1 - f) / scale) / h0
             dmax = torch.maximum(d1, d2)
             h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
@@ -229,9 +236,8 @@ class Adaptive(Solver):
                  "u_prev": u.clone(), "y_prev": y.clone(), "f_prev": f.clone(),
                  "err_prev": torch.ones(n, dtype=torch.float64), "rejected": torch.zeros(n, dtype=torch.bool),
                  "attempts": torch.zeros(n, dtype=torch.long)}
-        # A sample whose model output is already NaN/Inf cannot be integrated: it ends as NaN (and the loop
-        # reports it by row).
-        finite = torch.isfinite(y.reshape(n, -1)).all(1).cpu() & torch.isfinite(f.reshape(n, -1)).all(1).cpu()
+        # A sample whose state or model output is already NaN/Inf (on either call of the starting step) cannot be
+        # integrated: it ends as NaN (and the loop reports it by row).
         self._retire(state, (~finite).nonzero().flatten())
         return state
 
@@ -248,9 +254,7 @@ class Adaptive(Solver):
 
     def _advance(self, ctx: StepContext, state: dict, target: float) -> None:
         """Take accepted steps (in place on ``state``) until every sample has reached u ≥ target."""
-        tab, u_end = self.tableau, state["u_end"]
-        k_exp = tab.error_order + 1
-        beta1, beta2 = 0.7 / k_exp, 0.4 / k_exp
+        u_end = state["u_end"]
         while True:
             rows = (state["u"] < target).nonzero().flatten()
             if rows.numel() == 0:
@@ -265,32 +269,15 @@ class Adaptive(Solver):
             left = u_end - u
             h = torch.minimum(state["h"][rows], left)
             last_step = h >= left
-            hc = _col(h, y)
-            # Runge–Kutta stages (the first is f at the step's start, kept from the last step: FSAL).
-            ks = [f]
-            y_stage = y
-            for i in range(1, tab.stages):
-                y_stage = y
-                for aij, kj in zip(tab.a[i], ks):
-                    if aij != 0.0:
-                        y_stage = y_stage + (hc * aij) * kj
-                ks.append(self._rhs(ctx, u + tab.c[i] * h, y_stage, rows))
-            y_new = y_stage  # FSAL: the last stage's input is the solution, its output f there
-            err = sum((hc * e) * k for e, k in zip(tab.b_err, ks) if e != 0.0)
-            scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
-            norm = _rms(err / scale)
+            y_new, f_new, norm, failed = self._attempt(ctx, u, y, f, h, rows)
             ok = torch.isfinite(norm) & (norm <= 1.0)
-            # PI controller.
-            norm_safe = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, math.inf))
-            grow = self.safety * _pow(norm_safe.clamp_min(1e-10), -beta1) * _pow(state["err_prev"][rows], beta2)
-            grow = grow.clamp(self.factor_min, self.factor_max)
-            grow = torch.where(state["rejected"][rows], grow.clamp(max=1.0), grow)
-            shrink = (self.safety * _pow(norm_safe, -1.0 / k_exp)).clamp(self.factor_min, 1.0)
-            state["h"][rows] = h * torch.where(ok, grow, shrink)
-            state["rejected"][rows] = ~ok
-            # A step that keeps failing down to a vanishing size: NaN/Inf from the model ends the sample as NaN
-            # (reported by the loop); a finite error that cannot be met is an error.
-            stalled = ~ok & (state["h"][rows] < 1e-10 * state["span"])
+            self._control(state, rows, h, norm, ok)
+            # A NaN/Inf model output ends its sample as NaN at once: the loop then raises NonFiniteError (or
+            # flags the row), as for every solver.  Retrying with a smaller step would hide a broken network.
+            self._retire(state, rows[failed])
+            # A step that keeps failing down to a vanishing size: a finite error that cannot be met is an
+            # error; a non-finite one (not from the model, e.g. 0/0 with atol=0) ends the sample as NaN.
+            stalled = ~ok & ~failed & (state["h"][rows] < 1e-10 * state["span"])
             if bool(stalled.any()):
                 finite_fail = stalled & torch.isfinite(norm)
                 if bool(finite_fail.any()):
@@ -309,7 +296,51 @@ class Adaptive(Solver):
                 new_u = torch.where(last_step[sel], torch.full_like(u[sel], u_end), u[sel] + h[sel])
                 state["u"][acc] = new_u
                 state["y"][acc] = y_new[sel.to(y.device)]
-                state["f"][acc] = ks[-1][sel.to(y.device)]
+                state["f"][acc] = f_new[sel.to(y.device)]
+
+    def _attempt(self, ctx: StepContext, u: torch.Tensor, y: torch.Tensor, f: torch.Tensor, h: torch.Tensor,
+                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One embedded Runge–Kutta step of size h from (u, y) with f = dy/du there, for the batch rows ``rows``.
+
+        Returns:
+            (y_new, f at y_new, the error norm of each row, and a bool mask of the rows whose model output was
+            NaN/Inf on this step) — the norm and the mask on the host.
+        """
+        tab = self.tableau
+        hc = _col(h, y)
+        # Runge–Kutta stages (the first is f at the step's start, kept from the last step: FSAL).
+        ks = [f]
+        y_stage = y
+        for i in range(1, tab.stages):
+            y_stage = y
+            for aij, kj in zip(tab.a[i], ks):
+                if aij != 0.0:
+                    y_stage = y_stage + (hc * aij) * kj
+            ks.append(self._rhs(ctx, u + tab.c[i] * h, y_stage, rows))
+        y_new = y_stage  # FSAL: the last stage's input is the solution, its output f there
+        err = sum((hc * e) * k for e, k in zip(tab.b_err, ks) if e != 0.0)
+        scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
+        norm = _rms(err / scale)
+        failed = torch.zeros(len(rows), dtype=torch.bool)
+        if not bool(torch.isfinite(norm).all()):
+            # y, f and h are finite, so a stage is non-finite only where the model returned NaN/Inf (checked
+            # only when some norm is not finite: no extra pass over the batch on a clean step).
+            for k in ks[1:]:
+                failed |= ~_finite_rows(k)
+        return y_new, ks[-1], norm, failed
+
+    def _control(self, state: dict, rows: torch.Tensor, h: torch.Tensor, norm: torch.Tensor,
+                 ok: torch.Tensor) -> None:
+        """The PI controller: the next step size of ``rows`` (in place on ``state``) from this step's error norm."""
+        k_exp = self.tableau.error_order + 1
+        beta1, beta2 = 0.7 / k_exp, 0.4 / k_exp
+        norm_safe = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, math.inf))
+        grow = self.safety * _pow(norm_safe.clamp_min(1e-10), -beta1) * _pow(state["err_prev"][rows], beta2)
+        grow = grow.clamp(self.factor_min, self.factor_max)
+        grow = torch.where(state["rejected"][rows], grow.clamp(max=1.0), grow)
+        shrink = (self.safety * _pow(norm_safe, -1.0 / k_exp)).clamp(self.factor_min, 1.0)
+        state["h"][rows] = h * torch.where(ok, grow, shrink)
+        state["rejected"][rows] = ~ok
 
     @staticmethod
     def _dense(state: dict, target: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from .base import Solver, StepContext
+from .validation import check_real
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ class Consistency(Solver):
     reference: ClassVar[str] = "Song, Dhariwal, Chen & Sutskever 2023 (Consistency Models), Algorithm 1"
 
     def __post_init__(self):
-        if not isinstance(self.sigma_boundary, (int, float)) or self.sigma_boundary < 0:
-            raise ValueError(f"consistency: sigma_boundary must be >= 0, got {self.sigma_boundary!r}")
+        check_real("consistency", "sigma_boundary", self.sigma_boundary, low=0.0)
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, state):
         p, q = ctx.points[i], ctx.points[i + 1]

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from .base import LowerOrderFinal, Solver, StepContext, multistep_order, resolve_lower_order_final
+from .validation import check_real
 
 
 def _validate_lower_order_final(name: str, value) -> None:
@@ -158,8 +159,7 @@ class DPMSolverPP2S(_LogSNRSolver):
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), Algorithm 1 (singlestep, order 2)"
 
     def __post_init__(self):
-        if not isinstance(self.r, (int, float)) or not 0 < self.r < 1:
-            raise ValueError(f"dpmpp_2s: r must be in (0, 1), got {self.r!r}")
+        check_real("dpmpp_2s", "r", self.r, low=0.0, high=1.0, low_open=True, high_open=True)
 
     def init_state(self, ctx: StepContext):
         # Intermediate times depend only on the grid: compute their coefficients once, in one vectorised
@@ -211,8 +211,7 @@ class DPMSolverPP2MSDE(_LogSNRSolver):
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), §5; k-diffusion sample_dpmpp_2m_sde"
 
     def __post_init__(self):
-        if not isinstance(self.eta, (int, float)) or self.eta < 0:
-            raise ValueError(f"dpmpp_2m_sde: eta must be >= 0, got {self.eta!r}")
+        check_real("dpmpp_2m_sde", "eta", self.eta, low=0.0)
         _validate_lower_order_final(self.name, self.lower_order_final)
 
     @property

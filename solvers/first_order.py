@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import Point, Solver, StepContext
+from .validation import check_real
 
 
 def ode_euler_update(d_x: float, d_d: float, p: Point, q: Point) -> tuple[float, float]:
@@ -71,8 +72,7 @@ class DDIM(Solver):
     reference: ClassVar[str] = "Song, Meng & Ermon 2021 (DDIM), eq. 12 and 16"
 
     def __post_init__(self):
-        if not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"{self.name}: eta must be in [0, 1], got {self.eta!r}")
+        check_real(self.name, "eta", self.eta, low=0.0, high=1.0)
 
     @property
     def is_stochastic(self) -> bool:
@@ -121,8 +121,9 @@ class DDPM(DDIM):
     reference: ClassVar[str] = "Ho, Jain & Abbeel 2020 (DDPM), Algorithm 2"
 
     def __post_init__(self):
-        if self.eta != 1.0:
-            raise ValueError("ddpm is DDIM with eta=1; use solver='ddim' to choose another eta")
+        if isinstance(self.eta, bool) or self.eta != 1.0:
+            raise ValueError(f"ddpm is DDIM with eta=1 (got eta={self.eta!r}); use solver='ddim' to choose "
+                             "another eta")
         if self.variance not in ("small", "large"):
             raise ValueError(f"ddpm: variance must be 'small' or 'large', got {self.variance!r}")
 

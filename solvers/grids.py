@@ -25,11 +25,31 @@ import numpy as np
 import torch
 
 from .schedules import DiscreteVP, Schedule
+from .validation import check_real
+
+# A generous bound: the finest grids in use have ~2,000 steps (a DiscreteVP has 1,000 trained times).  Far
+# above it the per-point coefficients alone take seconds and gigabytes before the first step (10⁷ steps: a
+# MemoryError after 14 s), so a larger count is refused up front.
+MAX_STEPS = 100_000
 
 SPACINGS = ("uniform", "logsnr", "karras", "quadratic", "leading", "trailing", "linspace")
 DISCRETE_SPACINGS = ("leading", "trailing", "linspace")
 
-__all__ = ["SPACINGS", "make_grid", "validate_grid"]
+__all__ = ["SPACINGS", "MAX_STEPS", "check_steps", "make_grid", "validate_grid"]
+
+
+def check_steps(steps) -> int:
+    """``steps`` as an int if it is a positive integer (not a bool) of at most :data:`MAX_STEPS`.
+
+    Raises:
+        ValueError: saying what was given and what is accepted.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps={steps} is above the limit of {MAX_STEPS:,} steps (a sanity bound: the finest "
+                         "grids in use have ~2,000); give fewer steps")
+    return int(steps)
 
 
 def _levels(schedule: Schedule, spacing: str, n: int, t_start: float, t_end: float, rho: float) -> list[float]:
@@ -85,7 +105,7 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "logsnr", t_star
 
     Args:
         schedule: the model's schedule.
-        steps: number of solver steps (≥ 1).
+        steps: number of solver steps (1 … :data:`MAX_STEPS`).
         spacing: one of :data:`SPACINGS`.
         t_start, t_end: the first and last noise level (defaults: ``schedule.t_max`` and
             ``schedule.default_t_end``).  Not accepted by the discrete spacings, which fix their points.
@@ -97,12 +117,10 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "logsnr", t_star
         ValueError: bad steps, unknown spacing, a spacing that does not fit the schedule, or a range that
             leaves the schedule's.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = check_steps(steps)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
+    check_real("make_grid", "rho", rho, low=0.0, low_open=True)
     n = int(steps) if denoise_to_zero else int(steps) + 1
     discrete = isinstance(schedule, DiscreteVP)
     if spacing in DISCRETE_SPACINGS and not discrete:
@@ -121,10 +139,29 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "logsnr", t_star
             end = schedule.default_t_end if t_end is None else float(t_end)
             if not end < start and n > 1:
                 raise ValueError(f"t_end={end} must be below t_start={start}")
+            _check_range_ends(schedule, spacing, start, end, denoise_to_zero)
             levels = _levels(schedule, spacing, n, start, end, rho)
     grid = [float(v) for v in levels] + ([float(schedule.t_zero)] if denoise_to_zero else [])
     validate_grid(schedule, grid)
     return grid
+
+
+def _check_range_ends(schedule: Schedule, spacing: str, start: float, end: float, denoise_to_zero: bool) -> None:
+    """The ends of a continuous spacing's range must be levels it can place (before any grid is computed)."""
+    name, t_zero = type(schedule).__name__, float(schedule.t_zero)
+    if spacing == "logsnr":
+        lam_start, lam_end = (float(schedule.log_snr(torch.tensor(v, dtype=torch.float64))) for v in (start, end))
+        if not math.isfinite(lam_end):
+            raise ValueError(f"t_end must be > t_zero = {t_zero} for log-SNR spacing: λ = log(α/σ) is {lam_end} at "
+                             f"t_end={end} on {name}. To end at the data use denoise_to_zero=True with "
+                             f"t_end > t_zero (default {schedule.default_t_end}), which adds the step to σ = 0")
+        if not math.isfinite(lam_start):
+            raise ValueError(f"spacing 'logsnr' needs a finite log-SNR λ = log(α/σ) at t_start, but it is "
+                             f"{lam_start} at t_start={start} on {name} (α = 0 there): start just below it")
+    if denoise_to_zero and end <= t_zero:
+        raise ValueError(f"t_end={end} is not above t_zero={t_zero} (σ = 0) of {name}, but denoise_to_zero=True "
+                         f"already adds the final step to t_zero after t_end: give t_end > t_zero (default "
+                         f"{schedule.default_t_end}), or denoise_to_zero=False to end the spacing itself at t_zero")
 
 
 def validate_grid(schedule: Schedule, timesteps: Sequence[float]) -> list[float]:

@@ -9,6 +9,7 @@ import torch
 
 from .base import Solver, StepContext
 from .first_order import ode_euler_update
+from .validation import check_real
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,8 @@ class Heun(Solver):
 
     def __post_init__(self):
         for field in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
-            v = getattr(self, field)
-            if not isinstance(v, (int, float)) or v < 0 or (math.isnan(v)):
-                raise ValueError(f"heun: {field} must be a non-negative number, got {v!r}")
+            # s_tmax may be +inf (its default: churn at every level); the others must be finite.
+            check_real("heun", field, getattr(self, field), low=0.0, allow_inf=field == "s_tmax")
         if self.s_tmin > self.s_tmax:
             raise ValueError(f"heun: s_tmin={self.s_tmin} must not exceed s_tmax={self.s_tmax}")
 

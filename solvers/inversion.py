@@ -20,28 +20,29 @@ reversed grid (``solvers.sample(model, res.samples, solver, timesteps=res.timest
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from .base import StepContext, points_at
-from .grids import make_grid, validate_grid
+from .grids import check_steps, make_grid, validate_grid
 from .loop import SampleResult, StepInfo
 from .model import DiffusionModel
 from .registry import get_solver
+from .validation import as_float_dtype, check_float_tensor
 
 __all__ = ["invert"]
 
 
 def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps: Optional[int] = 10, *,
            timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_from: Optional[float] = None,
-           t_to: Optional[float] = None, dtype: Optional[torch.dtype] = None,
+           t_to: Optional[float] = None, dtype: Union[None, torch.dtype, str] = None,
            callback: Optional[Callable[[StepInfo], Any]] = None, **solver_options) -> SampleResult:
     """Integrate the probability-flow ODE from ``x0`` at a low noise level up to ``t_to`` (noise).
 
     Args:
         model: the :class:`~solvers.DiffusionModel`.
-        x0: the data (or any state at ``t_from``), (batch, …).
+        x0: the data (or any state at ``t_from``), (batch, …): a real floating tensor.
         solver: a deterministic fixed-grid solver (``"ddim"`` with ``eta=0``, ``"euler"``, ``"heun"`` without
             churn, ``"dpmpp_2m"``, ``"unipc"``, ``"deis"``, ``"ipndm"``, …).
         steps: number of steps (ignored with ``timesteps``, except that it must agree if given).
@@ -50,7 +51,7 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
         spacing: spacing of the generated grid (see :func:`solvers.grids.make_grid`; the grid is the
             sampling grid from ``t_to`` to ``t_from`` without the step to σ = 0, reversed).
         t_from, t_to: the ends (defaults: ``schedule.default_t_end`` and ``schedule.t_max``).
-        dtype: dtype of the state (e.g. ``torch.float64``).
+        dtype: dtype of the state: a real floating ``torch.dtype`` or its name (e.g. ``"float64"``).
         callback: called with a :class:`~solvers.StepInfo` after every step.
         **solver_options: options of the solver.
 
@@ -59,12 +60,16 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
         whose ``timesteps`` is the increasing grid used.
 
     Raises:
-        ValueError: a stochastic or adaptive solver, a grid that is not increasing or starts at σ = 0.
+        ValueError: a stochastic or adaptive solver, a grid that is not increasing or starts at σ = 0, bad steps.
+        TypeError: an x0 or dtype that is not real floating.
     """
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
-    if not torch.is_tensor(x0) or x0.dim() < 1 or x0.shape[0] < 1:
-        raise ValueError("x0 must be a tensor with a batch dimension of at least one sample")
+    check_float_tensor(x0, "x0")
+    if dtype is not None:
+        dtype = as_float_dtype(dtype)
+    if steps is not None:
+        check_steps(steps)
     slv = get_solver(solver, **solver_options)
     if slv.is_stochastic or slv.adaptive:
         raise ValueError(f"invert needs a deterministic fixed-grid solver; {slv.name!r} with "

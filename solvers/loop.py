@@ -5,15 +5,16 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from .base import StepContext, points_at
-from .grids import make_grid, validate_grid
+from .grids import check_steps, make_grid, validate_grid
 from .model import DiffusionModel
 from .noise import STREAM_SOLVER, as_seeds, check_rng, make_streams
 from .registry import get_solver
+from .validation import as_float_dtype, check_float_tensor
 
 __all__ = ["sample", "SampleResult", "StepInfo", "NonFiniteError"]
 
@@ -168,23 +169,26 @@ def _prepared(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, 
 def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = None, *,
            timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_start: Optional[float] = None,
            t_end: Optional[float] = None, denoise_to_zero: bool = True, seeds=None,
-           dtype: Optional[torch.dtype] = None, callback: Optional[Callable[[StepInfo], Any]] = None,
+           dtype: Union[None, torch.dtype, str] = None, callback: Optional[Callable[[StepInfo], Any]] = None,
            progress: bool = False, on_nonfinite: str = "raise", timing: bool = True, rng: str = "torch",
            **solver_options) -> SampleResult:
     """Integrate from ``x_T`` at the grid's first time to its last with the named solver.
 
     Args:
         model: the :class:`~solvers.DiffusionModel`.
-        x_T: the starting state at ``timesteps[0]`` (see :func:`solvers.initial_noise`).
+        x_T: the starting state at ``timesteps[0]`` (see :func:`solvers.initial_noise`): a real floating
+            tensor (float16, bfloat16, float32 or float64), batch first; integer, bool and complex states
+            raise TypeError.
         solver: a name from :func:`solvers.available_solvers`.
-        steps: number of solver steps (default 10).  With ``timesteps`` it may be left out; if given it
-            must agree with the grid.
+        steps: number of solver steps (default 10; at most :data:`solvers.grids.MAX_STEPS`).  With
+            ``timesteps`` it may be left out; if given it must agree with the grid.
         timesteps: an explicit strictly decreasing grid of ``steps + 1`` solver times; the solver then
             integrates exactly from ``timesteps[0]`` to ``timesteps[-1]`` over those points, no extra step.
         spacing, t_start, t_end, denoise_to_zero: how to build the grid (:func:`solvers.grids.make_grid`).
         seeds: one non-negative int per sample for the solver's noise (``None`` → 0 … batch−1); sample i
             is the same whatever the batch size or composition.
-        dtype: dtype of the solver state (e.g. ``torch.float64``); the network is called in the model's
+        dtype: dtype of the solver state: a real floating ``torch.dtype`` or its name (``torch.float64`` or
+            ``"float64"``); anything else raises TypeError.  The network is called in the model's
             ``input_dtype`` (default: the state's).
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm progress bar over the steps.
@@ -198,11 +202,21 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
 
     Returns:
         :class:`SampleResult`.
+
+    Raises:
+        TypeError: a model that is not a DiffusionModel; an x_T or dtype that is not real floating; an unknown
+            solver option; a network that does not return a tensor.
+        ValueError: a bad argument (steps, grid, seeds, solver option value …), each checked before the first
+            model call.
+        NonFiniteError: NaN/Inf in the result (with ``on_nonfinite="raise"``).
     """
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
-    if not torch.is_tensor(x_T) or x_T.dim() < 1 or x_T.shape[0] < 1:
-        raise ValueError("x_T must be a tensor with a batch dimension of at least one sample")
+    check_float_tensor(x_T, "x_T")
+    if dtype is not None:
+        dtype = as_float_dtype(dtype)
+    if steps is not None:
+        check_steps(steps)
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     check_rng(rng)

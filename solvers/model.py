@@ -18,6 +18,7 @@ from typing import Callable, Literal, Optional, Tuple, Union
 import torch
 
 from .schedules import Schedule
+from .validation import as_float_dtype
 
 Prediction = Literal["eps", "score", "x0", "v", "velocity"]
 PREDICTIONS = ("eps", "score", "x0", "v", "velocity")
@@ -70,6 +71,7 @@ class DiffusionModel:
 
     Raises:
         ValueError: unknown prediction, or one the schedule cannot support (``"v"`` needs α² + σ² = 1).
+        TypeError: an ``input_dtype`` that is not real floating.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, schedule: Schedule,
@@ -97,7 +99,7 @@ class DiffusionModel:
         self.prediction = prediction
         self.clip_x0 = None if clip_x0 is None else (float(clip_x0[0]), float(clip_x0[1]))
         self.dynamic_threshold = dynamic_threshold
-        self.input_dtype = input_dtype
+        self.input_dtype = None if input_dtype is None else as_float_dtype(input_dtype, "input_dtype")
         self.rows_per_sample = int(rows_per_sample or getattr(fn, "rows_per_sample", 1))
 
     def conversion(self, t: float) -> tuple[float, float]:
@@ -123,9 +125,18 @@ class DiffusionModel:
             t = torch.full((x.shape[0],), model_time, dtype=t_dtype, device=x.device)
         xin = x if self.input_dtype is None else x.to(self.input_dtype)
         out = self.fn(xin, t)
+        if not torch.is_tensor(out):
+            kind = type(out)
+            where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+            got = "None" if out is None else f"a {where}{kind.__qualname__}"
+            raise TypeError(f"the model must return a torch.Tensor of the input's shape {tuple(x.shape)}; "
+                            f"it returned {got}")
         if out.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
                              "it must return a tensor of the input's shape")
+        if out.is_complex():
+            raise TypeError(f"the model returned a complex tensor ({out.dtype}); it must return a real tensor "
+                            "(casting would drop the imaginary part)")
         return out.to(x.dtype)
 
     def denoise(self, x: torch.Tensor, t: float, *, coeffs: Optional[tuple[float, float]] = None,

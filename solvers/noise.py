@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .validation import as_float_dtype, check_shape
+
 STREAM_INITIAL = 0
 STREAM_SOLVER = 1
 
@@ -178,24 +180,28 @@ def make_streams(seeds: Sequence[int], stream: int, rng: str = "torch"):
 
 
 def initial_noise(shape: Sequence[int], seeds=None, *, schedule=None, t: Optional[float] = None,
-                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                  dtype: Union[torch.dtype, str] = torch.float32, device: Union[str, torch.device] = "cpu",
                   rng: str = "torch") -> torch.Tensor:
     """The starting state x_T for :func:`solvers.sample`, drawn per sample.
 
     Args:
-        shape: full shape (batch, …).
+        shape: full shape (batch, …); every dimension ≥ 1.
         seeds: one seed per sample (``None`` → 0 … batch−1).
         schedule: when given, the noise is scaled by ``schedule.prior_std(t)`` (1 on VP schedules, σ on
             EDM, so x_T = σ_max·z there).
         t: the start time (default ``schedule.t_max``).
+        dtype: a real floating ``torch.dtype`` or its name (``"float64"``).
         rng: ``"torch"`` (per-sample CPU generators) or ``"philox"`` (counter-based, on ``device``).
 
     Returns:
         A tensor of the given shape; row i depends on seeds[i] only.
+
+    Raises:
+        ValueError: a shape that is not a sequence of positive integers; seeds that do not fit the batch.
+        TypeError: a dtype that is not real floating (normal noise would be truncated).
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1:
-        raise ValueError("shape must include the batch dimension")
+    shape = check_shape(shape)
+    dtype = as_float_dtype(dtype)
     x = make_streams(as_seeds(seeds, shape[0]), STREAM_INITIAL, rng).randn(shape[1:], dtype=dtype, device=device)
     if schedule is not None:
         x = x * schedule.prior_std(schedule.t_max if t is None else t)

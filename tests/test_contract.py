@@ -258,3 +258,50 @@ def test_bad_call_arguments_raise(make_row_by_row):
         solvers.sample(model, torch.zeros(0, 2), "euler", 2)
     with pytest.raises(ValueError, match="on_nonfinite must be 'raise' or 'flag'"):
         solvers.sample(model, torch.zeros(1, *SAMPLE_SHAPE), "euler", 2, on_nonfinite="ignore")
+
+
+def _option_fields(solver_name: str, types: tuple) -> list[str]:
+    """The solver's options whose declared type is one of ``types`` (annotations are strings here)."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(solvers.solver_class(solver_name)) if f.type in types]
+
+
+# Options that may be infinite: heun's s_tmax (its default, +inf, churns at every level).
+INFINITE_ALLOWED = {("heun", "s_tmax")}
+
+
+def test_real_valued_options_must_be_finite_numbers(solver_name, make_row_by_row):
+    """Every float option of every registered solver refuses NaN, ±inf (unless listed above), bools and
+    strings with a ValueError naming the option and the value, when the solver is built — before the grid or
+    any model call (dpmpp_2m_sde's eta=nan used to end in a NonFiniteError, eta=inf and heun's s_churn=inf,
+    s_noise=inf or consistency's sigma_boundary=nan/inf were accepted)."""
+    calls = []
+    inner = make_row_by_row(MIXTURE.network(SCHEDULE, "eps"))
+    model = solvers.DiffusionModel(lambda x, t: calls.append(1) or inner(x, t), schedule=SCHEDULE)
+    for option in _option_fields(solver_name, ("float", "Optional[float]")):
+        bad_values = [math.nan, -math.inf, True, "0.5"]
+        if (solver_name, option) not in INFINITE_ALLOWED:
+            bad_values.append(math.inf)
+        for bad in bad_values:
+            with pytest.raises(ValueError, match=f"{option}.*{bad!r}") as err:
+                solvers.get_solver(solver_name, **{option: bad})
+            assert solver_name in str(err.value)
+            with pytest.raises(ValueError, match=option):
+                run(model, solver_name, [0], **{option: bad})
+    assert calls == []
+
+
+def test_integer_options_must_be_integers(solver_name):
+    """Every int option refuses bools, floats and numbers below 1 with a ValueError naming the option."""
+    for option in _option_fields(solver_name, ("int",)):
+        for bad in (True, 2.5, 0, -1):
+            with pytest.raises(ValueError, match=f"{option} must be a positive integer|{option} must be an integer"):
+                solvers.get_solver(solver_name, **{option: bad})
+
+
+def test_infinite_s_tmax_stays_heuns_default():
+    """heun's s_tmax=inf (its default) is accepted; NaN is not."""
+    assert solvers.get_solver("heun", s_churn=10.0, s_tmax=math.inf).s_tmax == math.inf
+    with pytest.raises(ValueError, match=r"heun: s_tmax must be in \[0, inf\], got nan"):
+        solvers.get_solver("heun", s_tmax=math.nan)

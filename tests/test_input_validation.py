@@ -1,0 +1,264 @@
+"""Bad input to the public entry points is refused up front, with a message saying what was given and what
+would be accepted: state dtypes and shapes, dtype arguments, step counts, grid ends, what the model returns,
+and non-finite model output under the adaptive solver."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import solvers
+from pretrained.analytic import gmm_nd
+from solvers import grids, schedules
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SCHEDULE = schedules.VPLinear()
+MIXTURE = gmm_nd(dim=4, n_components=3, seed=1)
+ACCEPTED = r"accepted: torch.float16, torch.bfloat16, torch.float32 or torch.float64"
+
+
+class CountingNet:
+    """The exact mixture's ε-network evaluated row by row (so batch-invariant by construction), counting its
+    calls (to show that errors come before any)."""
+
+    def __init__(self):
+        self.net = MIXTURE.network(SCHEDULE, "eps")
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return torch.cat([self.net(x[i:i + 1], t[i:i + 1]) for i in range(x.shape[0])])
+
+
+@pytest.fixture
+def counted():
+    net = CountingNet()
+    return net, solvers.DiffusionModel(net, schedule=SCHEDULE, prediction="eps")
+
+
+def x_T(n=3, dtype=torch.float64):
+    return solvers.initial_noise((n, 4), schedule=SCHEDULE, dtype=dtype)
+
+
+# -- dtypes of states and dtype arguments ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.complex128])
+def test_sample_and_invert_refuse_a_state_that_is_not_real_floating(bad, counted):
+    """An int/bool/complex x_T (or x0) raises TypeError naming its dtype; before, it was truncated silently."""
+    net, model = counted
+    state = torch.ones(3, 4).to(bad)
+    with pytest.raises(TypeError, match=f"x_T must be a real floating tensor .* got {bad}"):
+        solvers.sample(model, state, "euler", 3)
+    with pytest.raises(TypeError, match=f"x0 must be a real floating tensor .* got {bad}"):
+        solvers.invert(model, state, "ddim", 3)
+    assert net.calls == 0
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.bool, torch.complex64])
+def test_dtype_arguments_must_be_real_floating(bad, counted):
+    """sample/invert/initial_noise(dtype=int64 …) and DiffusionModel(input_dtype=…) raise TypeError."""
+    net, model = counted
+    with pytest.raises(TypeError, match=f"dtype={bad} is not a real floating dtype.*{ACCEPTED}"):
+        solvers.sample(model, x_T(), "euler", 3, dtype=bad)
+    with pytest.raises(TypeError, match=f"dtype={bad} is not a real floating dtype"):
+        solvers.invert(model, x_T(), "ddim", 3, dtype=bad)
+    with pytest.raises(TypeError, match=f"dtype={bad} is not a real floating dtype"):
+        solvers.initial_noise((2, 3), dtype=bad)
+    with pytest.raises(TypeError, match=f"input_dtype={bad} is not a real floating dtype"):
+        solvers.DiffusionModel(net, schedule=SCHEDULE, input_dtype=bad)
+    assert net.calls == 0
+
+
+@pytest.mark.parametrize("name, dtype", [("float64", torch.float64), ("torch.float64", torch.float64),
+                                         ("double", torch.float64), ("float32", torch.float32),
+                                         ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_dtype_names_are_accepted_for_the_dtype_they_name(name, dtype, counted):
+    """A dtype given by name works as the dtype itself (before: torch's 'Invalid device string')."""
+    _, model = counted
+    assert solvers.initial_noise((2, 3), dtype=name).dtype == dtype
+    assert torch.equal(solvers.initial_noise((2, 3), dtype=name), solvers.initial_noise((2, 3), dtype=dtype))
+    assert solvers.DiffusionModel(lambda x, t: x, schedule=SCHEDULE, input_dtype=name).input_dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        by_name = solvers.sample(model, x_T(dtype=torch.float32), "dpmpp_2m", 4, dtype=name)
+        by_dtype = solvers.sample(model, x_T(dtype=torch.float32), "dpmpp_2m", 4, dtype=dtype)
+        assert by_name.samples.dtype == dtype
+        assert torch.equal(by_name.samples, by_dtype.samples)
+        assert solvers.invert(model, x_T(), "ddim", 3, dtype=name).samples.dtype == dtype
+
+
+@pytest.mark.parametrize("bad", ["int64", "float8", "cuda", 64, np.float64])
+def test_other_dtype_values_raise_listing_the_accepted_ones(bad, counted):
+    """Names of other dtypes, and things that are not dtypes at all, raise TypeError listing what is accepted."""
+    _, model = counted
+    with pytest.raises(TypeError, match=ACCEPTED):
+        solvers.sample(model, x_T(), "euler", 3, dtype=bad)
+    with pytest.raises(TypeError, match=ACCEPTED):
+        solvers.initial_noise((2, 3), dtype=bad)
+
+
+# -- shapes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((-1, 2), r"shape=\(-1, 2\) has a dimension of -1"),
+    ((0, 2), r"shape=\(0, 2\) has a dimension of 0"),
+    ((2, 0), r"shape=\(2, 0\) has a dimension of 0"),
+    ((2, -3), r"shape=\(2, -3\) has a dimension of -3"),
+    ((2.5, 2), "shape must hold integers, got 2.5"),
+    ((True, 2), "shape must hold integers, got True"),
+    (4, "shape must be a sequence of dimensions, batch first"),
+    ((), "shape must include the batch dimension"),
+])
+def test_initial_noise_refuses_empty_negative_and_non_integer_shapes(shape, message):
+    """initial_noise((-1, 2)) used to return an empty tensor, (2, -1) a torch RuntimeError, (2.5, 2) a batch of 2."""
+    with pytest.raises(ValueError, match=message):
+        solvers.initial_noise(shape)
+
+
+def test_initial_noise_accepts_sizes_and_integer_arrays():
+    """torch.Size, NumPy integers and 1-D integer arrays/tensors are shapes too."""
+    for shape in (torch.Size([2, 3]), (np.int64(2), 3), np.array([2, 3]), torch.tensor([2, 3])):
+        assert solvers.initial_noise(shape).shape == (2, 3)
+
+
+def test_a_state_with_an_empty_dimension_is_refused(counted):
+    """x_T of shape (2, 0) raises ValueError (before, it 'sampled' an empty tensor)."""
+    net, model = counted
+    with pytest.raises(ValueError, match=r"x_T has a zero-size dimension \(shape \(2, 0\)\)"):
+        solvers.sample(model, torch.zeros(2, 0), "euler", 3)
+    with pytest.raises(ValueError, match="x_T must be a tensor with a batch dimension.*got list"):
+        solvers.sample(model, [[0.0, 1.0]], "euler", 3)
+    assert net.calls == 0
+
+
+# -- steps and grid ends -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [100_001, 10 ** 7, 2 ** 63])
+def test_steps_above_the_limit_raise_at_once(steps, counted):
+    """steps=10**7 used to end in a MemoryError after 14 s, 2**63 in an IndexError: now a ValueError up front."""
+    net, model = counted
+    message = f"steps={steps} is above the limit of 100,000 steps"
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        solvers.sample(model, x_T(), "euler", steps)
+    with pytest.raises(ValueError, match=message):
+        solvers.invert(model, x_T(), "ddim", steps)
+    with pytest.raises(ValueError, match=message):
+        grids.make_grid(SCHEDULE, steps)
+    assert time.perf_counter() - t0 < 5.0  # no grid was built (10⁷ points took 14 s and then failed)
+    assert net.calls == 0
+
+
+def test_the_step_limit_itself_is_accepted():
+    """MAX_STEPS is a usable count (the bound is generous, not tight)."""
+    assert grids.MAX_STEPS == 100_000
+    grid = grids.make_grid(SCHEDULE, grids.MAX_STEPS)
+    assert len(grid) == grids.MAX_STEPS + 1 and grid[-1] == SCHEDULE.t_zero
+
+
+@pytest.mark.parametrize("steps", [2.0, True, np.float64(2)])
+def test_steps_given_with_timesteps_must_be_an_integer(steps, counted):
+    """steps must be a positive int even when it only confirms an explicit grid's length."""
+    _, model = counted
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        solvers.sample(model, x_T(), "euler", steps, timesteps=[0.9, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("denoise_to_zero", [True, False])
+def test_logsnr_spacing_to_t_end_zero_says_t_end_must_be_above_t_zero(denoise_to_zero, counted):
+    """t_end=0 with logsnr spacing: the message is about t_end and log-SNR (it was about grid points)."""
+    net, model = counted
+    with pytest.raises(ValueError, match=r"t_end must be > t_zero = 0.0 for log-SNR spacing: .* inf at "
+                                         r"t_end=0.0 .*use denoise_to_zero=True with t_end > t_zero"):
+        solvers.sample(model, x_T(), "euler", 4, t_end=0, denoise_to_zero=denoise_to_zero)
+    assert net.calls == 0
+
+
+def test_other_spacings_to_t_zero_need_denoise_to_zero_off(counted):
+    """With denoise_to_zero=True a t_end at t_zero would repeat the last point: a message says so.  With it
+    off, a spacing that can place σ = 0 (karras, uniform) ends its grid there."""
+    _, model = counted
+    for spacing in ("karras", "uniform", "quadratic"):
+        with pytest.raises(ValueError, match=r"t_end=0.0 is not above t_zero=0.0 .* denoise_to_zero=False"):
+            grids.make_grid(SCHEDULE, 4, spacing=spacing, t_end=0.0)
+        grid = grids.make_grid(SCHEDULE, 4, spacing=spacing, t_end=0.0, denoise_to_zero=False)
+        assert len(grid) == 5 and grid[-1] == 0.0 and grid[0] == SCHEDULE.t_max
+
+
+def test_make_grid_rho_must_be_a_positive_finite_number():
+    """rho=nan passed the old `rho <= 0` test and gave a NaN grid's error; now every bad rho names itself."""
+    for rho in (math.nan, math.inf, 0.0, -1.0, True):
+        with pytest.raises(ValueError, match=f"make_grid: rho must be in \\(0, inf\\) and finite, got {rho}"):
+            grids.make_grid(SCHEDULE, 4, spacing="karras", rho=rho)
+
+
+# -- what the model returns --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("returns, name", [(lambda x: x.numpy(), "a numpy.ndarray"), (lambda x: None, "None"),
+                                           (lambda x: x.tolist(), "a list"), (lambda x: 0.0, "a float")])
+def test_a_model_that_does_not_return_a_tensor_is_named(returns, name):
+    """numpy/None/list/float from the network: TypeError saying what it must return and what it returned
+    (before: AttributeError: 'numpy.ndarray' object has no attribute 'to')."""
+    model = solvers.DiffusionModel(lambda x, t: returns(x), schedule=SCHEDULE)
+    with pytest.raises(TypeError, match=rf"the model must return a torch.Tensor of the input's shape \(3, 4\); "
+                                        rf"it returned {name}$"):
+        solvers.sample(model, x_T(), "euler", 3)
+
+
+def test_a_model_returning_another_shape_or_complex_values_raises():
+    """A wrong shape is a ValueError with both shapes; a complex output (whose imaginary part a cast would
+    drop) a TypeError."""
+    wrong = solvers.DiffusionModel(lambda x, t: x[:, :2], schedule=SCHEDULE)
+    with pytest.raises(ValueError, match=r"returned shape \(3, 2\) for input \(3, 4\)"):
+        solvers.sample(wrong, x_T(), "euler", 3)
+    complex_out = solvers.DiffusionModel(lambda x, t: x.to(torch.complex128), schedule=SCHEDULE)
+    with pytest.raises(TypeError, match=r"returned a complex tensor \(torch.complex128\)"):
+        solvers.sample(complex_out, x_T(), "euler", 3)
+
+
+# -- non-finite model output under the adaptive solver -----------------------------------------------
+
+
+def poisoned_once(call: int, row: int):
+    """The mixture's network, with NaN in batch row ``row`` of its ``call``-th call only (1-based)."""
+    net = CountingNet()
+
+    def fn(x, t):
+        out = net(x, t)
+        if net.calls == call:
+            out = out.clone()
+            out[min(row, x.shape[0] - 1)] = math.nan
+        return out
+
+    return net, solvers.DiffusionModel(fn, schedule=SCHEDULE, prediction="eps")
+
+
+@pytest.mark.parametrize("call", [2, 5, 20])
+def test_adaptive_reports_a_single_nan_model_output(call):
+    """One NaN network output (on the starting step's second call, or mid-way) used to be absorbed — the step
+    was rejected and retried smaller (more NFE, a finite result) — or, on the starting step, ended in a
+    max_steps RuntimeError.  Now the sample ends as NaN and sampling raises NonFiniteError for it."""
+    _, model = poisoned_once(call, row=0)
+    with pytest.raises(solvers.NonFiniteError, match=r"produced NaN/Inf in 1 of 3 samples: rows \[0\]") as err:
+        solvers.sample(model, x_T(), "adaptive", seeds=[7, 8, 9], dtype=torch.float64)
+    assert (err.value.samples, err.value.seeds) == ([0], [7])
+
+
+def test_adaptive_flags_a_nan_model_output_and_leaves_the_other_samples_alone():
+    """With on_nonfinite='flag' the poisoned sample is flagged and NaN; the others equal a clean run."""
+    _, model = poisoned_once(5, row=1)
+    res = solvers.sample(model, x_T(), "adaptive", dtype=torch.float64, on_nonfinite="flag")
+    assert res.nonfinite.tolist() == [False, True, False]
+    assert bool(torch.isnan(res.samples[1]).all())
+    clean = solvers.sample(solvers.DiffusionModel(CountingNet(), schedule=SCHEDULE), x_T(), "adaptive",
+                           dtype=torch.float64)
+    # each sample takes its own steps, so a clean sample does not depend on its batch-mates
+    assert torch.allclose(res.samples[[0, 2]], clean.samples[[0, 2]], rtol=1e-12, atol=1e-12)
+    assert [res.nfe_per_sample[i] for i in (0, 2)] == [clean.nfe_per_sample[i] for i in (0, 2)]
