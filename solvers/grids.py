@@ -157,7 +157,8 @@ def _check_range_ends(schedule: Schedule, spacing: str, start: float, end: float
                              f"t_end > t_zero (default {schedule.default_t_end}), which adds the step to σ = 0")
         if not math.isfinite(lam_start):
             raise ValueError(f"spacing 'logsnr' needs a finite log-SNR λ = log(α/σ) at t_start, but it is "
-                             f"{lam_start} at t_start={start} on {name} (α = 0 there): start just below it")
+                             f"{lam_start} at t_start={start} on {name} (α = 0 there): start just below it "
+                             f"(e.g. t_start={start * (1 - 1e-3):.6g}) or use spacing='uniform'")
     if denoise_to_zero and end <= t_zero:
         raise ValueError(f"t_end={end} is not above t_zero={t_zero} (σ = 0) of {name}, but denoise_to_zero=True "
                          f"already adds the final step to t_zero after t_end: give t_end > t_zero (default "

@@ -180,6 +180,20 @@ def test_logsnr_spacing_to_t_end_zero_says_t_end_must_be_above_t_zero(denoise_to
     assert net.calls == 0
 
 
+def test_logsnr_spacing_from_where_alpha_vanishes_suggests_a_start_or_a_spacing():
+    """Rectified flow's default start t = 1 has α = 0 (λ = −∞): log-SNR spacing cannot place it, and the
+    message says so with a start that works and the spacing that does (it was 'timesteps must be finite, got
+    [1.0, nan, …]')."""
+    rf = schedules.RectifiedFlow()
+    model = gmm_nd(dim=4, n_components=3, seed=1).as_model(rf, "velocity")
+    x = solvers.initial_noise((2, 4), seeds=range(2), schedule=rf)
+    with pytest.raises(ValueError, match=r"finite log-SNR .* at t_start=1.0 on RectifiedFlow .*"
+                                         r"t_start=0.999\b.* spacing='uniform'"):
+        solvers.sample(model, x, "dpmpp_2m", 5)
+    res = solvers.sample(model, x, "dpmpp_2m", 5, t_start=0.999)
+    assert res.timesteps[0] == 0.999 and bool(torch.isfinite(res.samples).all())
+
+
 def test_other_spacings_to_t_zero_need_denoise_to_zero_off(counted):
     """With denoise_to_zero=True a t_end at t_zero would repeat the last point: a message says so.  With it
     off, a spacing that can place σ = 0 (karras, uniform) ends its grid there."""
