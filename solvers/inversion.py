@@ -25,11 +25,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .base import StepContext, points_at
-from .grids import check_steps, make_grid, validate_grid
-from .loop import SampleResult, StepInfo
+from .grids import make_grid, validate_grid
+from .loop import SampleResult, StepInfo, check_call
 from .model import DiffusionModel
 from .registry import get_solver
-from .validation import as_float_dtype, check_float_tensor
 
 __all__ = ["invert"]
 
@@ -63,13 +62,7 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
         ValueError: a stochastic or adaptive solver, a grid that is not increasing or starts at σ = 0, bad steps.
         TypeError: an x0 or dtype that is not real floating.
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
-    check_float_tensor(x0, "x0")
-    if dtype is not None:
-        dtype = as_float_dtype(dtype)
-    if steps is not None:
-        check_steps(steps)
+    dtype = check_call(model, x0, "x0", dtype, steps)
     slv = get_solver(solver, **solver_options)
     if slv.is_stochastic or slv.adaptive:
         raise ValueError(f"invert needs a deterministic fixed-grid solver; {slv.name!r} with "

@@ -166,6 +166,25 @@ def _prepared(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, 
     return grid, points, tables
 
 
+def check_call(model: DiffusionModel, x: torch.Tensor, what: str, dtype: Union[None, torch.dtype, str],
+               steps: Optional[int]) -> Optional[torch.dtype]:
+    """The argument checks :func:`sample` and :func:`solvers.invert` share, before any work.
+
+    Returns the state dtype as a ``torch.dtype`` (``None`` if not given).
+
+    Raises:
+        TypeError: a model that is not a DiffusionModel; a state ``x`` (named ``what``) or dtype that is not
+            real floating.
+        ValueError: an empty state; ``steps`` that is not a positive integer up to the limit.
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
+    check_float_tensor(x, what)
+    if steps is not None:
+        check_steps(steps)
+    return None if dtype is None else as_float_dtype(dtype)
+
+
 def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", steps: Optional[int] = None, *,
            timesteps: Optional[Sequence[float]] = None, spacing: str = "logsnr", t_start: Optional[float] = None,
            t_end: Optional[float] = None, denoise_to_zero: bool = True, seeds=None,
@@ -210,13 +229,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
             model call.
         NonFiniteError: NaN/Inf in the result (with ``on_nonfinite="raise"``).
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a solvers.DiffusionModel, got {type(model).__name__}")
-    check_float_tensor(x_T, "x_T")
-    if dtype is not None:
-        dtype = as_float_dtype(dtype)
-    if steps is not None:
-        check_steps(steps)
+    dtype = check_call(model, x_T, "x_T", dtype, steps)
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     check_rng(rng)
