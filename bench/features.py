@@ -218,6 +218,36 @@ def _inception_cache_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
 
 
+def _download_inception() -> Path:
+    """Download torch-fidelity's Inception-v3 file into torch.hub's cache, its sha256 checked before anything
+    reads it (torch-fidelity's own download is unpickled unchecked).
+
+    Raises:
+        OfflineFeatureExtractorError: the download failed (e.g. offline); the message gives the alternatives.
+        FeatureWeightsError: the downloaded file is not the published one (kept nowhere, never unpickled).
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    target = _inception_cache_file()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.part{os.getpid()}")
+    try:
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(part), progress=False)
+        except Exception as e:  # urllib/http/socket errors
+            raise OfflineFeatureExtractorError(OFFLINE_INCEPTION_MESSAGE.format(error=f"{type(e).__name__}: {e}")) \
+                from e
+        digest = file_digest(part, "sha256")
+        if digest != INCEPTION_SHA256:
+            raise FeatureWeightsError(f"the Inception-v3 download from {URL_INCEPTION_V3} has sha256 {digest}, not "
+                                      f"the published {INCEPTION_SHA256}: refused and deleted, never unpickled. "
+                                      "Retry, or pass a verified copy with --inception-weights PATH.")
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+    return target
+
+
 def _safe_inception_weights(path: Path, staging: Path, origin: str) -> Path:
     """A file torch-fidelity may unpickle (it uses ``weights_only=False``): ``path`` itself when it is the
     published file (its sha256), else a copy of its tensors, read weights-only and saved again in ``staging``.
@@ -266,9 +296,11 @@ def create_extractor(metric: str, device: str = "cpu", weights_path: Optional[os
     with tempfile.TemporaryDirectory(prefix="inception-weights-") as staging:
         path = None if weights_path is None else Path(weights_path).expanduser()
         origin = "--inception-weights"
-        if name == "inception-v3-compat" and path is None and _inception_cache_file().exists():
-            path, origin = _inception_cache_file(), "the torch.hub cache file"  # torch-fidelity would unpickle it
-        if name == "inception-v3-compat" and path is not None:
+        if name == "inception-v3-compat":
+            if path is None and _inception_cache_file().exists():
+                path, origin = _inception_cache_file(), "the torch.hub cache file"  # torch-fidelity would unpickle it
+            elif path is None:
+                path, origin = _download_inception(), "the verified download"
             path = _safe_inception_weights(path, Path(staging), origin)
         if path is not None:
             kwargs["feature_extractor_weights_path"] = str(path)
@@ -276,10 +308,7 @@ def create_extractor(metric: str, device: str = "cpu", weights_path: Optional[os
             extractor = create_feature_extractor(name, [layer], cuda=str(device).startswith("cuda"), **kwargs)
         except OfflineFeatureExtractorError:
             raise
-        except Exception as e:  # urllib/http/socket errors from torch.hub's download
-            if name == "inception-v3-compat" and path is None:
-                raise OfflineFeatureExtractorError(
-                    OFFLINE_INCEPTION_MESSAGE.format(error=f"{type(e).__name__}: {e}")) from e
+        except Exception as e:
             if name == "inception-v3-compat" and isinstance(e, RuntimeError):  # load_state_dict: keys/shapes
                 detail = str(e) if len(str(e)) < 400 else str(e)[:400] + " …"
                 raise FeatureWeightsError(f"--inception-weights {weights_path}: not torch-fidelity's Inception-v3 "

@@ -67,7 +67,6 @@ def test_to_uint8_rgb_rounds_and_repeats_grey():
 
 def test_offline_inception_says_so_and_names_the_alternative(monkeypatch, tmp_path):
     # Offline: an empty torch hub cache and a download that fails as urllib does without a network.
-    import torch_fidelity.feature_extractor_inceptionv3 as inc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     calls = []
 
@@ -75,7 +74,7 @@ def test_offline_inception_says_so_and_names_the_alternative(monkeypatch, tmp_pa
         calls.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(inc, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(features.OfflineFeatureExtractorError) as info:
         features.create_extractor("fid", "cpu")
     msg = str(info.value)
@@ -133,3 +132,26 @@ def test_reference_statistics_are_cached_under_a_versioned_key(tmp_path):
     feats = features.extract_features(ext, layer, features.UInt8Images(datasets.mnist_test_images()[:200]))
     np.testing.assert_allclose(first["mu"], feats.mean(0), rtol=1e-6, atol=1e-8)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+
+
+def test_the_inception_download_is_checked_before_anything_unpickles_it(monkeypatch, tmp_path):
+    """With an empty cache the project downloads the file itself: a download that is not the published file
+    (here a pickle that would write a marker when unpickled) is refused by its sha256, deleted and never read."""
+    import pickle
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    def served(url, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            pickle.dump(Crafted(), f)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", served)
+    with pytest.raises(features.FeatureWeightsError, match=r"sha256 .* not the published .* never unpickled"):
+        features.create_extractor("fid", "cpu")
+    assert not marker.exists()
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir()), "nothing is left in the cache"

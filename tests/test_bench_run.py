@@ -322,14 +322,12 @@ def test_image_model_with_offline_resnet20_features(tmp_path, monkeypatch):
 
 
 def test_fid_offline_stops_before_sampling_with_the_alternative(tmp_path, monkeypatch, capsys):
-    import torch_fidelity.feature_extractor_inceptionv3 as inc
-
     def no_network(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(inc, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     out = tmp_path / "fid"
     assert bench(out, "--model", "img_mix", "--metric", "fid", "--steps", "1", "--solvers", "ddim") == 1
     err = capsys.readouterr().err
