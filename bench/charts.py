@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-__all__ = ["pareto_front", "metric_chart", "sample_panels"]
+__all__ = ["pareto_front", "solver_colours", "metric_chart", "sample_panels", "PANEL_TITLE_PT",
+           "PANEL_DPI", "PANEL_FIGURE_WIDTH_IN"]
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -36,44 +37,86 @@ def _plt():
     return plt
 
 
+def solver_colours(labels) -> dict:
+    """A fixed colour per solver label, the same in every chart of a report: the labels sorted by name take
+    the tab10 colours in turn (tab20 beyond 10 solvers), so a solver missing from one metric (ddpm has no ODE
+    error) does not shift the others."""
+    names = sorted({str(s) for s in labels})
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
+
+
+def _y_limits(ys: np.ndarray, floor, usable_max) -> tuple[float, float, bool]:
+    """(low, high, log scale) covering the in-scale values, the floor and the usable limit."""
+    extra = [v for v in ((floor[0] if floor is not None else None), usable_max)
+             if v is not None and np.isfinite(v) and v > 0]
+    vals = np.concatenate([ys[np.isfinite(ys)], extra])
+    lo, hi = float(vals.min()), float(vals.max())
+    log = lo > 0 and hi / lo > 20
+    if log:
+        return lo / 1.6, hi * 1.6, True
+    pad = 0.08 * (hi - lo if hi > lo else abs(hi) or 1.0)
+    return lo - pad, hi + pad, False
+
+
+def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: set, top: float) -> list[str]:
+    """One line per solver through its in-scale cells; off-scale cells as ▲ at the top edge, labelled with
+    their value. Returns the names of the off-scale cells."""
+    notes = []
+    for lab, g in d.groupby("solver_label", sort=False):
+        g = g.sort_values(x)
+        colour = colours.get(str(lab))
+        inside = g[~g.index.isin(off)]
+        ax.plot(inside[x], inside[column], marker="o", ms=4, lw=1.4, label=lab, color=colour)
+        for _, r in inside.iterrows():
+            ax.annotate(str(int(r["steps"])), (r[x], r[column]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7, color="0.35")
+        for _, r in g[g.index.isin(off)].iterrows():
+            ax.plot([r[x]], [top], marker="^", ms=8, color=colour, clip_on=False, zorder=6)
+            ax.annotate(f"{lab} × {int(r['steps'])}: {float(r[column]):.2g} (off-scale)", (r[x], top),
+                        textcoords="offset points", xytext=(6, -11), fontsize=7, color=colour)
+            notes.append(f"{lab} × {int(r['steps'])}")
+    return notes
+
+
 def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
-                 floor: Optional[tuple[float, float]] = None, title: str = "") -> Optional[list[int]]:
+                 floor: Optional[tuple[float, float]] = None, title: str = "", colours: Optional[dict] = None,
+                 off_scale=(), usable_max: Optional[float] = None) -> Optional[list[int]]:
     """Plot ``column`` against ``x`` (``time_total_s`` or ``nfe``, log scale), one line per solver entry.
 
-    ``floor`` = (mean, sd) of the metric on reference data: drawn as a dotted line with a band.
+    Args:
+        floor: (mean, sd) of the metric on reference data: drawn as a dotted line with a band.
+        colours: solver label → colour (``solver_colours``); the default cycle when absent.
+        off_scale: index labels of diverged cells: drawn as ▲ at the top edge, never setting the axis range.
+        usable_max: the usable limit: drawn as a dash-dot line; the Pareto frontier is taken among the cells
+            at or below it.
 
     Returns:
         The row positions (in ``df``) of the Pareto-optimal cells, or None when there is nothing to plot.
     """
     plt = _plt()
-    d = df[(df["status"] == "ok") & np.isfinite(df[column].astype(float))].copy()
-    if d.empty:
-        return None
+    d = df[(df["status"] == "ok") & np.isfinite(df[column].astype(float))]
     d = d[np.isfinite(d[x].astype(float)) & (d[x].astype(float) > 0)]
     if d.empty:
         return None
+    off = set(off_scale) & set(d.index)
+    inside = d[~d.index.isin(off)]
+    xs, ys = inside[x].to_numpy(float), inside[column].to_numpy(float)
+    lo, hi, log = _y_limits(ys, floor, usable_max) if len(ys) else (0.0, 1.0, False)
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
-    for lab, g in d.groupby("solver_label", sort=False):
-        g = g.sort_values(x)
-        ax.plot(g[x], g[column], marker="o", ms=4, lw=1.4, label=lab)
-        for _, r in g.iterrows():
-            ax.annotate(str(int(r["steps"])), (r[x], r[column]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=7, color="0.35")
-    xs, ys = d[x].to_numpy(float), d[column].to_numpy(float)
-    front = pareto_front(xs, ys)
+    _plot_solvers(ax, d, column, x, colours or {}, off, hi)
+    judged = ys <= usable_max if usable_max is not None else np.ones(len(ys), bool)
+    front = np.flatnonzero(judged)[pareto_front(xs[judged], ys[judged])]
     if len(front):
         ax.step(xs[front], ys[front], where="post", color="k", lw=0.8, ls="--", alpha=0.7)
         ax.scatter(xs[front], ys[front], s=90, facecolors="none", edgecolors="k", lw=1.1,
-                   label="Pareto frontier", zorder=5)
-    if floor is not None and np.isfinite(floor[0]) and floor[0] > 0:
-        mean, sd = floor
-        ax.axhline(mean, color="0.5", ls=":", lw=1.0, label="noise floor (reference data, mean ± sd)")
-        if sd > 0:
-            ax.axhspan(max(mean - sd, mean * 0.05), mean + sd, color="0.5", alpha=0.12, lw=0)
+                   label="Pareto frontier" + (" (usable cells)" if usable_max is not None else ""), zorder=5)
+    _mark_limits(ax, floor, usable_max)
     ax.set_xscale("log")
-    positive = ys[np.isfinite(ys)]
-    if len(positive) and (positive > 0).all() and positive.max() / positive.min() > 20:
+    if log:
         ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
     ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; warm-up excluded)",
                    "nfe": "NFE: model evaluations per sample (log)"}.get(x, x))
     ax.set_ylabel(f"{label} (lower is better)")
@@ -84,7 +127,18 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return [int(d.index[i]) for i in front]
+    return [int(inside.index[i]) for i in front]
+
+
+def _mark_limits(ax, floor, usable_max) -> None:
+    """The noise floor (dotted, with a ±sd band) and the usable limit (dash-dot)."""
+    if floor is not None and np.isfinite(floor[0]) and floor[0] > 0:
+        mean, sd = floor
+        ax.axhline(mean, color="0.5", ls=":", lw=1.0, label="noise floor (reference data, mean ± sd)")
+        if sd > 0:
+            ax.axhspan(max(mean - sd, mean * 0.05), mean + sd, color="0.5", alpha=0.12, lw=0)
+    if usable_max is not None and np.isfinite(usable_max):
+        ax.axhline(usable_max, color="0.2", ls="-.", lw=0.8, alpha=0.6, label="usable limit")
 
 
 def _mosaic(images: np.ndarray, cols: int = 8) -> np.ndarray:
@@ -98,40 +152,58 @@ def _mosaic(images: np.ndarray, cols: int = 8) -> np.ndarray:
     return out
 
 
-def sample_panels(cells: list[dict], path: Path, reference: Optional[np.ndarray] = None, title: str = "") -> None:
-    """One panel per cell: ``cells`` = [{"title", "kind" ("images"|"points"), "data"}], in one row.
+PANEL_DPI = 100
+PANEL_FIGURE_WIDTH_IN = 10.5  # 1,050 px: shown at full size in a 1,100 px column, so text keeps its size
+PANEL_TITLE_PT = 10.0  # 13.9 px at full size; ≥ 10 px down to a 760 px wide column
+PANEL_COLUMNS = 4
 
-    Point panels share axes limits and show the exact data (``reference``) in grey behind the samples.
+
+def _draw_points(ax, c: dict, reference, lim, colour) -> None:
+    if reference is not None and not c.get("ref"):
+        ax.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8", lw=0)
+    ax.scatter(c["data"][:, 0], c["data"][:, 1], s=1.5, color="k" if c.get("ref") else (colour or "C0"), lw=0)
+    if lim is not None:
+        ax.set_xlim(lim[0][0], lim[1][0])
+        ax.set_ylim(lim[0][1], lim[1][1])
+    ax.set_aspect("equal", adjustable="box")
+
+
+def sample_panels(cells: list[dict], path: Path, reference: Optional[np.ndarray] = None, title: str = "",
+                  colour=None) -> None:
+    """One panel per cell, ``PANEL_COLUMNS`` to a row: ``cells`` = [{"title", "kind" ("images"|"points"),
+    "data", optional "note"}]; a note (e.g. why a panel looks empty) is written across its panel.
+
+    Point panels share axes limits from the exact data (``reference``, grey behind the samples), so a diverged
+    sampler cannot squash the picture; its samples are drawn in ``colour`` (the solver's chart colour).
     """
     plt = _plt()
-    n = len(cells) + (1 if reference is not None else 0)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), dpi=100, squeeze=False)
-    axes = axes[0]
-    pts = [c["data"] for c in cells if c["kind"] == "points"] + ([reference] if reference is not None else [])
+    panels = ([{"title": "exact data", "kind": "points", "data": reference, "ref": True}] if reference is not None
+              else []) + cells
+    cols = min(len(panels), PANEL_COLUMNS)
+    rows = int(math.ceil(len(panels) / cols))
+    width = PANEL_FIGURE_WIDTH_IN * cols / PANEL_COLUMNS
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 2.85 * rows + (0.35 if title else 0)), dpi=PANEL_DPI,
+                             squeeze=False)
     lim = None
-    if pts and reference is not None:
-        # Limits from the exact data (a diverged sampler must not squash the picture).
+    if reference is not None:
         lo, hi = np.percentile(reference, [0.5, 99.5], axis=0)
         pad = 0.25 * (hi - lo)
         lim = (lo - pad, hi + pad)
-    panels = ([{"title": "exact data", "kind": "points", "data": reference, "ref": True}] if reference is not None
-              else []) + cells
-    for ax, c in zip(axes, panels):
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, c in zip(axes.flat, panels):
         if c["kind"] == "images":
             ax.imshow(_mosaic(c["data"]), interpolation="nearest")
         else:
-            if reference is not None and not c.get("ref"):
-                ax.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8", lw=0)
-            ax.scatter(c["data"][:, 0], c["data"][:, 1], s=1.5, c="k" if c.get("ref") else "C0", lw=0)
-            if lim is not None:
-                ax.set_xlim(lim[0][0], lim[1][0])
-                ax.set_ylim(lim[0][1], lim[1][1])
-            ax.set_aspect("equal", adjustable="box")
-        ax.set_title(c["title"], fontsize=8)
+            _draw_points(ax, c, reference, lim, colour)
+        if c.get("note"):
+            ax.text(0.5, 0.5, c["note"], transform=ax.transAxes, ha="center", va="center", fontsize=PANEL_TITLE_PT,
+                    color="#b00", bbox=dict(facecolor="white", alpha=0.85, edgecolor="#b00", lw=0.8))
+        ax.set_title(c["title"], fontsize=PANEL_TITLE_PT)
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=PANEL_TITLE_PT + 1)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -1,0 +1,251 @@
+"""The evidence sections of the report, one builder each: setup, model, metrics, results table, charts,
+observations, published numbers, samples, environment. Each writes its blocks into a ``Doc`` from a
+``ReportInput`` (the results table and what travels with it)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from .charts import metric_chart, sample_panels
+from .report_analysis import MetricVerdict, observations
+from .report_doc import Doc, fmt, fmt_time, plural
+from .results import METRIC_PREFIX, row_threads
+
+__all__ = ["ReportInput", "PUBLISHED", "setup_section", "model_section", "metrics_section", "results_section",
+           "charts_section", "observations_section", "published_section", "samples_section",
+           "environment_section"]
+
+# Published FIDs on CIFAR-10 (50,000 samples vs CIFAR-10 train, Inception-v3), for the side-by-side table.
+# "match" selects the cells of a run that use the same sampler setting.
+PUBLISHED = {
+    "ddpm_cifar": [
+        {"setting": "DDPM ancestral, 1000 steps (σ² = β, EMA weights)", "solver": "ddpm", "steps": 1000,
+         "fid": 3.17, "source": "Ho et al. 2020, Table 1"},
+        *({"setting": f"DDIM η = 0, quadratic, {s} steps", "solver": "ddim", "steps": s, "fid": v,
+           "source": "Song et al. 2021 (DDIM), Table 1"}
+          for s, v in ((10, 13.36), (20, 6.84), (50, 4.67), (100, 4.16), (1000, 4.04))),
+    ],
+}
+
+
+@dataclass
+class ReportInput:
+    """The results table (sorted by solver and steps) and what the report reads beside it."""
+    out_dir: Path
+    df: pd.DataFrame
+    keys: list[str]
+    labels: dict
+    floor_pairs: dict
+    notes: dict
+    card: dict
+    colours: dict
+    verdicts: list[MetricVerdict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.df[self.df["status"] == "ok"]
+
+    @property
+    def model(self) -> str:
+        return str(self.df["model"].iloc[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.df["num_samples"].iloc[0])
+
+    @property
+    def off_scale(self) -> set:
+        return {i for v in self.verdicts for i in v.off_scale}
+
+    def load_preview(self, name: str):
+        """(data, kind) of a saved preview, or (None, None)."""
+        path = self.out_dir / "previews" / f"{name}.npz"
+        if not path.exists():
+            return None, None
+        with np.load(path, allow_pickle=False) as z:
+            return z["data"], str(z["kind"])
+
+
+def _setting(row, name: str, default: str) -> str:
+    """A run setting of a results row; files written before the setting existed hold its default."""
+    value = row.get(name, default)
+    return value if isinstance(value, str) and value else default
+
+
+def _timing_conditions(df: pd.DataFrame) -> tuple[list[int], list[int], list[str]]:
+    """The distinct thread counts and batch sizes the cells were timed with, and the device names without the
+    thread count that older files wrote into them."""
+    threads = sorted({t for t in (row_threads(r) for r in df.to_dict("records")) if t is not None})
+    batches = sorted({int(b) for b in df["batch_size"].dropna()})
+    devices = list(dict.fromkeys(re.sub(r"\s*\(\d+ threads\)\s*$", "", str(v)) for v in df["device_name"]))
+    return threads, batches, devices
+
+
+def setup_section(doc: Doc, ri: ReportInput) -> None:
+    """How the cells were made: counts, seeds, dtype, device, threads, batch, and the producing commands."""
+    df, first = ri.df, ri.df.iloc[0]
+    threads, batches, devices = _timing_conditions(df)
+    world = int(first["world_size"])
+    doc.h(2, "Setup")
+    doc.p(f"{plural(len(df), 'cell')} ({len(ri.ok)} ok, {len(df) - len(ri.ok)} failed), "
+          f"{plural(ri.n, 'sample')} per cell, seed {int(first['seed'])}, {first['dtype']} on {', '.join(devices)} "
+          f"({', '.join(map(str, threads)) or 'unrecorded'} CPU threads; "
+          f"batch {', '.join(map(str, batches))}; network call: "
+          f"{_setting(first, 'network', 'eager')}; noise: {_setting(first, 'rng', 'torch')} generators) "
+          f"({first['device']}{', ' + plural(world, 'process', 'processes') if world > 1 else ''})."
+          " Every cell starts sample j from the same per-sample seed; timing excludes the warm-up batches and "
+          "synchronises the device; NFE is the number of model calls the library counted per sample.")
+    if len(threads) > 1 or len(batches) > 1:
+        doc.p(f"**Timings are not comparable across all cells:** they were made under different conditions "
+              f"(CPU threads: {', '.join(map(str, threads))}; batch sizes: {', '.join(map(str, batches))}; see "
+              "the threads and batch_size columns of results.csv). Compare wall-clock only between cells made "
+              "with the same values; bench.run no longer adds cells made under other values to one folder.")
+    doc.p("Produced by:")
+    doc.code("\n".join(dict.fromkeys(df["command"].dropna().astype(str))))
+
+
+def model_section(doc: Doc, ri: ReportInput) -> None:
+    """The model card, when the results folder has one."""
+    card = ri.card
+    if not card:
+        return
+    doc.h(2, "Model")
+    doc.bullets([f"**{card.get('name')}** ({card.get('kind')}): {card.get('description', '')}",
+                 f"schedule: {card.get('schedule_name')}; prediction: {card.get('prediction')}; "
+                 f"reference: {card.get('reference')}"]
+                + ([f"weights: {card.get('weights_note')}"] if card.get("weights_note") else [])
+                + ([f"notes: {card.get('notes')}"] if card.get("notes") else []))
+
+
+def metrics_section(doc: Doc, ri: ReportInput) -> None:
+    """What each metric measures and its noise floor."""
+    doc.h(2, "Metrics")
+    fp = ri.floor_pairs
+    doc.bullets([f"**{ri.labels.get(k, k)}** (`{k}`): {ri.notes.get(k, '')}"
+                 + (f"; noise floor at n = {ri.n:,}: **{fmt(fp[k][0])} ± {fmt(fp[k][1], 2)}**" if fp.get(k) else "")
+                 for k in ri.keys]
+                + (["Inception-free numbers (FD with other features, data-space distances) are not FIDs and are "
+                    "not comparable with published FIDs."] if "fid" not in ri.keys else []))
+
+
+def results_section(doc: Doc, ri: ReportInput) -> None:
+    """Every cell as a table row (wall-clock to 3 significant digits), failed cells, the time grids."""
+    df, keys = ri.df, ri.keys
+    doc.h(2, "Results")
+    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "model s", "solver s", "ms/sample"] + \
+             [ri.labels.get(k, k) for k in keys] + ["status"]
+    rows, off = [], ri.off_scale
+    for i, r in df.iterrows():
+        changed = json.loads(r["solver_options_changed"]) if isinstance(r.get("solver_options_changed"), str) else {}
+        opts = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+        times = [fmt_time(r[c]) for c in ("time_total_s", "time_model_s", "time_solver_s", "time_per_sample_ms")]
+        rows.append([r["solver_label"], opts, int(r["steps"]), r["spacing"], r["nfe"], *times]
+                    + [r[METRIC_PREFIX + k] for k in keys] + [r["status"] + (" (diverged)" if i in off else "")])
+    doc.table(header, rows)
+    failed = df[df["status"] != "ok"]
+    if not failed.empty:
+        doc.h(3, "Failed cells")
+        doc.bullets([f"{r['solver_label']} × {plural(int(r['steps']), 'step')}: {r['error']}"
+                     for _, r in failed.iterrows()])
+    spacing_notes = sorted({f"{r['solver_label']}: {r['spacing']} — {r['spacing_note']}" for _, r in df.iterrows()})
+    doc.p("Time grids: " + "; ".join(spacing_notes) + ".")
+
+
+def charts_section(doc: Doc, ri: ReportInput) -> dict:
+    """Each metric against wall-clock and NFE. Returns {(metric key, x column): usable Pareto row labels}."""
+    doc.h(2, "Charts")
+    fronts = {}
+    for v in ri.verdicts:
+        for x, tag, what in (("time_total_s", "time", "wall-clock"), ("nfe", "nfe", "NFE")):
+            rel = f"figures/{v.key}_vs_{tag}.png"
+            front = metric_chart(ri.df, v.column, v.label, x, ri.out_dir / rel, floor=v.floor,
+                                 title=f"{ri.model}: {v.label} vs {what} (n = {ri.n:,})", colours=ri.colours,
+                                 off_scale=v.off_scale, usable_max=v.limit)
+            if front is None:
+                continue
+            fronts[(v.key, x)] = front
+            off = ", ".join(f"{ri.df.loc[i, 'solver_label']} × {int(ri.df.loc[i, 'steps'])}" for i in v.off_scale)
+            doc.img(rel, f"{v.label} against {what}; one colour per solver (the same in every chart), step counts "
+                         "beside the points; circled: the Pareto frontier among usable cells (below the dash-dot "
+                         "limit)" + (f"; ▲ at the top edge: diverged, off-scale ({off})" if off else ""))
+    return fronts
+
+
+def observations_section(doc: Doc, ri: ReportInput) -> None:
+    """Plain statements read off the table."""
+    floors = {k: (v[0] if v else None) for k, v in ri.floor_pairs.items()}
+    doc.h(2, "Observations")
+    doc.p("Read off the table above by `bench.report` (no judgement added):")
+    doc.bullets(observations(ri.df, ri.keys, ri.labels, floors) or ["(no successful cells)"])
+
+
+def published_section(doc: Doc, ri: ReportInput) -> None:
+    """Published FIDs beside this run's cells of the same setting, for the models that have them."""
+    published_key = {"ddpm_cifar_hub": "ddpm_cifar"}.get(ri.model, ri.model)  # same network, other weights
+    if published_key not in PUBLISHED:
+        return
+    n, ok, fid_here = ri.n, ri.ok, "fid" in ri.keys
+    doc.h(2, "Published numbers, side by side")
+    doc.p("Published: FID, 50,000 samples against CIFAR-10 train, Inception-v3. "
+          + ("This run: FID with torch-fidelity's Inception-v3 against the card's reference, "
+             f"{n:,} samples{'' if n == 50000 else ' — FID is biased by the sample count, so only 50,000 is comparable'}."
+             if fid_here else "This run has no Inception FID, so nothing here is comparable with them."))
+    prow = []
+    for pub in PUBLISHED[published_key]:
+        match = ok[(ok["solver"] == pub["solver"]) & (ok["steps"] == pub["steps"])]
+        if pub["solver"] == "ddim":
+            match = match[match["deterministic"].astype(str).str.lower() == "true"]
+        here = [f"{fmt(r[METRIC_PREFIX + 'fid'])} ({r['solver_label']}, {r['spacing']})" for _, r in match.iterrows()] \
+            if fid_here else []
+        prow.append([pub["setting"], pub["fid"], pub["source"], "; ".join(here) or "–"])
+    doc.table(["setting", "published FID", "source", "this run (FID)"], prow)
+    if ri.card.get("weights_note"):
+        doc.p(f"Weights: {ri.card['weights_note']}")
+
+
+def _panel(ri: ReportInput, i, r, ref_max: Optional[float]) -> Optional[dict]:
+    data, kind = ri.load_preview(r["cell_id"])
+    if data is None:
+        return None
+    panel = {"title": f"{plural(int(r['steps']), 'step')} (NFE {fmt(r['nfe'])})", "kind": kind, "data": data}
+    if i in ri.off_scale:
+        far = float(np.abs(data).max()) if kind == "points" else None
+        panel["note"] = "diverged" + (f":\nsamples off-panel\n(|x| up to {fmt(far, 3)})"
+                                      if far is not None and ref_max is not None and far > 2 * ref_max else "")
+    return panel
+
+
+def samples_section(doc: Doc, ri: ReportInput) -> None:
+    """One figure per solver: the first samples of every cell, diverged panels labelled."""
+    doc.h(2, "Samples")
+    ref_points, _ = ri.load_preview("reference")
+    ref_max = float(np.abs(ref_points).max()) if ref_points is not None else None
+    for solver, g in ri.df.groupby("solver_label", sort=False):
+        panels = [p for p in (_panel(ri, i, r, ref_max) for i, r in g.sort_values("steps").iterrows()) if p]
+        if not panels:
+            continue
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(solver))
+        rel = f"figures/samples_{safe}.png"
+        points = panels[0]["kind"] == "points"
+        sample_panels(panels, ri.out_dir / rel, reference=ref_points if points else None,
+                      title=f"{ri.model}: {solver}", colour=ri.colours.get(str(solver)))
+        doc.img(rel, f"{solver}: the first samples of each cell (the same seeds in every panel)"
+                     + ("; grey: exact data" if points else ""))
+
+
+def environment_section(doc: Doc, ri: ReportInput) -> None:
+    """Software and machine of the cells, and when they ran."""
+    df = ri.df
+    doc.h(2, "Environment")
+    env_cols = ["device_name", "device", "world_size", "hostname", "platform", "python", "torch", "cuda",
+                "torch_fidelity", "numpy", "solvers_version", "bench_version", "git_commit", "git_dirty"]
+    env_rows = [[c, ", ".join(dict.fromkeys(str(v) for v in df[c].tolist()))] for c in env_cols if c in df.columns]
+    doc.table(["", "value"], env_rows)
+    doc.p(f"Cells ran from {df['started_at'].min()} to {df['finished_at'].max()} (UTC). Rebuild this report with "
+          f"`python -m bench.report {ri.out_dir}`.")
