@@ -35,6 +35,8 @@ def _headline(v: MetricVerdict, n: int) -> str:
         at_floor = v.d[(vals <= v.floor[0] + v.floor[1]) & ~v.d.index.isin(v.off_scale)]
         if len(at_floor):
             cheap = at_floor.sort_values(["time_total_s", "nfe"]).iloc[0]
+            if cheap.name == best.name:
+                return txt + " It is also the cheapest cell within 1 sd of the noise floor."
             txt += (f" The cheapest cell within 1 sd of the noise floor — as good as the metric can tell — is "
                     f"**{cell_name(cheap)}** ({fmt(cheap[v.column])}; {_cost(cheap)}).")
         else:
@@ -117,9 +119,9 @@ def recommendation_section(doc: Doc, verdicts: list[MetricVerdict], fronts: dict
         doc.p("No cell succeeded with a finite metric: nothing to recommend (see Results).")
         return
     doc.p(_headline(v, n))
-    doc.p(f"*Usable* means a metric value at most {USABLE_FACTOR:g}× the larger of the best cell's value and "
+    doc.p(f"**Usable** means a metric value at most {USABLE_FACTOR:g}× the larger of the best cell's value and "
           f"the noise floor (here {v.label} ≤ {fmt(v.limit, 3)}); cells above it are shown as evidence but never "
-          f"recommended. *Diverged* (drawn off-scale on the charts) means more than {OFF_SCALE_GAP:g}× above every "
+          f"recommended. **Diverged** (drawn off-scale on the charts) means more than {OFF_SCALE_GAP:g}× above every "
           "cell below it, at the widest gap in the upper half of the values.")
     doc.h(3, "Best cell per budget")
     doc.p("A row holds for larger budgets until the next row.")
