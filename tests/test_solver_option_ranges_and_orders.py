@@ -1,0 +1,108 @@
+"""Option ranges at their edges, the orders each solver reports, and the paths only an edge case reaches.
+
+Written against the survivors of a mutation run (reports/mutation_testing.md): each test here failed for at
+least one mutant that the rest of the suite let through — an open bound made closed, a reported order off by
+one, a final step that re-noised, a branch taken for η = 0.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import solvers
+from pretrained.analytic import gaussian, gmm2d
+from solvers import schedules
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MIX = gmm2d("ring")
+VP = schedules.VPLinear()
+GRID = [0.95, 0.6, 0.3, 0.12, 0.03]          # 4 steps, not to σ = 0
+GRID_TO_ZERO = GRID + [VP.t_zero]
+
+
+def _x(n=4):
+    return solvers.initial_noise((n, 2), seeds=range(n), schedule=VP, dtype=torch.float64)
+
+
+def _run(solver, grid, **options):
+    return solvers.sample(MIX.as_model(VP), _x(), solver, timesteps=grid, seeds=range(4), dtype=torch.float64,
+                          **options)
+
+
+# --- ranges: the bound itself and just past it ----------------------------------------------------------------
+
+@pytest.mark.parametrize("solver, option, bad, good", [
+    ("dpmpp_2s", "r", 0.0, 1e-3),            # r ∈ (0, 1): both ends open
+    ("dpmpp_2s", "r", -0.5, 0.999),
+    ("dpmpp_2s", "r", 1.0, 0.5),
+    ("dpmpp_2m_sde", "eta", -1e-9, 0.0),      # η ≥ 0
+    ("consistency", "sigma_boundary", -1e-9, 0.0),
+    ("ddim", "eta", 1.0 + 1e-9, 1.0),         # η ∈ [0, 1]
+    ("ddim", "eta", -1e-9, 0.0),
+    ("heun", "s_churn", -1e-9, 0.0),
+])
+def test_each_range_refuses_just_outside_and_accepts_its_edge(solver, option, bad, good):
+    with pytest.raises(ValueError, match=rf"^{solver}: {option} must be in "):
+        solvers.get_solver(solver, **{option: bad})
+    assert getattr(solvers.get_solver(solver, **{option: good}), option) == good
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "deis", "unipc"])
+def test_a_bad_lower_order_final_names_the_solver(solver):
+    with pytest.raises(ValueError, match=rf"^{solver}: lower_order_final must be True, False or 'auto', got 'yes'"):
+        solvers.get_solver(solver, lower_order_final="yes")
+
+
+# --- the orders each step reports -----------------------------------------------------------------------------
+
+def test_dpmpp_2s_reports_second_order_steps_and_a_first_order_final_step():
+    assert _run("dpmpp_2s", GRID).orders == [2, 2, 2, 2]
+    assert _run("dpmpp_2s", GRID_TO_ZERO).orders == [2, 2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("lower, grid, expected", [
+    (False, GRID, [1, 2, 2, 2]),
+    (True, GRID, [1, 2, 2, 1]),
+    (False, GRID_TO_ZERO, [1, 2, 2, 2, 1]),
+    ("auto", GRID, [1, 2, 2, 1]),           # auto: below 15 steps
+])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpmpp_2m_sde_orders_follow_warm_up_lowering_and_the_final_step(eta, lower, grid, expected):
+    assert _run("dpmpp_2m_sde", grid, eta=eta, lower_order_final=lower).orders == expected
+
+
+def test_dpmpp_2m_sde_with_eta_zero_draws_no_noise_and_is_the_midpoint_2m():
+    """η = 0 is deterministic (no noise stream is drawn: other seeds give the same samples) and equals the
+    midpoint form of DPM-Solver++(2M): x_n = (σ_n/σ)·x − α_n·(e^{−h} − 1)·(D + (D − D_prev)/(2r))."""
+    model = MIX.as_model(VP)
+    x = _x()
+    opts = dict(timesteps=GRID, eta=0.0, lower_order_final=False, dtype=torch.float64)
+    a = solvers.sample(model, x, "dpmpp_2m_sde", seeds=range(4), **opts)
+    b = solvers.sample(model, x, "dpmpp_2m_sde", seeds=range(10, 14), **opts)
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
+    ref, prev = x.clone(), None
+    for t0, t1 in zip(GRID[:-1], GRID[1:]):
+        a0, s0, a1, s1 = (float(v) for v in (VP.alpha(t0), VP.sigma(t0), VP.alpha(t1), VP.sigma(t1)))
+        lam0, lam1 = math.log(a0 / s0), math.log(a1 / s1)
+        h = lam1 - lam0
+        d = MIX.denoise(ref, a0, s0)
+        dh = d if prev is None else d + (d - prev[0]) / (2 * (lam0 - prev[1]) / h)
+        ref = s1 / s0 * ref - a1 * math.expm1(-h) * dh
+        prev = (d, lam0)
+    torch.testing.assert_close(a.samples, ref, rtol=1e-10, atol=1e-10)
+    assert a.orders == [1, 2, 2, 2] and not solvers.get_solver("dpmpp_2m_sde", eta=0.0).is_stochastic
+
+
+def test_consistency_returns_the_prediction_on_the_last_step_of_a_grid_that_stops_short_of_zero():
+    """Algorithm 1 re-noises between steps only: the last step returns f(x, t) even when the grid ends at
+    t_end > t_zero (the exact consistency function of a Gaussian makes the expected value closed-form)."""
+    g = gaussian(dim=2, mean=0.5, std=0.7)
+    model = solvers.DiffusionModel(g.consistency_network(VP), schedule=VP, prediction="x0")
+    x = _x()
+    res = solvers.sample(model, x, "consistency", timesteps=[0.9, 0.4], seeds=range(4), dtype=torch.float64)
+    torch.testing.assert_close(res.samples, g.flow_map(VP, x, 0.9, VP.t_zero), rtol=1e-12, atol=1e-12)
+    res = solvers.sample(model, x, "consistency", timesteps=[0.9, 0.4, 0.1], seeds=range(4), dtype=torch.float64)
+    assert res.orders == [1, 1] and res.nfe == 2
