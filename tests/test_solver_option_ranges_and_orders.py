@@ -106,3 +106,56 @@ def test_consistency_returns_the_prediction_on_the_last_step_of_a_grid_that_stop
     torch.testing.assert_close(res.samples, g.flow_map(VP, x, 0.9, VP.t_zero), rtol=1e-12, atol=1e-12)
     res = solvers.sample(model, x, "consistency", timesteps=[0.9, 0.4, 0.1], seeds=range(4), dtype=torch.float64)
     assert res.orders == [1, 1] and res.nfe == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(predictor="langevin"), "^pc: predictor must be a registered fixed-grid solver other than pc, langevin, "
+                                 "adaptive, got 'langevin'$"),
+    (dict(predictor_options=[1]), "^pc: predictor_options must be a dict of the predictor's options, got list$"),
+    (dict(corrector_steps=0), "^pc: corrector_steps must be a positive integer, got 0$"),
+])
+def test_pc_options_are_named_in_full(options, message):
+    with pytest.raises(ValueError, match=message):
+        solvers.get_solver("pc", **options)
+
+
+@pytest.mark.parametrize("variable", ["logrho", "t"])
+@pytest.mark.parametrize("ends", [(1.0, 0.0), (0.0, 1.0)])
+def test_log_and_time_adams_weights_need_positive_rho_at_both_ends(variable, ends):
+    """ρ = 0 (σ = 0) has log ρ = −∞: the log-ρ and t polynomials cannot be integrated to or from it."""
+    from solvers.deis import adams_weights
+    with pytest.raises(ValueError, match=rf"variable '{variable}' needs ρ > 0 at both ends"):
+        adams_weights([ends[0] or 0.5, 2.0], ends[0], ends[1], variable, VP)
+    assert len(adams_weights([1.0, 2.0], 1.0, 0.0, "rho")) == 2  # a polynomial in ρ reaches ρ = 0
+
+
+# --- Heun's churn window (Karras et al. 2022, Algorithm 2: S_tmin ≤ t_i ≤ S_tmax, both inclusive) -------------
+
+EDM = schedules.EDM()
+EDM_GRID = [80.0, 20.0, 5.0, 1.0, 0.2, 0.0]   # on EDM, ρ = σ = t exactly: the bounds can sit on a grid point
+
+
+def _heun(**options):
+    g = gaussian(dim=2, mean=0.5, std=0.7)
+    x = solvers.initial_noise((4, 2), seeds=range(4), schedule=EDM, dtype=torch.float64)
+    return solvers.sample(g.as_model(EDM), x, "heun", timesteps=EDM_GRID, seeds=range(4), dtype=torch.float64,
+                          s_churn=2.0, **options)
+
+
+def test_heun_churn_window_includes_its_bounds():
+    at = _heun(s_tmin=5.0, s_tmax=20.0).samples
+    torch.testing.assert_close(at, _heun(s_tmin=math.nextafter(5.0, 0.0), s_tmax=math.nextafter(20.0, 99.0)).samples,
+                               rtol=0, atol=0)
+    assert not torch.equal(at, _heun(s_tmin=math.nextafter(5.0, 99.0), s_tmax=20.0).samples)
+    assert not torch.equal(at, _heun(s_tmin=5.0, s_tmax=math.nextafter(20.0, 0.0)).samples)
+
+
+def test_heun_does_not_churn_where_the_raised_level_is_capped_at_t_max():
+    """At t_max the churned level σ̂ = σ(1 + γ) is capped back to σ: no noise is drawn there, so the samples
+    equal those of a window that leaves t_max out."""
+    torch.testing.assert_close(_heun().samples, _heun(s_tmax=79.0).samples, rtol=0, atol=0)
+
+
+def test_heun_reports_second_order_steps_and_a_first_order_final_step():
+    assert _heun().orders == [2, 2, 2, 2, 1]
+    assert _heun().nfe == 9
