@@ -1,6 +1,6 @@
 """diffusers' schedulers as peers of our solvers: the same method, time points and network, for parity and timing.
 
-Used by ``tests/test_peers_diffusers.py`` (parity to float64 rounding where diffusers allows it) and by
+Used by ``tests/peers/test_peers_diffusers.py`` (parity to float64 rounding where diffusers allows it) and by
 ``python -m bench.perf`` (overhead and end-to-end throughput, both loops timed in one process).
 
 What makes a comparison exact (see also ``../shared/PEERS.md``):

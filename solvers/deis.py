@@ -177,7 +177,7 @@ class IPNDM(_VEMultistep):
     x̃_n = x̃ + (ρ_n − ρ)·(55·ε̂_i − 59·ε̂_{i−1} + 37·ε̂_{i−2} − 9·ε̂_{i−3})/24 (order 4; lower orders alike).
     Those weights are exact for constant steps in ρ only: on any other grid (log-SNR, Karras, …) the weight
     error is O(h) times a first difference of ε̂, an O(h³) local error, so the method is second order as the
-    steps shrink (measured in tests/test_issue6_orders.py) — declared order min(solver_order, 2).  It is
+    steps shrink (measured in tests/solvers/test_multistep_orders.py) — declared order min(solver_order, 2).  It is
     order ``solver_order`` on grids uniform in ρ.  ``variable_step=True`` uses the exact variable-step
     weights ∫ L_j(ρ) dρ (k-diffusion's ``sample_ipndm_v``; = DEIS with ``variable="rho"``): order
     ``solver_order`` on any smooth grid.

@@ -118,7 +118,7 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
 
     x_n = (σ_n/σ)·x − α_n·φ₁·D + α_n·φ₂·d1 − 2·α_n·φ₃·d2: the exact integral of the quadratic through the
     last three outputs.  The official code (and diffusers, k-diffusion's 3M SDE) uses −α_n·φ₃·d2, half the
-    Taylor weight, which is second order as the step shrinks (tests/test_convergence.py measures both);
+    Taylor weight, which is second order as the step shrinks (tests/solvers/test_convergence.py measures both);
     ``official_d2=True`` reproduces it for parity with those implementations.
 
     Order 3 (warm-up steps of order 1 and 2); 1 model call per step.

@@ -4,7 +4,7 @@ With ``--benchmark-disable`` (the default in pyproject's addopts) each benchmark
 as a plain test of the benchmark's machinery: both loops run, make the model calls they must, and time the
 network apart from the rest.  For numbers, run
 
-    python -m pytest tests/test_overhead_benchmark.py --benchmark-enable --benchmark-group-by=param:key
+    python -m pytest tests/studies/test_overhead_benchmark.py --benchmark-enable --benchmark-group-by=param:key
 
 or, for the report's table (larger batches, interleaved, medians), ``python -m bench.perf overhead``.
 """
