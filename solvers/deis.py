@@ -25,8 +25,8 @@ from typing import ClassVar, Literal, Sequence
 import numpy as np
 import torch
 
-from .base import LowerOrderFinal, Solver, StepContext, multistep_order, resolve_lower_order_final
-from .dpmpp import _validate_lower_order_final
+from .base import (LowerOrderFinal, Solver, StepContext, check_lower_order_final, multistep_order,
+                   resolve_lower_order_final)
 from .schedules import Schedule
 
 __all__ = ["DEIS", "IPNDM", "adams_weights"]
@@ -149,7 +149,7 @@ class DEIS(_VEMultistep):
         self._check_solver_order(3, self.solver_order)
         if self.variable not in ("logrho", "rho", "t"):
             raise ValueError(f"deis: variable must be 'logrho', 'rho' or 't', got {self.variable!r}")
-        _validate_lower_order_final(self.name, self.lower_order_final)
+        check_lower_order_final(self.name, self.lower_order_final)
 
     def init_state(self, ctx: StepContext):
         pts, lower = ctx.points, resolve_lower_order_final(self.lower_order_final, ctx.steps)
