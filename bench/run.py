@@ -47,7 +47,6 @@ PREVIEW_IMAGES = 64
 PREVIEW_POINTS = 2000
 FLOOR_DRAWS = 10                 # draws averaged for a metric's noise floor
 WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
-LOGSNR_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_2m_sde")
 
 
 class UsageError(ValueError):
@@ -280,46 +279,37 @@ class Cell:
 def default_spacing(card, schedule, solver: str, steps: int) -> tuple[str, str]:
     """The grid spacing a solver's own paper uses on this model, and a note saying why.
 
-    * DPM-Solver++ family: uniform in log-SNR (Lu et al. 2022).
-    * Heun, Euler: Karras et al.'s ρ = 7 spacing (EDM).
-    * DDIM / DDPM on a discrete-time model: DDIM's quadratic grid on CIFAR-10 (Song et al. 2021, App. D.2,
-      the grid of its Table 1); on other data DDIM's uniform skip, as ``trailing`` — the same stride but
-      starting at the last trained step (the DDIM code's ``range(0, N, N // steps)`` starts at step 0 when
-      steps = 1, evaluating the network on pure noise as if it were clean data; Lin et al. 2024).  Where the
-      quadratic grid repeats indices (beyond ~300 steps of 1000), ``trailing``, which at steps = N is the
-      full ancestral chain.  On continuous schedules: uniform in t.
-    * Anything else: the library default (logsnr).
+    The solver class declares it (``default_spacing``, ``default_spacing_note``, ``paper_spacing_by_data``):
+    e.g. DPM-Solver++ and UniPC uniform in log-SNR, Heun and Euler Karras et al.'s ρ = 7 spacing, DDIM / DDPM
+    DDIM's uniform skip as ``trailing`` and its quadratic grid on CIFAR-10.  On this model:
+
+    * α = 0 at t_max (rectified flow): uniform in t for every solver (no log-SNR or σ/α grid starts there).
+    * A discrete spacing on a continuous schedule: uniform in t.
+    * A paper grid for the card's data set on a discrete schedule, where it fits ``steps`` (DDIM's quadratic
+      grid repeats indices beyond ~300 steps of 1000; then the declared ``trailing``, which at steps = N is
+      the full ancestral chain).
     """
+    cls = solvers.solver_class(solver)
     discrete = isinstance(schedule, schedules.DiscreteVP)
     if not math.isfinite(float(schedule.log_snr(schedule.t_max))):
-        # α = 0 at t_max (rectified flow): no log-SNR or σ/α grid starts there; flow matching's grid is
-        # uniform in t.
         return "uniform", "uniform in t (flow matching; log-SNR and σ/α are infinite at t_max)"
-    if solver in LOGSNR_SOLVERS:
-        return "logsnr", "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
-    if solver in ("heun", "euler"):
-        return "karras", "EDM ρ=7 spacing (Karras et al. 2022)"
-    if solver in ("ddim", "ddpm"):
-        if not discrete:
-            return "uniform", "uniform in t"
-        if card.reference == "cifar10-train":
-            try:
-                solvers.make_grid(schedule, steps, spacing="quadratic")
-                return "quadratic", "DDIM's CIFAR-10 grid (Song et al. 2021, Table 1)"
-            except ValueError:
-                return "trailing", (f"the quadratic grid repeats timesteps at {steps} steps; "
-                                    "'trailing' (every index at steps = N)")
-        return "trailing", ("DDIM's uniform skip for non-CIFAR data (Song et al. 2021, App. D.2), aligned to "
-                            "start at the last trained step (Lin et al. 2024)")
-    if solver == "euler_maruyama":
-        return "uniform", "uniform in t (Song et al. 2021, score SDE)"
-    return "logsnr", "library default"
+    if cls.default_spacing in solvers.grids.DISCRETE_SPACINGS and not discrete:
+        return "uniform", "uniform in t"
+    paper = cls.paper_spacing_by_data.get(card.reference) if discrete else None
+    if paper is not None:
+        try:
+            solvers.make_grid(schedule, steps, spacing=paper[0])
+            return paper
+        except ValueError:
+            return cls.default_spacing, (f"the {paper[0]} grid repeats timesteps at {steps} steps; "
+                                         f"'{cls.default_spacing}' (every index at steps = N)")
+    return cls.default_spacing, cls.default_spacing_note
 
 
 def default_t_start(schedule, solver: str) -> Optional[float]:
-    """Where a solver's grid starts by default: ``t_max``, except for the solvers that step in log-SNR on a
-    schedule where λ(t_max) = −∞ (rectified flow), which start at t_max·(1 − 10⁻³)."""
-    if solver in LOGSNR_SOLVERS and not math.isfinite(float(schedule.log_snr(schedule.t_max))):
+    """Where a solver's grid starts by default: ``t_max``, except for the solvers that step in log-SNR
+    (``steps_in_log_snr``) on a schedule where λ(t_max) = −∞ (rectified flow): t_max·(1 − 10⁻³)."""
+    if solvers.solver_class(solver).steps_in_log_snr and not math.isfinite(float(schedule.log_snr(schedule.t_max))):
         return float(schedule.t_max) * (1 - 1e-3)
     return None
 
@@ -490,10 +480,16 @@ def _check_weights(model_options: dict) -> None:
 
 # -- quality measurement --------------------------------------------------------------------------------------
 class Evaluator:
-    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them."""
+    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them.
+
+    Each metric (:data:`bench.metrics.METRICS`) names the per-sample features it needs (its ``source``) and
+    computes its own value and reference note; this class makes the features and the references.
+    """
 
     def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool):
         self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.specs = [M.METRICS[k] for k in metric_keys]
+        self.sources = {s.source for s in self.specs}
         self.args = args
         self.image = card.kind == "image"
         self.extractors: dict = {}
@@ -509,65 +505,64 @@ class Evaluator:
             OfflineFeatureExtractorError, ReferenceDataError: with the message to show.
         """
         if self.image:
-            from .features import create_extractor
-            for k in self.keys:
-                weights = self.args.inception_weights if k == "fid" else self.args.resnet20_weights
-                self.extractors[k] = create_extractor(k, self.device, weights, verbose=False)
-            if self.dist.main:
-                from .datasets import reference_statistics
-                for k in self.keys:
-                    ext, layer, name = self.extractors[k]
-                    ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
-                                               size=self.args.reference_size, cache_dir=self.args.cache_dir,
-                                               progress=self.progress, floor_n=n, floor_seed=self.args.seed)
-                    self.reference[k] = ref
-                    self.floors[k] = ref["floor"]
-                    self.notes[k] = (f"vs {self.card.reference} (n_ref = {ref['n']:,}); the noise floor is {n:,} "
-                                     f"reference images (random subsets) against the whole reference (mean ± sd of {FLOOR_DRAWS} draws)")
+            self._prepare_images(n)
             return
-        if self.dist.main and any(k in ("fd_data", "swd") for k in self.keys):
-            n_ref = self.args.reference_size or n
-            ref_seed = 1_000_000_007 + self.args.seed
-            ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
-            # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
-            # distance between finite samples varies by a factor of several).
-            fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
-                     for i in range(FLOOR_DRAWS)]
-            self.reference["data"] = ref
-            self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+        if self.dist.main and "data" in self.sources:
+            self._prepare_data(n)
+        for spec in self.specs:
+            if isinstance(spec, M.ExactODEError):
+                self.notes[spec.key] = spec.note
 
-            def floor(fn):
-                draws = [fn(f, ref) for f in fresh]
-                return [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+    def _prepare_images(self, n: int) -> None:
+        from .features import create_extractor
+        for spec in self.specs:
+            weights = getattr(self.args, spec.weights_option)
+            self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
+        if not self.dist.main:
+            return
+        from .datasets import reference_statistics
+        for spec in self.specs:
+            ext, layer, name = self.extractors[spec.key]
+            ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                       size=self.args.reference_size, cache_dir=self.args.cache_dir,
+                                       progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            self.reference[spec.source] = ref
+            self.floors[spec.key] = ref["floor"]
+            self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
 
-            if "fd_data" in self.keys:
-                self.floors["fd_data"] = floor(M.frechet_distance_features)
-                self.notes["fd_data"] = (f"vs {n_ref:,} exact data samples; the noise floor is {n:,} fresh exact "
-                                         f"samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
-            if "swd" in self.keys:
-                self.floors["swd"] = floor(M.sliced_wasserstein)
-                self.notes["swd"] = (f"vs {n_ref:,} exact data samples, 256 fixed directions; the noise floor is "
-                                     f"{n:,} fresh exact samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
-        if "ode_error" in self.keys:
-            self.notes["ode_error"] = "RMSE over coordinates vs the exact PF-ODE solution from the same x_T"
+    def _prepare_data(self, n: int) -> None:
+        n_ref = self.args.reference_size or n
+        ref_seed = 1_000_000_007 + self.args.seed
+        ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
+        # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
+        # distance between finite samples varies by a factor of several).
+        fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
+                 for i in range(FLOOR_DRAWS)]
+        self.reference["data"] = ref
+        self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+        for spec in self.specs:
+            if spec.source == "data":
+                draws = [spec.value(f, ref) for f in fresh]
+                self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+                self.notes[spec.key] = spec.reference_note(n, n_ref, FLOOR_DRAWS)
 
     def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor) -> dict:
-        """This rank's features for every metric (arrays with one row per sample) and a preview."""
+        """This rank's features for every metric's source (arrays with one row per sample) and a preview."""
         out: dict = {}
         n = samples.shape[0]
         if self.image:
             from .features import UInt8Images, extract_features, to_uint8_rgb
             images = to_uint8_rgb(self.card.to_images(samples))
-            for k in self.keys:
-                ext, layer, _ = self.extractors[k]
-                out[k] = extract_features(ext, layer, UInt8Images(images), device=self.device,
-                                          batch_size=self.args.batch_size, progress=self.progress)
+            for spec in self.specs:
+                ext, layer, _ = self.extractors[spec.key]
+                out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                    batch_size=self.args.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
             return out
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
-        if any(k in ("fd_data", "swd") for k in self.keys):
+        if "data" in self.sources:
             out["data"] = flat
-        if "ode_error" in self.keys and cell.deterministic:
+        if "ode_error" in self.sources and cell.deterministic:
             exact = self._exact(x_T, cell.grid[0], cell.grid[-1])
             out["ode_error"] = ((flat - exact) ** 2).mean(axis=1)
         out["preview"] = flat[:PREVIEW_POINTS, :2].astype(np.float32)
@@ -584,26 +579,12 @@ class Evaluator:
     def finalize(self, cell: Cell, parts: list[dict]) -> tuple[dict, dict]:
         """Metric values (and notes) from every rank's features, concatenated in rank order."""
         values, notes = {}, {}
-
-        def cat(name):
-            return np.concatenate([p[name] for p in parts], axis=0)
-
-        for k in self.keys:
-            if k == "fd_data":
-                values[k] = M.frechet_distance_features(cat("data"), self.reference["data"])
-            elif k == "swd":
-                values[k] = M.sliced_wasserstein(cat("data"), self.reference["data"])
-            elif k == "ode_error":
-                if cell.deterministic:
-                    values[k] = float(np.sqrt(np.mean(cat("ode_error"))))
-                else:
-                    values[k] = float("nan")
-                    notes[k] = "not defined for a stochastic solver"
-            else:
-                feats = cat(k)
-                mu, sigma = M.gaussian_statistics(feats)
-                ref = self.reference[k]
-                values[k] = M.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+        for spec in self.specs:
+            feats = np.concatenate([p[spec.source] for p in parts], axis=0) \
+                if all(spec.source in p for p in parts) else None
+            values[spec.key], note = spec.compute(feats, self.reference.get(spec.source), cell.deterministic)
+            if note:
+                notes[spec.key] = note
         return values, notes
 
 
