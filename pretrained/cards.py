@@ -13,7 +13,8 @@ import torch
 
 import solvers
 
-__all__ = ["ModelCard", "PublishedFID", "published_table", "register_card", "CARDS", "get_card", "available_models", "load"]
+__all__ = ["ModelCard", "PublishedFID", "published_table", "register_card", "CARDS", "get_card", "available_models",
+           "load"]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ def register(cls: Type[Solver]) -> Type[Solver]:
         raise ValueError(f"a solver named {cls.name!r} is already registered")
     spacings = [cls.default_spacing] + [s for s, _ in cls.paper_spacing_by_data.values()]
     if any(s not in SPACINGS for s in spacings):
-        raise ValueError(f"solver {cls.name!r} declares the default spacing(s) {spacings}; valid: {', '.join(SPACINGS)}")
+        raise ValueError(f"solver {cls.name!r} declares the default spacing(s) {spacings}; "
+                         f"valid: {', '.join(SPACINGS)}")
     SOLVERS[cls.name] = cls
     return cls
 

@@ -11,7 +11,7 @@ import pytest
 
 import pretrained
 import solvers
-from bench import run as run_mod
+from bench import plan
 from solvers import schedules
 from solvers.registry import SOLVERS
 
@@ -30,32 +30,32 @@ def test_log_snr_solvers_on_fm_gmm2d_start_below_t_max(solver):
     model = pretrained.load("fm_gmm2d")
     t_max = float(model.schedule.t_max)
     assert not math.isfinite(float(model.schedule.log_snr(t_max)))
-    (cell,) = run_mod.plan_cells(card, model, run_mod.parse_solvers(solver), [5], None)
+    (cell,) = plan.plan_cells(card, model, plan.parse_solvers(solver), [5], None)
     assert cell.t_start == pytest.approx(t_max * (1 - 1e-3), rel=1e-12)
     assert cell.grid[0] == pytest.approx(cell.t_start, rel=1e-12) and cell.spacing == "uniform"
-    (ref,) = run_mod.plan_cells(card, model, run_mod.parse_solvers("dpmpp_2m"), [5], None)
+    (ref,) = plan.plan_cells(card, model, plan.parse_solvers("dpmpp_2m"), [5], None)
     assert cell.grid == pytest.approx(ref.grid, rel=1e-12)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "heun", "euler", "deis", "euler_maruyama"])
 def test_solvers_that_integrate_in_t_start_at_t_max(solver):
     model = pretrained.load("fm_gmm2d")
-    assert run_mod.default_t_start(model.schedule, solver) is None
+    assert plan.default_t_start(model.schedule, solver) is None
 
 
 def test_default_spacings_come_from_the_solver_classes():
     gmm, cifar = pretrained.get_card("gmm2d"), pretrained.get_card("ddpm_cifar")
     discrete, continuous = schedules.DiscreteVP.linear(1000), schedules.VPLinear()
-    assert run_mod.default_spacing(gmm, discrete, "unipc", 10) == (
+    assert plan.default_spacing(gmm, discrete, "unipc", 10) == (
         "logsnr", "UniPC: uniform in log-SNR (Zhao et al. 2023, as DPM-Solver++)")
-    assert run_mod.default_spacing(gmm, discrete, "dpmpp", 10) == (
+    assert plan.default_spacing(gmm, discrete, "dpmpp", 10) == (
         "logsnr", "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)")
-    assert run_mod.default_spacing(gmm, continuous, "euler", 10)[0] == "karras"
-    assert run_mod.default_spacing(gmm, continuous, "em", 10)[0] == "uniform"
-    assert run_mod.default_spacing(gmm, continuous, "ddim", 10) == ("uniform", "uniform in t")
-    assert run_mod.default_spacing(cifar, continuous, "ddim", 10) == ("uniform", "uniform in t")
-    assert run_mod.default_spacing(cifar, discrete, "ddpm", 10)[0] == "quadratic"   # DDPM inherits DDIM's
-    assert run_mod.default_spacing(gmm, discrete, "deis", 10) == ("logsnr", "library default")
+    assert plan.default_spacing(gmm, continuous, "euler", 10)[0] == "karras"
+    assert plan.default_spacing(gmm, continuous, "em", 10)[0] == "uniform"
+    assert plan.default_spacing(gmm, continuous, "ddim", 10) == ("uniform", "uniform in t")
+    assert plan.default_spacing(cifar, continuous, "ddim", 10) == ("uniform", "uniform in t")
+    assert plan.default_spacing(cifar, discrete, "ddpm", 10)[0] == "quadratic"   # DDPM inherits DDIM's
+    assert plan.default_spacing(gmm, discrete, "deis", 10) == ("logsnr", "library default")
 
 
 def test_a_new_solver_is_planned_from_its_declarations(monkeypatch):
@@ -71,9 +71,9 @@ def test_a_new_solver_is_planned_from_its_declarations(monkeypatch):
 
     monkeypatch.setitem(SOLVERS, "my_logsnr_solver", MyLogSNR)
     gmm = pretrained.get_card("gmm2d")
-    assert run_mod.default_spacing(gmm, schedules.VPLinear(), "my_logsnr_solver", 4) == ("karras", "my paper's grid")
+    assert plan.default_spacing(gmm, schedules.VPLinear(), "my_logsnr_solver", 4) == ("karras", "my paper's grid")
     fm = pretrained.load("fm_gmm2d")
-    assert run_mod.default_t_start(fm.schedule, "my_logsnr_solver") == pytest.approx(float(fm.schedule.t_max) * 0.999)
+    assert plan.default_t_start(fm.schedule, "my_logsnr_solver") == pytest.approx(float(fm.schedule.t_max) * 0.999)
 
 
 def test_register_refuses_an_unknown_default_spacing():

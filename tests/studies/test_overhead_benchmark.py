@@ -1,4 +1,4 @@
-"""The overhead benchmark (``bench/perf.py``): pytest-benchmark measurements, kept tiny.
+"""The overhead benchmark (``bench/studies/perf.py``): pytest-benchmark measurements, kept tiny.
 
 With ``--benchmark-disable`` (the default in pyproject's addopts) each benchmark runs its sampling call once,
 as a plain test of the benchmark's machinery: both loops run, make the model calls they must, and time the
@@ -18,8 +18,8 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 import solvers  # noqa: E402
-from bench import _peers as P  # noqa: E402
-from bench import perf  # noqa: E402
+from bench.studies import peers as P  # noqa: E402
+from bench.studies import perf  # noqa: E402
 
 TINY_SHAPE = (3, 8, 8)
 TINY_STEPS = 5

@@ -1,4 +1,4 @@
-"""The performance studies' helpers (bench.perf_studies, bench.perf scaling) and bench.gpu_check's refusal without
+"""The performance studies' helpers (bench.studies.perf_studies, bench.perf scaling) and bench.gpu_check's refusal without
 CUDA; the tests that need the offline assets (ddpm_mnist, ResNet-20) skip with the reason when they are absent."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench import perf_studies as PS
+from bench.studies import perf_studies as PS
 from pretrained.checkpoints import ASSETS
 
 
-# -- bench.perf_studies --------------------------------------------------------------------------------------
+# -- bench.studies.perf_studies --------------------------------------------------------------------------------------
 def test_linear_fit_on_a_line_and_on_noise():
     x = [1.0, 2.0, 4.0, 8.0, 16.0]
     fit = PS.linear_fit(x, [0.5 + 3.0 * v for v in x])
@@ -116,7 +116,7 @@ def test_format_quality_change_column():
 # -- bench.gpu_check -------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available: gpu_check would run its checks")
 def test_gpu_check_refuses_without_cuda(capsys):
-    from bench import gpu_check
+    from bench.studies import gpu_check
 
     with pytest.raises(SystemExit) as e:
         gpu_check.main([])
@@ -125,7 +125,7 @@ def test_gpu_check_refuses_without_cuda(capsys):
 
 
 def test_scaling_needs_two_values_of_samples_and_steps(tmp_path):
-    from bench import perf
+    from bench.studies import perf
     with pytest.raises(SystemExit) as e:
         perf.main(["scaling", "--samples", "4", "--steps", "1,2", "--out", str(tmp_path / "s.md")])
     assert e.value.code == 2
