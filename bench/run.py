@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -446,8 +446,32 @@ def _save_preview(out_dir: Path, name: str, array: np.ndarray, kind: str) -> Non
     atomic_write_bytes(out_dir / "previews" / f"{name}.npz", buf.getvalue())
 
 
+@dataclass
+class Sweep:
+    """What one sweep has resolved before sampling: the process, the model, the cells and the run settings."""
+
+    args: argparse.Namespace
+    dist: Dist
+    device: str
+    progress: bool
+    card: Any
+    specs: list
+    steps: list
+    metric_keys: list
+    dtype_name: str
+    dtype: torch.dtype
+    out_dir: Path
+    model: Any = None
+    model_options: dict = field(default_factory=dict)
+    cells: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Path:
     """Run the sweep described by ``argv`` (see ``--help``); returns the output directory.
+
+    The steps: check the input, load the model and plan the cells, apply the fast paths, decide what to
+    resume, prepare the references, then sample, measure and record each cell, and render the report.
 
     Raises:
         UsageError: bad input (with the valid choices).
@@ -455,7 +479,31 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         OfflineFeatureExtractorError, ReferenceDataError: a metric's feature extractor or data is unavailable.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    sweep = _check_input(build_parser().parse_args(argv))
+    _load_and_plan(sweep)
+    _apply_fast_paths(sweep)
+    sweep.settings = _run_settings(sweep)
+    todo = _cells_to_run(sweep)
+    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress)
+    if todo:
+        _prepare_references(evaluator, sweep)
+    env = environment(sweep.device) if sweep.dist.main else {}
+    command = command_line(argv)
+    if sweep.dist.main:
+        sweep.out_dir.mkdir(parents=True, exist_ok=True)
+        if todo:
+            _write_reference(sweep, evaluator, command)
+    failed: list[str] = []
+    for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
+        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo))
+        if failure:
+            failed.append(failure)
+    _finish(sweep, todo, failed)
+    return sweep.out_dir
+
+
+def _check_input(args: argparse.Namespace) -> Sweep:
+    """Every check that needs no model: threads, device, model name, steps, solvers, sizes, seed, metrics."""
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be positive, got {args.threads}")
@@ -473,6 +521,18 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     steps = parse_steps(args.steps)
     specs = parse_solvers(args.solvers, args.solver_opt)
     _check_device(device)
+    _check_sizes(args, card, dist)
+    metric_keys = _metric_keys(args, card)
+    dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
+    out_dir = Path(args.out or Path("runs") / card.name)
+    if dist.main:
+        _check_out_dir(out_dir)
+    return Sweep(args=args, dist=dist, device=device, progress=progress, card=card, specs=specs, steps=steps,
+                 metric_keys=metric_keys, dtype_name=dtype_name, dtype=getattr(torch, dtype_name), out_dir=out_dir)
+
+
+def _check_sizes(args: argparse.Namespace, card, dist: Dist) -> None:
+    """--num-samples and --batch-size (card defaults filled in), --reference-size and --seed."""
     args.num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
     try:
         args.batch_size = card.default_batch_size if args.batch_size is None else parse_batch_size(args.batch_size)
@@ -485,19 +545,22 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     if args.reference_size is not None and args.reference_size < 2:
         raise UsageError(f"--reference-size must be at least 2, got {args.reference_size}")
     check_seed(args.seed)
+
+
+def _metric_keys(args: argparse.Namespace, card) -> list[str]:
     try:
-        metric_keys = M.check_metrics(
+        keys = M.check_metrics(
             [m.strip() for m in args.metric.split(",") if m.strip()] if args.metric else M.default_metrics(card), card)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if not metric_keys:
+    if not keys:
         raise UsageError(f"no metric given; metrics for {card.name}: {', '.join(M.metrics_for(card))}")
-    dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
-    dtype = getattr(torch, dtype_name)
-    out_dir = Path(args.out or Path("runs") / card.name)
-    if dist.main:
-        _check_out_dir(out_dir)
+    return keys
 
+
+def _load_and_plan(sweep: Sweep) -> None:
+    """Load the model (its weights checked first) and resolve every cell; refuse fast paths that cannot apply."""
+    args, card = sweep.args, sweep.card
     model_options = dict(parse_assignment(o, "--model-opt") for o in args.model_opt)
     if args.weights is not None:
         if "weights" in model_options:
@@ -505,45 +568,64 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         model_options["weights"] = args.weights
     _check_weights(model_options)
     try:
-        model = pretrained.load(card.name, device=device, **model_options)
+        sweep.model = pretrained.load(card.name, device=sweep.device, **model_options)
     except TypeError as e:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
-    cells = plan_cells(card, model, specs, steps, args.spacing)
-    if args.cuda_graph and torch.device(device).type != "cuda":
-        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device}")
-    variable_rows = [s.label for s in specs if s.name == "adaptive"]
+    sweep.model_options = model_options
+    sweep.cells = plan_cells(card, sweep.model, sweep.specs, sweep.steps, args.spacing)
+    if args.cuda_graph and torch.device(sweep.device).type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
+    variable_rows = [s.label for s in sweep.specs if s.name == "adaptive"]
     if variable_rows and (args.cuda_graph or args.compile):
         raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
                          "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
                          "without them")
+
+
+def _apply_fast_paths(sweep: Sweep) -> None:
+    """Choose ``--batch-size auto`` and wrap the network for autocast, channels-last, compile or CUDA graphs."""
+    args = sweep.args
     if args.batch_size == "auto":
         from .autobatch import auto_batch_size
         # probed without compilation or graphs, which would compile or capture every probed shape
-        probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
-        per_rank = -(-args.num_samples // dist.world)
-        chosen = auto_batch_size(probe, tuple(card.sample_shape), device, dtype, cap=per_rank)
+        probe = solvers.accelerate(sweep.model, autocast=args.autocast, channels_last=args.channels_last)
+        per_rank = -(-args.num_samples // sweep.dist.world)
+        chosen = auto_batch_size(probe, tuple(sweep.card.sample_shape), sweep.device, sweep.dtype, cap=per_rank)
         args.batch_size = chosen.batch_size
-        if dist.main and not args.quiet:
+        if sweep.dist.main and not args.quiet:
             print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
     if network_setting(args) != "eager":  # a plain run calls the network directly, no wrapper on the hot path
         try:
-            model = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last,
-                                       compile=args.compile or False, cuda_graph=args.cuda_graph)
+            sweep.model = solvers.accelerate(sweep.model, autocast=args.autocast, channels_last=args.channels_last,
+                                             compile=args.compile or False, cuda_graph=args.cuda_graph)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
-    settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
-                "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
-                "reference_size": args.reference_size, "network": network_setting(args),
-                "rng": args.rng, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                "model_options": json.dumps(model_options, sort_keys=True, default=str)}
+
+def _run_settings(sweep: Sweep) -> dict:
+    args = sweep.args
+    return {"model": sweep.card.name, "num_samples": args.num_samples, "seed": args.seed,
+            "metrics": ",".join(sweep.metric_keys), "dtype": sweep.dtype_name,
+            "device_type": torch.device(sweep.device).type, "reference_size": args.reference_size,
+            "network": network_setting(args), "rng": args.rng, "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "model_options": json.dumps(sweep.model_options, sort_keys=True, default=str)}
+
+
+def _cells_to_run(sweep: Sweep) -> list[Cell]:
+    """The cells not yet in the results (all with --force), decided on rank 0 and shared; says so unless quiet.
+
+    Raises:
+        IncompatibleResultsError: the results folder was made with other run settings.
+    """
+    args, dist, cells = sweep.args, sweep.dist, sweep.cells
     plan = None
     if dist.main:
         try:
-            existing = load_results(out_dir)
-            check_run_settings(existing, settings, out_dir)
+            existing = load_results(sweep.out_dir)
+            check_run_settings(existing, sweep.settings, sweep.out_dir)
             done = {} if existing.empty else dict(zip(existing["cell_key"], existing["status"]))
             todo = [c.key for c in cells if args.force or c.key not in done]
             skipped_ok = sum(1 for c in cells if not args.force and done.get(c.key) == "ok")
@@ -556,102 +638,114 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         raise IncompatibleResultsError(plan["error"])
     todo = [c for c in cells if c.key in set(plan["todo"])]
     if dist.main and not args.quiet:
-        msg = f"bench.run: {card.name}, {len(cells)} cells ({len(todo)} to run"
+        msg = f"bench.run: {sweep.card.name}, {len(cells)} cells ({len(todo)} to run"
         if plan["ok"] or plan["failed"]:
             msg += f"; skipping {plan['ok']} done" + (f" and {plan['failed']} recorded as failed — --force redoes "
                                                        "them" if plan["failed"] else "")
-        print(msg + f"), {args.num_samples} samples each on {device}"
-              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {out_dir}", file=sys.stderr)
+        print(msg + f"), {args.num_samples} samples each on {sweep.device}"
+              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {sweep.out_dir}", file=sys.stderr)
+    return todo
 
-    evaluator = Evaluator(card, metric_keys, args, device, dist, progress)
-    if todo:
-        from .datasets import ReferenceDataError
-        from .features import OfflineFeatureExtractorError
-        failure = None
+
+def _prepare_references(evaluator: Evaluator, sweep: Sweep) -> None:
+    """Feature extractors and reference statistics; a failure on any rank is raised on every rank."""
+    from .datasets import ReferenceDataError
+    from .features import OfflineFeatureExtractorError
+    failure = None
+    try:
+        evaluator.prepare(sweep.args.num_samples)
+    except (OfflineFeatureExtractorError, ReferenceDataError) as e:
+        failure = e
+    # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
+    failures = [f for f in sweep.dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
+                if f is not None]
+    if failures:
+        if failure is not None:
+            raise failure
+        kind, text = failures[0]
+        raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
+
+
+def _write_reference(sweep: Sweep, evaluator: Evaluator, command: str) -> None:
+    """reference.json (metric labels, noise floors and notes, the card) and the reference preview."""
+    if "preview" in evaluator.reference:
+        _save_preview(sweep.out_dir, "reference", evaluator.reference["preview"], "points")
+    ref_info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
+                                "note": evaluator.notes.get(k, "")} for k in sweep.metric_keys},
+                "card": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sweep.card.summary().items()},
+                "num_samples": sweep.args.num_samples, "command": command, "written_at": _now()}
+    atomic_write_text(sweep.out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
+
+
+def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int) -> Optional[str]:
+    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any."""
+    args, dist = sweep.args, sweep.dist
+    started = _now()
+    t_cell = time.perf_counter()
+    try:
+        gen = _sample_cell(cell, sweep.model, sweep.card, args, sweep.device, sweep.dtype, dist, sweep.progress)
+        t_metric = time.perf_counter()
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
+                   "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
+                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
+    except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
+        payload = {"error": f"{type(e).__name__}: {e}"}
+    parts = dist.gather(payload)
+    if not dist.main:
+        return None
+    errors = [p["error"] for p in parts if "error" in p]
+    row = _base_row(cell, sweep.card, args, sweep.settings, sweep.device, dist, env, command, started,
+                    sweep.metric_keys)
+    if not errors:
         try:
-            evaluator.prepare(args.num_samples)
-        except (OfflineFeatureExtractorError, ReferenceDataError) as e:
-            failure = e
-        # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
-        failures = [f for f in dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
-                    if f is not None]
-        if failures:
-            if failure is not None:
-                raise failure
-            kind, text = failures[0]
-            raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
-    env = environment(device) if dist.main else {}
-    command = command_line(argv)
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if todo:
-            if "preview" in evaluator.reference:
-                _save_preview(out_dir, "reference", evaluator.reference["preview"], "points")
-            ref_info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
-                                        "note": evaluator.notes.get(k, "")} for k in metric_keys},
-                        "card": {k: (list(v) if isinstance(v, tuple) else v)
-                                 for k, v in card.summary().items()},
-                        "num_samples": args.num_samples, "command": command, "written_at": _now()}
-            atomic_write_text(out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
+            _measure_into(row, sweep, evaluator, cell, parts)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{type(e).__name__}: {e}")
+    failure = None
+    if errors:
+        row.update({"status": "failed", "error": errors[0]})
+        failure = f"{cell.label} × {cell.steps} steps: {errors[0]}"
+    row["finished_at"] = _now()
+    row["time_cell_s"] = time.perf_counter() - t_cell
+    # record_row re-reads the file under a lock: rows of a concurrent run are kept
+    record_row(sweep.out_dir, row, sweep.settings)
+    if not args.quiet:
+        _bar_write(_cell_line(row, sweep.metric_keys, {k: M.METRICS[k].label for k in sweep.metric_keys}))
+    _test_hook(total)
+    return failure
 
-    labels = {k: M.METRICS[k].label for k in metric_keys}
-    failed: list[str] = []
-    for cell in _bar(todo, desc="cells", unit="cell", disable=not progress):
-        started = _now()
-        t_cell = time.perf_counter()
-        payload: dict = {}
-        try:
-            gen = _sample_cell(cell, model, card, args, device, dtype, dist, progress)
-            t_metric = time.perf_counter()
-            payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
-                       "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
-                       "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
-        except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
-            payload = {"error": f"{type(e).__name__}: {e}"}
-        parts = dist.gather(payload)
-        if not dist.main:
-            continue
-        errors = [p["error"] for p in parts if "error" in p]
-        row = _base_row(cell, card, args, settings, device, dist, env, command, started, metric_keys)
-        if not errors:
-            try:
-                t_fin = time.perf_counter()
-                values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
-                slowest = max(parts, key=lambda p: p["timing"][0])
-                tot, mod, sol, warm = slowest["timing"]
-                row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
-                            "time_per_sample_ms": 1000.0 * tot * dist.world / args.num_samples,
-                            "time_warmup_s": warm,
-                            "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
-                            "metric_notes": json.dumps(notes)})
-                for k in metric_keys:
-                    row[METRIC_PREFIX + k] = values[k]
-                preview = np.concatenate([p["features"]["preview"] for p in parts])
-                _save_preview(out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
-                              "images" if evaluator.image else "points")
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"{type(e).__name__}: {e}")
-        if errors:
-            row.update({"status": "failed", "error": errors[0]})
-            failed.append(f"{cell.label} × {cell.steps} steps: {errors[0]}")
-        row["finished_at"] = _now()
-        row["time_cell_s"] = time.perf_counter() - t_cell
-        record_row(out_dir, row, settings)  # re-reads the file under a lock: rows of a concurrent run are kept
-        if not args.quiet:
-            _bar_write(_cell_line(row, metric_keys, labels))
-        _test_hook(len(todo))
 
-    if dist.main and not args.no_report:
+def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict]) -> None:
+    """The metric values, timings and preview of a cell from every rank's part, into ``row``."""
+    t_fin = time.perf_counter()
+    values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
+    slowest = max(parts, key=lambda p: p["timing"][0])
+    tot, mod, sol, warm = slowest["timing"]
+    row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
+                "time_per_sample_ms": 1000.0 * tot * sweep.dist.world / sweep.args.num_samples,
+                "time_warmup_s": warm,
+                "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
+                "metric_notes": json.dumps(notes)})
+    for k in sweep.metric_keys:
+        row[METRIC_PREFIX + k] = values[k]
+    preview = np.concatenate([p["features"]["preview"] for p in parts])
+    _save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
+                  "images" if evaluator.image else "points")
+
+
+def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
+    """The report (rank 0, unless --no-report), the ranks' last barrier, and the error when every cell failed."""
+    dist, out_dir = sweep.dist, sweep.out_dir
+    if dist.main and not sweep.args.no_report:
         from .report import build_report
         with results_lock(out_dir):  # a concurrent run's last report then includes every row
-            build_report(out_dir, quiet=args.quiet)
+            build_report(out_dir, quiet=sweep.args.quiet)
     if dist.world > 1:
         torch.distributed.barrier()
     if dist.main and todo and len(failed) == len(todo):
         raise AllCellsFailedError(f"every cell of this run failed ({len(failed)} of {len(todo)}), so nothing was "
                                   f"measured; first: {failed[0]}. The failures are recorded in "
                                   f"{out_dir / 'results.csv'} (--force redoes them)")
-    return out_dir
 
 
 def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, env: dict, command: str,
