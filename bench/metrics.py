@@ -7,13 +7,13 @@ extractors for images are in :mod:`bench.features`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 __all__ = ["frechet_distance", "gaussian_statistics", "frechet_distance_features", "sliced_wasserstein",
-           "projections", "rmse", "MetricSpec", "METRICS", "available_metrics", "get_metric", "default_metrics",
-           "metrics_for"]
+           "projections", "rmse", "MetricSpec", "DataDistance", "ExactODEError", "FeatureFrechet", "METRICS",
+           "available_metrics", "get_metric", "default_metrics", "metrics_for", "check_metrics"]
 
 
 # -- Fréchet distance ------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def rmse(x: np.ndarray, y: np.ndarray) -> float:
 # -- the registry of metrics -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MetricSpec:
-    """What a metric is, for whom, and how reports name it.
+    """What a metric is, for whom, how reports name it, and how it computes its value.
 
     Attributes:
         key: the ``--metric`` name.
@@ -127,6 +127,8 @@ class MetricSpec:
         description: one line for ``--help`` and reports.
         needs_exact_ode: needs ``card.exact_ode``.
         deterministic_only: only defined for deterministic solvers (NaN with a note otherwise).
+        source: the per-sample features a cell provides for it (``"data"``: the flattened samples;
+            ``"ode_error"``: squared errors against the exact ODE; else image features under this key).
     """
 
     key: str
@@ -135,22 +137,82 @@ class MetricSpec:
     description: str
     needs_exact_ode: bool = False
     deterministic_only: bool = False
+    source: str = "data"
+
+    def value(self, features: np.ndarray, reference) -> float:
+        """The metric of a cell from its per-sample ``features`` and the reference for ``source``."""
+        raise NotImplementedError
+
+    def compute(self, features: np.ndarray, reference, deterministic: bool) -> tuple[float, Optional[str]]:
+        """(value, note): NaN with a note where the metric is not defined for this cell's solver."""
+        if self.deterministic_only and not deterministic:
+            return float("nan"), "not defined for a stochastic solver"
+        return self.value(features, reference), None
+
+
+@dataclass(frozen=True)
+class DataDistance(MetricSpec):
+    """A distance between the samples and exact data samples, in data space; its noise floor is the same
+    distance from fresh exact samples."""
+
+    distance: Callable[[np.ndarray, np.ndarray], float] = None
+    reference_detail: str = ""
+
+    def value(self, features, reference) -> float:
+        return self.distance(features, reference)
+
+    def reference_note(self, n: int, n_ref: int, draws: int) -> str:
+        """How the reference and the noise floor were made (for reports)."""
+        return (f"vs {n_ref:,} exact data samples{self.reference_detail}; the noise floor is {n:,} fresh exact "
+                f"samples against them (mean ± sd of {draws} draws)")
+
+
+@dataclass(frozen=True)
+class ExactODEError(MetricSpec):
+    """RMS difference from the exact probability-flow solution from the same x_T."""
+
+    source: str = "ode_error"
+    note: str = "RMSE over coordinates vs the exact PF-ODE solution from the same x_T"
+
+    def value(self, features, reference) -> float:
+        return float(np.sqrt(np.mean(features)))
+
+
+@dataclass(frozen=True)
+class FeatureFrechet(MetricSpec):
+    """Fréchet distance in the features of an image network against the card's reference statistics;
+    ``weights_option`` is the run option naming the network's weights file."""
+
+    weights_option: str = ""
+
+    def value(self, features, reference) -> float:
+        mu, sigma = gaussian_statistics(features)
+        return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+
+    @staticmethod
+    def reference_note(reference_name: str, n_ref: int, n: int, draws: int) -> str:
+        """How the reference statistics and the noise floor were made (for reports)."""
+        return (f"vs {reference_name} (n_ref = {n_ref:,}); the noise floor is {n:,} reference images (random "
+                f"subsets) against the whole reference (mean ± sd of {draws} draws)")
 
 
 METRICS: dict[str, MetricSpec] = {m.key: m for m in (
-    MetricSpec("fd_data", "FD (data space)", ("analytic", "points"),
-               "Fréchet distance between the samples and exact data samples, in data space"),
-    MetricSpec("swd", "Sliced W2 (data space)", ("analytic", "points"),
-               "sliced 2-Wasserstein distance to exact data samples (256 fixed random directions)"),
-    MetricSpec("ode_error", "ODE error (RMSE vs exact PF-ODE)", ("analytic",),
-               "RMS difference from the exact probability-flow ODE solution from the same x_T "
-               "(deterministic solvers only)", needs_exact_ode=True, deterministic_only=True),
-    MetricSpec("fid", "FID (Inception-v3)", ("image",),
-               "Fréchet Inception Distance (torch-fidelity, Inception-v3 pool3, 2048-d) against the model "
-               "card's reference data; needs the Inception weights (downloaded once)"),
-    MetricSpec("fd_resnet20", "FD (ResNet-20)", ("image",),
-               "Fréchet distance in the 64-d pooled features of a CIFAR-10 ResNet-20 (offline; "
-               "not comparable with FID)"),
+    DataDistance("fd_data", "FD (data space)", ("analytic", "points"),
+                 "Fréchet distance between the samples and exact data samples, in data space",
+                 distance=frechet_distance_features),
+    DataDistance("swd", "Sliced W2 (data space)", ("analytic", "points"),
+                 "sliced 2-Wasserstein distance to exact data samples (256 fixed random directions)",
+                 distance=sliced_wasserstein, reference_detail=", 256 fixed directions"),
+    ExactODEError("ode_error", "ODE error (RMSE vs exact PF-ODE)", ("analytic",),
+                  "RMS difference from the exact probability-flow ODE solution from the same x_T "
+                  "(deterministic solvers only)", needs_exact_ode=True, deterministic_only=True),
+    FeatureFrechet("fid", "FID (Inception-v3)", ("image",),
+                   "Fréchet Inception Distance (torch-fidelity, Inception-v3 pool3, 2048-d) against the model "
+                   "card's reference data; needs the Inception weights (downloaded once)",
+                   source="fid", weights_option="inception_weights"),
+    FeatureFrechet("fd_resnet20", "FD (ResNet-20)", ("image",),
+                   "Fréchet distance in the 64-d pooled features of a CIFAR-10 ResNet-20 (offline; "
+                   "not comparable with FID)", source="fd_resnet20", weights_option="resnet20_weights"),
 )}
 
 
@@ -204,9 +266,3 @@ def check_metrics(keys: list[str], card) -> list[str]:
         if k not in out:
             out.append(k)
     return out
-
-
-def noise_floor_note(key: str, n: int, n_ref: Optional[int]) -> str:
-    """How to read a metric's noise floor (for reports)."""
-    return (f"{METRICS[key].label} between {n} fresh exact data samples and the {n_ref or n} reference "
-            "samples: what a perfect sampler would score at this sample count")

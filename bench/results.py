@@ -15,21 +15,22 @@ import io
 import json
 import os
 import re
-import platform
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
+from pretrained.checkpoints import default_permissions
+
+from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # noqa: F401  (the provenance columns)
+
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
            "check_run_settings", "row_threads",
-           "environment", "git_commit", "metric_columns", "METRIC_PREFIX"]
+           "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename"]
 
 SCHEMA_VERSION = 1
 RESULTS_CSV = "results.csv"
@@ -44,8 +45,6 @@ RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
 # The conditions that change wall-clock without changing the samples: rows timed under other values are not
 # comparable.  A row that does not record one (a file from before the column) is not compared on it.
 TIMING_SETTING_COLUMNS = {"threads": "--threads", "batch_size": "--batch-size"}
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class IncompatibleResultsError(RuntimeError):
@@ -63,8 +62,7 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the mode an ordinary open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
+        default_permissions(tmp)  # mkstemp makes it 0600; the mode an ordinary open() would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,15 +70,15 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: os.PathLike, text: str) -> None:
     """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def safe_filename(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``-``
+    (cell ids and figure names made from solver labels such as ``ddim:eta=1.0``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
 
 
 # -- cell identity -----------------------------------------------------------------------------------------
@@ -330,57 +328,3 @@ def record_row(out_dir: os.PathLike, row: dict, settings: dict) -> pd.DataFrame:
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """The metric value columns (``metric.<key>``) of a results table, in order."""
     return [c for c in df.columns if c.startswith(METRIC_PREFIX)]
-
-
-# -- environment -----------------------------------------------------------------------------------------
-def git_commit(root: Path = PROJECT_ROOT) -> tuple[Optional[str], Optional[bool]]:
-    """(commit hash, working tree has uncommitted changes) of the project, or (None, None) outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    """Library versions, git commit, host and device names (recorded with every row)."""
-    import torch
-    import torch_fidelity
-
-    import solvers
-
-    commit, dirty = git_commit()
-    if device.startswith("cuda"):
-        device_name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        device_name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-    from . import __version__ as bench_version
-    return {
-        "device_name": device_name, "hostname": socket.gethostname(), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__,
-        "solvers_version": solvers.__version__, "bench_version": bench_version, "git_commit": commit,
-        "git_dirty": dirty, "platform": platform.platform(),
-        "cuda": torch.version.cuda if device.startswith("cuda") else None,
-    }
-
-
-def command_line(argv: Optional[Iterable[str]] = None) -> str:
-    """The command as typed (``python -m bench.run …``), for the record."""
-    import shlex
-    args = list(sys.argv[1:] if argv is None else argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"torchrun --nproc_per_node={world} -m bench.run" if world > 1 else "python -m bench.run"
-    return " ".join([prefix] + [shlex.quote(a) for a in args])

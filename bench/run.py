@@ -14,7 +14,6 @@ done, ``--force`` redoes them.  At the end the report (``OUT/report.md``, ``OUT/
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -30,12 +29,13 @@ import torch
 
 import pretrained
 import solvers
-from solvers import schedules
 
 from . import metrics as M
 from .autobatch import parse_batch_size
+from .plan import (Cell, SolverSpec, UsageError, check_seed, default_spacing, default_t_start,  # noqa: F401
+                   parse_assignment, parse_solvers, parse_steps, plan_cells)
 from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
-                      atomic_write_text, cell_key, check_run_settings, command_line, environment, load_results,
+                      atomic_write_text, check_run_settings, command_line, environment, load_results,
                       record_row, results_lock)
 
 __all__ = ["main", "run", "build_parser", "parse_steps", "parse_solvers", "default_spacing", "plan_cells", "Cell",
@@ -47,118 +47,10 @@ PREVIEW_IMAGES = 64
 PREVIEW_POINTS = 2000
 FLOOR_DRAWS = 10                 # draws averaged for a metric's noise floor
 WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
-LOGSNR_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_2m_sde")
-
-
-class UsageError(ValueError):
-    """Bad command-line input (reported with the valid choices)."""
 
 
 class AllCellsFailedError(RuntimeError):
     """Every cell this run tried failed (each is recorded with its reason): nothing was measured."""
-
-
-# -- argument parsing --------------------------------------------------------------------------------------
-def parse_steps(text: str) -> list[int]:
-    """'1,10,50' → [1, 10, 50] (sorted, unique).
-
-    Raises:
-        UsageError: an entry that is not a positive integer.
-    """
-    out = []
-    for part in str(text).split(","):
-        p = part.strip()
-        if not p.isdigit() or int(p) < 1:
-            raise UsageError(f"--steps must be a comma-separated list of positive integers (e.g. 1,10,50,1000); "
-                             f"{p!r} is not one")
-        out.append(int(p))
-    return sorted(set(out))
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        return text
-
-
-def _parse_assignment(text: str, where: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise UsageError(f"{where}: expected OPTION=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    if not k.strip():
-        raise UsageError(f"{where}: empty option name in {text!r}")
-    return k.strip(), _parse_value(v.strip())
-
-
-@dataclass
-class SolverSpec:
-    """One entry of ``--solvers``: the name as given, its canonical name and its options."""
-
-    label: str
-    name: str
-    options: dict = field(default_factory=dict)
-
-
-def parse_solvers(text: str, solver_opts: Sequence[str] = ()) -> list[SolverSpec]:
-    """Parse ``--solvers`` (``NAME[:OPT=VAL…]`` entries, comma-separated) and ``--solver-opt`` items.
-
-    ``--solver-opt OPT=VAL`` goes to every listed solver that has the option (an error if none has it);
-    ``--solver-opt NAME.OPT=VAL`` to that solver only.
-
-    Raises:
-        UsageError: unknown solver (the valid names are listed) or option.
-    """
-    specs = []
-    for entry in [e.strip() for e in str(text).split(",") if e.strip()]:
-        name, *opts = entry.split(":")
-        try:
-            canonical = solvers.solver_class(name).name
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        options = dict(_parse_assignment(o, f"--solvers entry {entry!r}") for o in opts)
-        specs.append(SolverSpec(label=entry, name=canonical, options=options))
-    if not specs:
-        raise UsageError(f"--solvers is empty; valid: {', '.join(solvers.available_solvers())}")
-    for item in solver_opts:
-        key, value = _parse_assignment(item, "--solver-opt")
-        target, _, opt = key.rpartition(".")
-        if target and not _known(target):
-            raise UsageError(f"--solver-opt {item!r}: unknown solver {target!r}; valid: "
-                             f"{', '.join(solvers.available_solvers())}")
-        targets = [s for s in specs if not target or s.name == solvers.solver_class(target).name]
-        hits = 0
-        for s in targets:
-            if opt in _option_names(s.name):
-                s.options.setdefault(opt, value)  # an option written inline in --solvers takes precedence
-                hits += 1
-        if hits == 0:
-            have = "; ".join(f"{s.label}: {', '.join(_option_names(s.name)) or '(none)'}" for s in specs)
-            raise UsageError(f"--solver-opt {item!r}: no listed solver has an option {opt!r} (options: {have})")
-    for s in specs:  # validate the values now, not halfway through the sweep
-        try:
-            solvers.get_solver(s.name, **s.options)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"solver {s.label!r}: {e}") from None
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"--solvers lists the same entry twice: {', '.join(labels)}")
-    return specs
-
-
-def _known(name: str) -> bool:
-    try:
-        solvers.solver_class(name)
-        return True
-    except ValueError:
-        return False
-
-
-def _option_names(name: str) -> list[str]:
-    import dataclasses
-    return [f.name for f in dataclasses.fields(solvers.solver_class(name))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,111 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- the plan -------------------------------------------------------------------------------------------------
-@dataclass
-class Cell:
-    """One (solver, steps) point of the sweep, fully resolved before anything runs."""
-
-    label: str
-    solver: str
-    options: dict
-    steps: int
-    spacing: str
-    spacing_note: str
-    t_start: Optional[float]
-    grid: list
-    nfe_declared: int
-    deterministic: bool
-    key: str
-
-    @property
-    def cell_id(self) -> str:
-        """A file-name-safe, human-readable id (unique within a results directory)."""
-        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.label)
-        return f"{safe}-s{self.steps}-{self.spacing}-{self.key[:6]}"
-
-
-def default_spacing(card, schedule, solver: str, steps: int) -> tuple[str, str]:
-    """The grid spacing a solver's own paper uses on this model, and a note saying why.
-
-    * DPM-Solver++ family: uniform in log-SNR (Lu et al. 2022).
-    * Heun, Euler: Karras et al.'s ρ = 7 spacing (EDM).
-    * DDIM / DDPM on a discrete-time model: DDIM's quadratic grid on CIFAR-10 (Song et al. 2021, App. D.2,
-      the grid of its Table 1); on other data DDIM's uniform skip, as ``trailing`` — the same stride but
-      starting at the last trained step (the DDIM code's ``range(0, N, N // steps)`` starts at step 0 when
-      steps = 1, evaluating the network on pure noise as if it were clean data; Lin et al. 2024).  Where the
-      quadratic grid repeats indices (beyond ~300 steps of 1000), ``trailing``, which at steps = N is the
-      full ancestral chain.  On continuous schedules: uniform in t.
-    * Anything else: the library default (logsnr).
-    """
-    discrete = isinstance(schedule, schedules.DiscreteVP)
-    if not math.isfinite(float(schedule.log_snr(schedule.t_max))):
-        # α = 0 at t_max (rectified flow): no log-SNR or σ/α grid starts there; flow matching's grid is
-        # uniform in t.
-        return "uniform", "uniform in t (flow matching; log-SNR and σ/α are infinite at t_max)"
-    if solver in LOGSNR_SOLVERS:
-        return "logsnr", "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
-    if solver in ("heun", "euler"):
-        return "karras", "EDM ρ=7 spacing (Karras et al. 2022)"
-    if solver in ("ddim", "ddpm"):
-        if not discrete:
-            return "uniform", "uniform in t"
-        if card.reference == "cifar10-train":
-            try:
-                solvers.make_grid(schedule, steps, spacing="quadratic")
-                return "quadratic", "DDIM's CIFAR-10 grid (Song et al. 2021, Table 1)"
-            except ValueError:
-                return "trailing", (f"the quadratic grid repeats timesteps at {steps} steps; "
-                                    "'trailing' (every index at steps = N)")
-        return "trailing", ("DDIM's uniform skip for non-CIFAR data (Song et al. 2021, App. D.2), aligned to "
-                            "start at the last trained step (Lin et al. 2024)")
-    if solver == "euler_maruyama":
-        return "uniform", "uniform in t (Song et al. 2021, score SDE)"
-    return "logsnr", "library default"
-
-
-def default_t_start(schedule, solver: str) -> Optional[float]:
-    """Where a solver's grid starts by default: ``t_max``, except for the solvers that step in log-SNR on a
-    schedule where λ(t_max) = −∞ (rectified flow), which start at t_max·(1 − 10⁻³)."""
-    if solver in LOGSNR_SOLVERS and not math.isfinite(float(schedule.log_snr(schedule.t_max))):
-        return float(schedule.t_max) * (1 - 1e-3)
-    return None
-
-
-def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: Optional[str]) -> list[Cell]:
-    """Resolve every cell (grid, options, declared NFE) so that bad combinations fail before any sampling.
-
-    Raises:
-        UsageError: a grid or solver that does not fit the model (the message names the cell).
-    """
-    cells = []
-    card_opts = card.default_solver_options or {}
-    for spec in specs:
-        defaults = card_opts.get(spec.name, {}) if isinstance(card_opts.get(spec.name, {}), dict) else {}
-        options = {**defaults, **spec.options}
-        try:
-            slv = solvers.get_solver(spec.name, **options)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"solver {spec.label!r} on {card.name}: {e}") from None
-        options = slv.options()
-        for n in steps:
-            if spacing is None:
-                sp, note = default_spacing(card, model.schedule, spec.name, n)
-            else:
-                sp, note = spacing, "--spacing"
-            t_start = default_t_start(model.schedule, spec.name)
-            try:
-                grid = solvers.make_grid(model.schedule, n, spacing=sp, t_start=t_start)
-                slv.check(solvers.base.points_at(model.schedule, model, grid))
-            except ValueError as e:
-                raise UsageError(f"cell {spec.label} × {n} steps ({sp} spacing) does not fit {card.name}: {e}") from None
-            cells.append(Cell(label=spec.label, solver=spec.name, options=options, steps=n, spacing=sp,
-                              spacing_note=note, t_start=t_start, grid=grid, nfe_declared=slv.nfe(grid, model.schedule.t_zero),
-                              deterministic=not slv.is_stochastic,
-                              key=cell_key(card.name, spec.name, options, n, sp, t_start)))
-    return cells
-
-
 def network_setting(args) -> str:
     """How the network is called, as one string ("eager", or e.g. "autocast=bf16,channels_last,compile=default")."""
     parts = ([f"autocast={args.autocast}"] if args.autocast else []) + (["channels_last"] if args.channels_last else []) \
@@ -367,8 +154,7 @@ def network_setting(args) -> str:
 
 def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
     """The per-sample seeds of samples start … stop−1 (the same in every cell and every process split)."""
-    if seed < 0:
-        raise UsageError(f"--seed must be non-negative, got {seed}")
+    check_seed(seed)
     return [seed * SEED_STRIDE + j for j in range(start, stop)]
 
 
@@ -490,10 +276,16 @@ def _check_weights(model_options: dict) -> None:
 
 # -- quality measurement --------------------------------------------------------------------------------------
 class Evaluator:
-    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them."""
+    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them.
+
+    Each metric (:data:`bench.metrics.METRICS`) names the per-sample features it needs (its ``source``) and
+    computes its own value and reference note; this class makes the features and the references.
+    """
 
     def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool):
         self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.specs = [M.METRICS[k] for k in metric_keys]
+        self.sources = {s.source for s in self.specs}
         self.args = args
         self.image = card.kind == "image"
         self.extractors: dict = {}
@@ -509,65 +301,64 @@ class Evaluator:
             OfflineFeatureExtractorError, ReferenceDataError: with the message to show.
         """
         if self.image:
-            from .features import create_extractor
-            for k in self.keys:
-                weights = self.args.inception_weights if k == "fid" else self.args.resnet20_weights
-                self.extractors[k] = create_extractor(k, self.device, weights, verbose=False)
-            if self.dist.main:
-                from .datasets import reference_statistics
-                for k in self.keys:
-                    ext, layer, name = self.extractors[k]
-                    ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
-                                               size=self.args.reference_size, cache_dir=self.args.cache_dir,
-                                               progress=self.progress, floor_n=n, floor_seed=self.args.seed)
-                    self.reference[k] = ref
-                    self.floors[k] = ref["floor"]
-                    self.notes[k] = (f"vs {self.card.reference} (n_ref = {ref['n']:,}); the noise floor is {n:,} "
-                                     f"reference images (random subsets) against the whole reference (mean ± sd of {FLOOR_DRAWS} draws)")
+            self._prepare_images(n)
             return
-        if self.dist.main and any(k in ("fd_data", "swd") for k in self.keys):
-            n_ref = self.args.reference_size or n
-            ref_seed = 1_000_000_007 + self.args.seed
-            ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
-            # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
-            # distance between finite samples varies by a factor of several).
-            fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
-                     for i in range(FLOOR_DRAWS)]
-            self.reference["data"] = ref
-            self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+        if self.dist.main and "data" in self.sources:
+            self._prepare_data(n)
+        for spec in self.specs:
+            if isinstance(spec, M.ExactODEError):
+                self.notes[spec.key] = spec.note
 
-            def floor(fn):
-                draws = [fn(f, ref) for f in fresh]
-                return [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+    def _prepare_images(self, n: int) -> None:
+        from .features import create_extractor
+        for spec in self.specs:
+            weights = getattr(self.args, spec.weights_option)
+            self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
+        if not self.dist.main:
+            return
+        from .datasets import reference_statistics
+        for spec in self.specs:
+            ext, layer, name = self.extractors[spec.key]
+            ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                       size=self.args.reference_size, cache_dir=self.args.cache_dir,
+                                       progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            self.reference[spec.source] = ref
+            self.floors[spec.key] = ref["floor"]
+            self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
 
-            if "fd_data" in self.keys:
-                self.floors["fd_data"] = floor(M.frechet_distance_features)
-                self.notes["fd_data"] = (f"vs {n_ref:,} exact data samples; the noise floor is {n:,} fresh exact "
-                                         f"samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
-            if "swd" in self.keys:
-                self.floors["swd"] = floor(M.sliced_wasserstein)
-                self.notes["swd"] = (f"vs {n_ref:,} exact data samples, 256 fixed directions; the noise floor is "
-                                     f"{n:,} fresh exact samples against them (mean ± sd of {FLOOR_DRAWS} draws)")
-        if "ode_error" in self.keys:
-            self.notes["ode_error"] = "RMSE over coordinates vs the exact PF-ODE solution from the same x_T"
+    def _prepare_data(self, n: int) -> None:
+        n_ref = self.args.reference_size or n
+        ref_seed = 1_000_000_007 + self.args.seed
+        ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
+        # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
+        # distance between finite samples varies by a factor of several).
+        fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
+                 for i in range(FLOOR_DRAWS)]
+        self.reference["data"] = ref
+        self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+        for spec in self.specs:
+            if spec.source == "data":
+                draws = [spec.value(f, ref) for f in fresh]
+                self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+                self.notes[spec.key] = spec.reference_note(n, n_ref, FLOOR_DRAWS)
 
     def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor) -> dict:
-        """This rank's features for every metric (arrays with one row per sample) and a preview."""
+        """This rank's features for every metric's source (arrays with one row per sample) and a preview."""
         out: dict = {}
         n = samples.shape[0]
         if self.image:
             from .features import UInt8Images, extract_features, to_uint8_rgb
             images = to_uint8_rgb(self.card.to_images(samples))
-            for k in self.keys:
-                ext, layer, _ = self.extractors[k]
-                out[k] = extract_features(ext, layer, UInt8Images(images), device=self.device,
-                                          batch_size=self.args.batch_size, progress=self.progress)
+            for spec in self.specs:
+                ext, layer, _ = self.extractors[spec.key]
+                out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                    batch_size=self.args.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
             return out
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
-        if any(k in ("fd_data", "swd") for k in self.keys):
+        if "data" in self.sources:
             out["data"] = flat
-        if "ode_error" in self.keys and cell.deterministic:
+        if "ode_error" in self.sources and cell.deterministic:
             exact = self._exact(x_T, cell.grid[0], cell.grid[-1])
             out["ode_error"] = ((flat - exact) ** 2).mean(axis=1)
         out["preview"] = flat[:PREVIEW_POINTS, :2].astype(np.float32)
@@ -584,26 +375,12 @@ class Evaluator:
     def finalize(self, cell: Cell, parts: list[dict]) -> tuple[dict, dict]:
         """Metric values (and notes) from every rank's features, concatenated in rank order."""
         values, notes = {}, {}
-
-        def cat(name):
-            return np.concatenate([p[name] for p in parts], axis=0)
-
-        for k in self.keys:
-            if k == "fd_data":
-                values[k] = M.frechet_distance_features(cat("data"), self.reference["data"])
-            elif k == "swd":
-                values[k] = M.sliced_wasserstein(cat("data"), self.reference["data"])
-            elif k == "ode_error":
-                if cell.deterministic:
-                    values[k] = float(np.sqrt(np.mean(cat("ode_error"))))
-                else:
-                    values[k] = float("nan")
-                    notes[k] = "not defined for a stochastic solver"
-            else:
-                feats = cat(k)
-                mu, sigma = M.gaussian_statistics(feats)
-                ref = self.reference[k]
-                values[k] = M.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+        for spec in self.specs:
+            feats = np.concatenate([p[spec.source] for p in parts], axis=0) \
+                if all(spec.source in p for p in parts) else None
+            values[spec.key], note = spec.compute(feats, self.reference.get(spec.source), cell.deterministic)
+            if note:
+                notes[spec.key] = note
         return values, notes
 
 
@@ -669,8 +446,32 @@ def _save_preview(out_dir: Path, name: str, array: np.ndarray, kind: str) -> Non
     atomic_write_bytes(out_dir / "previews" / f"{name}.npz", buf.getvalue())
 
 
+@dataclass
+class Sweep:
+    """What one sweep has resolved before sampling: the process, the model, the cells and the run settings."""
+
+    args: argparse.Namespace
+    dist: Dist
+    device: str
+    progress: bool
+    card: Any
+    specs: list
+    steps: list
+    metric_keys: list
+    dtype_name: str
+    dtype: torch.dtype
+    out_dir: Path
+    model: Any = None
+    model_options: dict = field(default_factory=dict)
+    cells: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Path:
     """Run the sweep described by ``argv`` (see ``--help``); returns the output directory.
+
+    The steps: check the input, load the model and plan the cells, apply the fast paths, decide what to
+    resume, prepare the references, then sample, measure and record each cell, and render the report.
 
     Raises:
         UsageError: bad input (with the valid choices).
@@ -678,7 +479,31 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         OfflineFeatureExtractorError, ReferenceDataError: a metric's feature extractor or data is unavailable.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    sweep = _check_input(build_parser().parse_args(argv))
+    _load_and_plan(sweep)
+    _apply_fast_paths(sweep)
+    sweep.settings = _run_settings(sweep)
+    todo = _cells_to_run(sweep)
+    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress)
+    if todo:
+        _prepare_references(evaluator, sweep)
+    env = environment(sweep.device) if sweep.dist.main else {}
+    command = command_line(argv)
+    if sweep.dist.main:
+        sweep.out_dir.mkdir(parents=True, exist_ok=True)
+        if todo:
+            _write_reference(sweep, evaluator, command)
+    failed: list[str] = []
+    for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
+        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo))
+        if failure:
+            failed.append(failure)
+    _finish(sweep, todo, failed)
+    return sweep.out_dir
+
+
+def _check_input(args: argparse.Namespace) -> Sweep:
+    """Every check that needs no model: threads, device, model name, steps, solvers, sizes, seed, metrics."""
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be positive, got {args.threads}")
@@ -696,6 +521,18 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     steps = parse_steps(args.steps)
     specs = parse_solvers(args.solvers, args.solver_opt)
     _check_device(device)
+    _check_sizes(args, card, dist)
+    metric_keys = _metric_keys(args, card)
+    dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
+    out_dir = Path(args.out or Path("runs") / card.name)
+    if dist.main:
+        _check_out_dir(out_dir)
+    return Sweep(args=args, dist=dist, device=device, progress=progress, card=card, specs=specs, steps=steps,
+                 metric_keys=metric_keys, dtype_name=dtype_name, dtype=getattr(torch, dtype_name), out_dir=out_dir)
+
+
+def _check_sizes(args: argparse.Namespace, card, dist: Dist) -> None:
+    """--num-samples and --batch-size (card defaults filled in), --reference-size and --seed."""
     args.num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
     try:
         args.batch_size = card.default_batch_size if args.batch_size is None else parse_batch_size(args.batch_size)
@@ -707,67 +544,88 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         raise UsageError(f"--num-samples {args.num_samples} is fewer than the {dist.world} processes")
     if args.reference_size is not None and args.reference_size < 2:
         raise UsageError(f"--reference-size must be at least 2, got {args.reference_size}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    check_seed(args.seed)
+
+
+def _metric_keys(args: argparse.Namespace, card) -> list[str]:
     try:
-        metric_keys = M.check_metrics(
+        keys = M.check_metrics(
             [m.strip() for m in args.metric.split(",") if m.strip()] if args.metric else M.default_metrics(card), card)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if not metric_keys:
+    if not keys:
         raise UsageError(f"no metric given; metrics for {card.name}: {', '.join(M.metrics_for(card))}")
-    dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")
-    dtype = getattr(torch, dtype_name)
-    out_dir = Path(args.out or Path("runs") / card.name)
-    if dist.main:
-        _check_out_dir(out_dir)
+    return keys
 
-    model_options = dict(_parse_assignment(o, "--model-opt") for o in args.model_opt)
+
+def _load_and_plan(sweep: Sweep) -> None:
+    """Load the model (its weights checked first) and resolve every cell; refuse fast paths that cannot apply."""
+    args, card = sweep.args, sweep.card
+    model_options = dict(parse_assignment(o, "--model-opt") for o in args.model_opt)
     if args.weights is not None:
         if "weights" in model_options:
             raise UsageError("give the weights once: --weights PATH or --model-opt weights=PATH, not both")
         model_options["weights"] = args.weights
     _check_weights(model_options)
     try:
-        model = pretrained.load(card.name, device=device, **model_options)
+        sweep.model = pretrained.load(card.name, device=sweep.device, **model_options)
     except TypeError as e:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
-    cells = plan_cells(card, model, specs, steps, args.spacing)
-    if args.cuda_graph and torch.device(device).type != "cuda":
-        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {device}")
-    variable_rows = [s.label for s in specs if s.name == "adaptive"]
+    sweep.model_options = model_options
+    sweep.cells = plan_cells(card, sweep.model, sweep.specs, sweep.steps, args.spacing)
+    if args.cuda_graph and torch.device(sweep.device).type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
+    variable_rows = [s.label for s in sweep.specs if s.name == "adaptive"]
     if variable_rows and (args.cuda_graph or args.compile):
         raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
                          "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
                          "without them")
+
+
+def _apply_fast_paths(sweep: Sweep) -> None:
+    """Choose ``--batch-size auto`` and wrap the network for autocast, channels-last, compile or CUDA graphs."""
+    args = sweep.args
     if args.batch_size == "auto":
         from .autobatch import auto_batch_size
         # probed without compilation or graphs, which would compile or capture every probed shape
-        probe = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last)
-        per_rank = -(-args.num_samples // dist.world)
-        chosen = auto_batch_size(probe, tuple(card.sample_shape), device, dtype, cap=per_rank)
+        probe = solvers.accelerate(sweep.model, autocast=args.autocast, channels_last=args.channels_last)
+        per_rank = -(-args.num_samples // sweep.dist.world)
+        chosen = auto_batch_size(probe, tuple(sweep.card.sample_shape), sweep.device, sweep.dtype, cap=per_rank)
         args.batch_size = chosen.batch_size
-        if dist.main and not args.quiet:
+        if sweep.dist.main and not args.quiet:
             print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
     if network_setting(args) != "eager":  # a plain run calls the network directly, no wrapper on the hot path
         try:
-            model = solvers.accelerate(model, autocast=args.autocast, channels_last=args.channels_last,
-                                       compile=args.compile or False, cuda_graph=args.cuda_graph)
+            sweep.model = solvers.accelerate(sweep.model, autocast=args.autocast, channels_last=args.channels_last,
+                                             compile=args.compile or False, cuda_graph=args.cuda_graph)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
-    settings = {"model": card.name, "num_samples": args.num_samples, "seed": args.seed,
-                "metrics": ",".join(metric_keys), "dtype": dtype_name, "device_type": torch.device(device).type,
-                "reference_size": args.reference_size, "network": network_setting(args),
-                "rng": args.rng, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                "model_options": json.dumps(model_options, sort_keys=True, default=str)}
+
+def _run_settings(sweep: Sweep) -> dict:
+    args = sweep.args
+    return {"model": sweep.card.name, "num_samples": args.num_samples, "seed": args.seed,
+            "metrics": ",".join(sweep.metric_keys), "dtype": sweep.dtype_name,
+            "device_type": torch.device(sweep.device).type, "reference_size": args.reference_size,
+            "network": network_setting(args), "rng": args.rng, "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "model_options": json.dumps(sweep.model_options, sort_keys=True, default=str)}
+
+
+def _cells_to_run(sweep: Sweep) -> list[Cell]:
+    """The cells not yet in the results (all with --force), decided on rank 0 and shared; says so unless quiet.
+
+    Raises:
+        IncompatibleResultsError: the results folder was made with other run settings.
+    """
+    args, dist, cells = sweep.args, sweep.dist, sweep.cells
     plan = None
     if dist.main:
         try:
-            existing = load_results(out_dir)
-            check_run_settings(existing, settings, out_dir)
+            existing = load_results(sweep.out_dir)
+            check_run_settings(existing, sweep.settings, sweep.out_dir)
             done = {} if existing.empty else dict(zip(existing["cell_key"], existing["status"]))
             todo = [c.key for c in cells if args.force or c.key not in done]
             skipped_ok = sum(1 for c in cells if not args.force and done.get(c.key) == "ok")
@@ -780,102 +638,114 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
         raise IncompatibleResultsError(plan["error"])
     todo = [c for c in cells if c.key in set(plan["todo"])]
     if dist.main and not args.quiet:
-        msg = f"bench.run: {card.name}, {len(cells)} cells ({len(todo)} to run"
+        msg = f"bench.run: {sweep.card.name}, {len(cells)} cells ({len(todo)} to run"
         if plan["ok"] or plan["failed"]:
             msg += f"; skipping {plan['ok']} done" + (f" and {plan['failed']} recorded as failed — --force redoes "
                                                        "them" if plan["failed"] else "")
-        print(msg + f"), {args.num_samples} samples each on {device}"
-              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {out_dir}", file=sys.stderr)
+        print(msg + f"), {args.num_samples} samples each on {sweep.device}"
+              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {sweep.out_dir}", file=sys.stderr)
+    return todo
 
-    evaluator = Evaluator(card, metric_keys, args, device, dist, progress)
-    if todo:
-        from .datasets import ReferenceDataError
-        from .features import OfflineFeatureExtractorError
-        failure = None
+
+def _prepare_references(evaluator: Evaluator, sweep: Sweep) -> None:
+    """Feature extractors and reference statistics; a failure on any rank is raised on every rank."""
+    from .datasets import ReferenceDataError
+    from .features import OfflineFeatureExtractorError
+    failure = None
+    try:
+        evaluator.prepare(sweep.args.num_samples)
+    except (OfflineFeatureExtractorError, ReferenceDataError) as e:
+        failure = e
+    # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
+    failures = [f for f in sweep.dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
+                if f is not None]
+    if failures:
+        if failure is not None:
+            raise failure
+        kind, text = failures[0]
+        raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
+
+
+def _write_reference(sweep: Sweep, evaluator: Evaluator, command: str) -> None:
+    """reference.json (metric labels, noise floors and notes, the card) and the reference preview."""
+    if "preview" in evaluator.reference:
+        _save_preview(sweep.out_dir, "reference", evaluator.reference["preview"], "points")
+    ref_info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
+                                "note": evaluator.notes.get(k, "")} for k in sweep.metric_keys},
+                "card": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sweep.card.summary().items()},
+                "num_samples": sweep.args.num_samples, "command": command, "written_at": _now()}
+    atomic_write_text(sweep.out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
+
+
+def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int) -> Optional[str]:
+    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any."""
+    args, dist = sweep.args, sweep.dist
+    started = _now()
+    t_cell = time.perf_counter()
+    try:
+        gen = _sample_cell(cell, sweep.model, sweep.card, args, sweep.device, sweep.dtype, dist, sweep.progress)
+        t_metric = time.perf_counter()
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
+                   "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
+                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
+    except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
+        payload = {"error": f"{type(e).__name__}: {e}"}
+    parts = dist.gather(payload)
+    if not dist.main:
+        return None
+    errors = [p["error"] for p in parts if "error" in p]
+    row = _base_row(cell, sweep.card, args, sweep.settings, sweep.device, dist, env, command, started,
+                    sweep.metric_keys)
+    if not errors:
         try:
-            evaluator.prepare(args.num_samples)
-        except (OfflineFeatureExtractorError, ReferenceDataError) as e:
-            failure = e
-        # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
-        failures = [f for f in dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
-                    if f is not None]
-        if failures:
-            if failure is not None:
-                raise failure
-            kind, text = failures[0]
-            raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
-    env = environment(device) if dist.main else {}
-    command = command_line(argv)
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if todo:
-            if "preview" in evaluator.reference:
-                _save_preview(out_dir, "reference", evaluator.reference["preview"], "points")
-            ref_info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
-                                        "note": evaluator.notes.get(k, "")} for k in metric_keys},
-                        "card": {k: (list(v) if isinstance(v, tuple) else v)
-                                 for k, v in card.summary().items()},
-                        "num_samples": args.num_samples, "command": command, "written_at": _now()}
-            atomic_write_text(out_dir / "reference.json", json.dumps(ref_info, indent=2, default=str))
+            _measure_into(row, sweep, evaluator, cell, parts)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{type(e).__name__}: {e}")
+    failure = None
+    if errors:
+        row.update({"status": "failed", "error": errors[0]})
+        failure = f"{cell.label} × {cell.steps} steps: {errors[0]}"
+    row["finished_at"] = _now()
+    row["time_cell_s"] = time.perf_counter() - t_cell
+    # record_row re-reads the file under a lock: rows of a concurrent run are kept
+    record_row(sweep.out_dir, row, sweep.settings)
+    if not args.quiet:
+        _bar_write(_cell_line(row, sweep.metric_keys, {k: M.METRICS[k].label for k in sweep.metric_keys}))
+    _test_hook(total)
+    return failure
 
-    labels = {k: M.METRICS[k].label for k in metric_keys}
-    failed: list[str] = []
-    for cell in _bar(todo, desc="cells", unit="cell", disable=not progress):
-        started = _now()
-        t_cell = time.perf_counter()
-        payload: dict = {}
-        try:
-            gen = _sample_cell(cell, model, card, args, device, dtype, dist, progress)
-            t_metric = time.perf_counter()
-            payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
-                       "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
-                       "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
-        except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
-            payload = {"error": f"{type(e).__name__}: {e}"}
-        parts = dist.gather(payload)
-        if not dist.main:
-            continue
-        errors = [p["error"] for p in parts if "error" in p]
-        row = _base_row(cell, card, args, settings, device, dist, env, command, started, metric_keys)
-        if not errors:
-            try:
-                t_fin = time.perf_counter()
-                values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
-                slowest = max(parts, key=lambda p: p["timing"][0])
-                tot, mod, sol, warm = slowest["timing"]
-                row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
-                            "time_per_sample_ms": 1000.0 * tot * dist.world / args.num_samples,
-                            "time_warmup_s": warm,
-                            "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
-                            "metric_notes": json.dumps(notes)})
-                for k in metric_keys:
-                    row[METRIC_PREFIX + k] = values[k]
-                preview = np.concatenate([p["features"]["preview"] for p in parts])
-                _save_preview(out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
-                              "images" if evaluator.image else "points")
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"{type(e).__name__}: {e}")
-        if errors:
-            row.update({"status": "failed", "error": errors[0]})
-            failed.append(f"{cell.label} × {cell.steps} steps: {errors[0]}")
-        row["finished_at"] = _now()
-        row["time_cell_s"] = time.perf_counter() - t_cell
-        record_row(out_dir, row, settings)  # re-reads the file under a lock: rows of a concurrent run are kept
-        if not args.quiet:
-            _bar_write(_cell_line(row, metric_keys, labels))
-        _test_hook(len(todo))
 
-    if dist.main and not args.no_report:
+def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict]) -> None:
+    """The metric values, timings and preview of a cell from every rank's part, into ``row``."""
+    t_fin = time.perf_counter()
+    values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
+    slowest = max(parts, key=lambda p: p["timing"][0])
+    tot, mod, sol, warm = slowest["timing"]
+    row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
+                "time_per_sample_ms": 1000.0 * tot * sweep.dist.world / sweep.args.num_samples,
+                "time_warmup_s": warm,
+                "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
+                "metric_notes": json.dumps(notes)})
+    for k in sweep.metric_keys:
+        row[METRIC_PREFIX + k] = values[k]
+    preview = np.concatenate([p["features"]["preview"] for p in parts])
+    _save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
+                  "images" if evaluator.image else "points")
+
+
+def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
+    """The report (rank 0, unless --no-report), the ranks' last barrier, and the error when every cell failed."""
+    dist, out_dir = sweep.dist, sweep.out_dir
+    if dist.main and not sweep.args.no_report:
         from .report import build_report
         with results_lock(out_dir):  # a concurrent run's last report then includes every row
-            build_report(out_dir, quiet=args.quiet)
+            build_report(out_dir, quiet=sweep.args.quiet)
     if dist.world > 1:
         torch.distributed.barrier()
     if dist.main and todo and len(failed) == len(todo):
         raise AllCellsFailedError(f"every cell of this run failed ({len(failed)} of {len(todo)}), so nothing was "
                                   f"measured; first: {failed[0]}. The failures are recorded in "
                                   f"{out_dir / 'results.csv'} (--force redoes them)")
-    return out_dir
 
 
 def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, env: dict, command: str,

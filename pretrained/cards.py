@@ -13,7 +13,42 @@ import torch
 
 import solvers
 
-__all__ = ["ModelCard", "register_card", "CARDS", "get_card", "available_models", "load"]
+__all__ = ["ModelCard", "PublishedFID", "published_table", "register_card", "CARDS", "get_card", "available_models",
+           "load"]
+
+
+@dataclass(frozen=True)
+class PublishedFID:
+    """A published FID of a model under one sampler setting, for side-by-side tables.
+
+    Attributes:
+        description: the card's ``published`` key (what was measured, for people).
+        setting: the sampler setting in a few words (a table's row label).
+        solver, steps: the run cells with the same setting (a solver name and a step count).
+        fid: the published value (50,000 samples against the card's reference, Inception-v3, unless the
+            description says otherwise).
+        source: the paper and table.
+        deterministic: only cells with this ``deterministic`` flag match (DDIM η = 0); None: any.
+    """
+
+    description: str
+    setting: str
+    solver: str
+    steps: int
+    fid: float
+    source: str
+    deterministic: Optional[bool] = None
+
+    def as_row(self) -> dict[str, Any]:
+        """The entry as a plain dict (setting, solver, steps, fid, source, deterministic)."""
+        return {"setting": self.setting, "solver": self.solver, "steps": self.steps, "fid": self.fid,
+                "source": self.source, "deterministic": self.deterministic}
+
+
+def published_table(fids) -> dict[str, tuple[float, str]]:
+    """``{description: (fid, source)}`` of :class:`PublishedFID` entries: a card's ``published`` numbers made
+    from its structured FIDs, so each number is written once."""
+    return {p.description: (p.fid, p.source) for p in fids}
 
 
 @dataclass(frozen=True)
@@ -41,6 +76,8 @@ class ModelCard:
         source_url, sha256, licence, weights_note: provenance of the weights (None for analytic models).
         md5: the publisher's md5 where no sha256 is published (checksums are never guessed).
         published: published numbers as {description: (value, source)}.
+        published_fids: the published FIDs with the sampler setting each was measured with (what a run's
+            cells are compared against; see :meth:`published_fid_rows`).
         notes: anything else a user must know (e.g. "these are the NON-EMA weights").
     """
 
@@ -65,8 +102,15 @@ class ModelCard:
     licence: Optional[str] = None
     weights_note: Optional[str] = None
     published: dict = field(default_factory=dict)
+    published_fids: tuple = ()
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+    def published_fid_rows(self) -> list[dict[str, Any]]:
+        """The published FIDs to set beside a run's cells, as plain dicts with the keys setting, solver, steps,
+        fid, source and deterministic (a cell matches when its solver and steps are equal and, where
+        ``deterministic`` is not None, its deterministic flag too).  Empty when nothing is published."""
+        return [p.as_row() for p in self.published_fids]
 
     def summary(self) -> dict[str, Any]:
         """The card's plain-data fields (for reports)."""

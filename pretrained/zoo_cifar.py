@@ -16,7 +16,7 @@ import torch
 import solvers
 from solvers.schedules import DiscreteVP
 
-from .cards import ModelCard, register_card
+from .cards import ModelCard, PublishedFID, published_table, register_card
 from .checkpoints import CheckpointError, HubSource, WeightsSource, check_state_dict, read_state_dict, \
     resolve_hub_weights, resolve_weights
 from .ddpm_unet import CIFAR10_CONFIG, DDPMUNet, config_from_diffusers, diffusers_to_ddpm
@@ -129,6 +129,15 @@ _COMMON = dict(
     default_solver_options={"ddpm": {"variance": "large"}},
 )
 _DDIM_TABLE = "Song, Meng & Ermon 2021 (DDIM), Table 1 (same network, quadratic spacing, η = 0)"
+_HO_TABLE = "Ho, Jain & Abbeel 2020, Table 1"
+# The published FIDs of this network (EMA weights; 50,000 samples against CIFAR-10 train, Inception-v3).
+EMA_FIDS = (
+    PublishedFID("FID, 1000 ancestral steps (σ² = β), 50k samples vs CIFAR-10 train",
+                 "DDPM ancestral, 1000 steps (σ² = β, EMA weights)", "ddpm", 1000, 3.17, _HO_TABLE),
+    *(PublishedFID(f"FID, DDIM {s} steps", f"DDIM η = 0, quadratic, {s} steps", "ddim", s, v, _DDIM_TABLE,
+                   deterministic=True)
+      for s, v in ((10, 13.36), (20, 6.84), (50, 4.67), (100, 4.16), (1000, 4.04))),
+)
 
 register_card(ModelCard(
     name="ddpm_cifar",
@@ -140,13 +149,9 @@ register_card(ModelCard(
             "checkpoints (github.com/hojonathanho/diffusion)",
     weights_note="EMA weights, step 790000 (ema_diffusion_cifar10_model/model-790000.ckpt of "
                  "pesser/pytorch_diffusion, original DDPM parameter names).",
-    published={
-        "FID, 1000 ancestral steps (σ² = β), 50k samples vs CIFAR-10 train": (3.17, "Ho, Jain & Abbeel 2020, Table 1"),
-        "Inception score, same samples": (9.46, "Ho, Jain & Abbeel 2020, Table 1"),
-        "FID, DDIM 10 steps": (13.36, _DDIM_TABLE), "FID, DDIM 20 steps": (6.84, _DDIM_TABLE),
-        "FID, DDIM 50 steps": (4.67, _DDIM_TABLE), "FID, DDIM 100 steps": (4.16, _DDIM_TABLE),
-        "FID, DDIM 1000 steps": (4.04, _DDIM_TABLE),
-    },
+    published={**published_table(EMA_FIDS[:1]),
+               "Inception score, same samples": (9.46, _HO_TABLE), **published_table(EMA_FIDS[1:])},
+    published_fids=EMA_FIDS,
     notes="Download: pesser/pytorch_diffusion's URL (md5-verified; no sha256 is published), or weights=PATH / "
           "$DDPM_CIFAR_WEIGHTS with the .ckpt (either weight format). Ho et al. clip x0 to [−1, 1] "
           "(pass clip_x0=(-1, 1)); published FIDs use 50k samples.",
@@ -168,8 +173,10 @@ register_card(ModelCard(
             (12.4, "../shared/assets/ddpm_cifar10_32/README.md (project notes, unverified); a user reports FID "
                    "≈ 12 for the non-EMA weights in github.com/pesser/pytorch_diffusion/issues/3, pointing to "
                    "huggingface.co/google/ddpm-cifar10-32/discussions/10"),
-        "FID of the paper's EMA weights, for contrast": (3.17, "Ho, Jain & Abbeel 2020, Table 1"),
+        "FID of the paper's EMA weights, for contrast": (EMA_FIDS[0].fid, EMA_FIDS[0].source),
     },
+    # the same network: runs with these weights are set beside the paper's (EMA) numbers
+    published_fids=EMA_FIDS,
     notes="Download with huggingface_hub (pip install 'diffusion-solvers[hub]') into the cache, or weights=PATH "
           "(file or folder) / $DDPM_CIFAR_HUB_WEIGHTS. Prefer ddpm_cifar (EMA) for comparisons with papers.",
     extra={"weights_source": HUB_SOURCE, "parameters": 35_746_307, "config": CIFAR10_CONFIG},

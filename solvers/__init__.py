@@ -19,6 +19,7 @@ from .loop import NonFiniteError, SampleResult, StepInfo, sample
 from .model import PREDICTIONS, DiffusionModel, classifier_free_guidance
 from .noise import initial_noise
 from .registry import ALIASES, available_solvers, get_solver, register, solver_class
+from . import builtin  # noqa: F401  (registers the built-in solvers)
 
 __version__ = "0.1.0"
 

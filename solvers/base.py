@@ -24,7 +24,8 @@ from .model import DiffusionModel
 from .noise import SeedStreams
 from .schedules import Schedule
 
-__all__ = ["Point", "points_at", "StepContext", "Solver", "LowerOrderFinal", "multistep_order"]
+__all__ = ["Point", "points_at", "StepContext", "Solver", "LogSNRSolver", "LowerOrderFinal", "multistep_order",
+           "check_lower_order_final", "resolve_lower_order_final"]
 
 LowerOrderFinal = Union[bool, Literal["auto"]]
 
@@ -256,6 +257,12 @@ def multistep_order(i: int, steps: int, max_order: int, lower_order_final: bool,
     return max(order, 1)
 
 
+def check_lower_order_final(name: str, value) -> None:
+    """Refuse a ``lower_order_final`` option other than True, False or ``"auto"`` (``name``: the solver's)."""
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"{name}: lower_order_final must be True, False or 'auto', got {value!r}")
+
+
 def resolve_lower_order_final(value: LowerOrderFinal, steps: int) -> bool:
     """``"auto"`` → True below 15 steps (diffusers' threshold); booleans pass through."""
     if value == "auto":
@@ -275,6 +282,15 @@ class Solver:
     reference: ClassVar[str] = ""
     evals_per_step: ClassVar[int] = 1
     adaptive: ClassVar[bool] = False  # step sizes chosen at run time: nfe() cannot be declared (returns None)
+    # The time grid of the solver's own paper (a :data:`solvers.grids.SPACINGS` name) and why; a discrete
+    # spacing (``trailing``) means "uniform in t" on continuous schedules.  ``paper_spacing_by_data`` maps a
+    # data set (a model card's ``reference``) to the (spacing, why) its paper used there on a discrete
+    # schedule, e.g. DDIM's quadratic grid on CIFAR-10.
+    default_spacing: ClassVar[str] = "logsnr"
+    default_spacing_note: ClassVar[str] = "library default"
+    paper_spacing_by_data: ClassVar[dict] = {}
+    # Steps in log-SNR λ: needs λ finite at every evaluated time, so a grid cannot start where α = 0.
+    steps_in_log_snr: ClassVar[bool] = False
 
     @property
     def is_stochastic(self) -> bool:
@@ -303,3 +319,20 @@ class Solver:
 
     def step(self, ctx: StepContext, i: int, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any, int]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LogSNRSolver(Solver):
+    """Base of the solvers that step in λ, which must be finite wherever the model is evaluated; their paper
+    grid is uniform in λ."""
+
+    steps_in_log_snr: ClassVar[bool] = True
+    default_spacing: ClassVar[str] = "logsnr"
+
+    def check(self, points):
+        super().check(points)
+        for p in points[:-1]:
+            if not math.isfinite(p.lam):
+                raise ValueError(f"{self.name} steps in log-SNR λ, which is infinite at t={p.t} (α = 0 there); "
+                                 f"start the grid just below it (e.g. t_start={p.t * (1 - 1e-3):.6g}) or use "
+                                 "euler/heun, which integrate in t")

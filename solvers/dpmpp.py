@@ -16,29 +16,13 @@ from typing import ClassVar
 
 import torch
 
-from .base import LowerOrderFinal, Solver, StepContext, multistep_order, resolve_lower_order_final
+from .base import (LogSNRSolver, LowerOrderFinal, StepContext, check_lower_order_final, multistep_order,
+                   resolve_lower_order_final)
 from .validation import check_real
 
 
-def _validate_lower_order_final(name: str, value) -> None:
-    if value != "auto" and not isinstance(value, bool):
-        raise ValueError(f"{name}: lower_order_final must be True, False or 'auto', got {value!r}")
-
-
-class _LogSNRSolver(Solver):
-    """Mixin check: these solvers step in λ, which must be finite wherever the model is evaluated."""
-
-    def check(self, points):
-        super().check(points)
-        for p in points[:-1]:
-            if not math.isfinite(p.lam):
-                raise ValueError(f"{self.name} steps in log-SNR λ, which is infinite at t={p.t} (α = 0 there); "
-                                 f"start the grid just below it (e.g. t_start={p.t * (1 - 1e-3):.6g}) or use "
-                                 "euler/heun, which integrate in t")
-
-
 @dataclass(frozen=True)
-class DPMSolverPPMultistep(_LogSNRSolver):
+class DPMSolverPPMultistep(LogSNRSolver):
     """Shared step of DPM-Solver++(2M) and (3M); ``max_order`` is fixed by the subclass."""
 
     lower_order_final: LowerOrderFinal = "auto"
@@ -47,7 +31,7 @@ class DPMSolverPPMultistep(_LogSNRSolver):
     d2_weight: ClassVar[float] = 2.0  # weight of the second-difference term (see the third-order step)
 
     def __post_init__(self):
-        _validate_lower_order_final(self.name, self.lower_order_final)
+        check_lower_order_final(self.name, self.lower_order_final)
 
     def init_state(self, ctx: StepContext):
         return {"history": [], "lower_final": resolve_lower_order_final(self.lower_order_final, ctx.steps)}
@@ -107,6 +91,7 @@ class DPMSolverPP2M(DPMSolverPPMultistep):
     """
 
     name: ClassVar[str] = "dpmpp_2m"
+    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
     order: ClassVar[int] = 2
     max_order: ClassVar[int] = 2
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), Algorithm 2"
@@ -118,7 +103,7 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
 
     x_n = (σ_n/σ)·x − α_n·φ₁·D + α_n·φ₂·d1 − 2·α_n·φ₃·d2: the exact integral of the quadratic through the
     last three outputs.  The official code (and diffusers, k-diffusion's 3M SDE) uses −α_n·φ₃·d2, half the
-    Taylor weight, which is second order as the step shrinks (tests/test_convergence.py measures both);
+    Taylor weight, which is second order as the step shrinks (tests/solvers/test_convergence.py measures both);
     ``official_d2=True`` reproduces it for parity with those implementations.
 
     Order 3 (warm-up steps of order 1 and 2); 1 model call per step.
@@ -127,6 +112,7 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
     official_d2: bool = False
 
     name: ClassVar[str] = "dpmpp_3m"
+    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
     order: ClassVar[int] = 3
     max_order: ClassVar[int] = 3
     reference: ClassVar[str] = ("Lu et al. 2022b (DPM-Solver++), §4 and the official code's order-3 multistep "
@@ -144,7 +130,7 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
 
 
 @dataclass(frozen=True)
-class DPMSolverPP2S(_LogSNRSolver):
+class DPMSolverPP2S(LogSNRSolver):
     """DPM-Solver++(2S): second-order singlestep, intermediate point at λ + r·h (r = ½).
 
     u = (σ_s/σ)·x − α_s·(e^{−rh} − 1)·D;  x_n = (σ_n/σ)·x − α_n·φ·[(1 − 1/(2r))·D + 1/(2r)·D(u, s)].
@@ -154,6 +140,7 @@ class DPMSolverPP2S(_LogSNRSolver):
     r: float = 0.5
 
     name: ClassVar[str] = "dpmpp_2s"
+    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
     order: ClassVar[int] = 2
     evals_per_step: ClassVar[int] = 2
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), Algorithm 1 (singlestep, order 2)"
@@ -191,7 +178,7 @@ class DPMSolverPP2S(_LogSNRSolver):
 
 
 @dataclass(frozen=True)
-class DPMSolverPP2MSDE(_LogSNRSolver):
+class DPMSolverPP2MSDE(LogSNRSolver):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, §5; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form).
 
     With η (default 1) and h = λ_n − λ:
@@ -206,13 +193,14 @@ class DPMSolverPP2MSDE(_LogSNRSolver):
     lower_order_final: LowerOrderFinal = "auto"
 
     name: ClassVar[str] = "dpmpp_2m_sde"
+    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
     order: ClassVar[int] = 1
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), §5; k-diffusion sample_dpmpp_2m_sde"
 
     def __post_init__(self):
         check_real("dpmpp_2m_sde", "eta", self.eta, low=0.0)
-        _validate_lower_order_final(self.name, self.lower_order_final)
+        check_lower_order_final(self.name, self.lower_order_final)
 
     @property
     def is_stochastic(self) -> bool:

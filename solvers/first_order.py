@@ -40,6 +40,8 @@ class Euler(Solver):
     """
 
     name: ClassVar[str] = "euler"
+    default_spacing: ClassVar[str] = "karras"
+    default_spacing_note: ClassVar[str] = "EDM ρ=7 spacing (Karras et al. 2022)"
     order: ClassVar[int] = 1
     reference: ClassVar[str] = "Karras et al. 2022 (EDM), Algorithm 1; Song et al. 2021 (DDIM), §4.3"
 
@@ -67,6 +69,13 @@ class DDIM(Solver):
     eta: float = 0.0
 
     name: ClassVar[str] = "ddim"
+    # DDIM's uniform skip, aligned to start at the last trained step: the DDIM code's range(0, N, N // steps)
+    # starts at step 0 when steps = 1, evaluating the network on pure noise as if it were clean data.
+    default_spacing: ClassVar[str] = "trailing"
+    default_spacing_note: ClassVar[str] = ("DDIM's uniform skip for non-CIFAR data (Song et al. 2021, App. D.2), "
+                                           "aligned to start at the last trained step (Lin et al. 2024)")
+    paper_spacing_by_data: ClassVar[dict] = {
+        "cifar10-train": ("quadratic", "DDIM's CIFAR-10 grid (Song et al. 2021, Table 1)")}
     order: ClassVar[int] = 1
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = "Song, Meng & Ermon 2021 (DDIM), eq. 12 and 16"
@@ -155,6 +164,8 @@ class EulerMaruyama(Solver):
     """
 
     name: ClassVar[str] = "euler_maruyama"
+    default_spacing: ClassVar[str] = "uniform"
+    default_spacing_note: ClassVar[str] = "uniform in t (Song et al. 2021, score SDE)"
     order: ClassVar[int] = 1
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = "Song et al. 2021 (score SDE), eq. 6; Kloeden & Platen 1992"

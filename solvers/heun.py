@@ -33,6 +33,8 @@ class Heun(Solver):
     s_noise: float = 1.0
 
     name: ClassVar[str] = "heun"
+    default_spacing: ClassVar[str] = "karras"
+    default_spacing_note: ClassVar[str] = "EDM ρ=7 spacing (Karras et al. 2022)"
     order: ClassVar[int] = 2
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 2

@@ -31,6 +31,7 @@ from typing import ClassVar, Literal, Sequence
 import torch
 
 from .base import Point, Solver, StepContext
+from .registry import get_solver, solver_class
 
 __all__ = ["Langevin", "PredictorCorrector", "langevin_step"]
 
@@ -143,8 +144,6 @@ class PredictorCorrector(Solver):
     reference: ClassVar[str] = "Song et al. 2021 (score SDE), Algorithms 2-5 (predictor-corrector sampling)"
 
     def __post_init__(self):
-        from .registry import get_solver, solver_class  # the registry imports this module
-
         if not isinstance(self.predictor, str) or solver_class(self.predictor).name in _NOT_PREDICTORS:
             raise ValueError(f"pc: predictor must be a registered fixed-grid solver other than "
                              f"{', '.join(_NOT_PREDICTORS)}, got {self.predictor!r}")

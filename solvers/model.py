@@ -149,7 +149,7 @@ class DiffusionModel:
         mt = model_time if model_time is not None else float(self.schedule.model_time(t))
         out = self.raw(x, mt)
         # One new tensor per call (out·b), updated in place: fewer batch-sized temporaries to allocate and
-        # pass over (bench/perf.py overhead).
+        # pass over (bench/studies/perf.py overhead).
         x0 = out if a == 0.0 and b == 1.0 else (out * b).add_(x, alpha=a) if a != 0.0 else out * b
         return self.threshold(x0)
 

@@ -1,18 +1,15 @@
-"""The solver registry: a plain dict from name to solver class, plus aliases."""
+"""The solver registry: a plain dict from name to solver class, plus aliases.
+
+The built-in solvers are registered by :mod:`solvers.builtin` (imported by the package); this module imports
+no solver, so a solver module may use the registry (predictor–corrector looks up its predictor here).
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Type
 
-from .adaptive import Adaptive
 from .base import Solver
-from .consistency import Consistency
-from .dpmpp import DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP2S, DPMSolverPP3M
-from .first_order import DDIM, DDPM, Euler, EulerMaruyama
-from .deis import DEIS, IPNDM
-from .heun import Heun
-from .langevin import Langevin, PredictorCorrector
-from .unipc import UniPC
+from .grids import SPACINGS
 
 SOLVERS: dict[str, Type[Solver]] = {}
 ALIASES: dict[str, str] = {"em": "euler_maruyama", "dpmpp": "dpmpp_2m"}
@@ -26,13 +23,12 @@ def register(cls: Type[Solver]) -> Type[Solver]:
         raise TypeError("only subclasses of solvers.base.Solver can be registered")
     if cls.name in SOLVERS or cls.name in ALIASES:
         raise ValueError(f"a solver named {cls.name!r} is already registered")
+    spacings = [cls.default_spacing] + [s for s, _ in cls.paper_spacing_by_data.values()]
+    if any(s not in SPACINGS for s in spacings):
+        raise ValueError(f"solver {cls.name!r} declares the default spacing(s) {spacings}; "
+                         f"valid: {', '.join(SPACINGS)}")
     SOLVERS[cls.name] = cls
     return cls
-
-
-for _cls in (Euler, EulerMaruyama, DDIM, DDPM, Heun, DPMSolverPP2M, DPMSolverPP3M, DPMSolverPP2S,
-             DPMSolverPP2MSDE, Consistency, UniPC, DEIS, IPNDM, Langevin, PredictorCorrector, Adaptive):
-    register(_cls)
 
 
 def available_solvers(*, aliases: bool = True) -> list[str]:

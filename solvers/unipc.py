@@ -25,8 +25,8 @@ from typing import ClassVar, Literal, Optional
 import numpy as np
 import torch
 
-from .base import LowerOrderFinal, Point, StepContext, multistep_order, resolve_lower_order_final
-from .dpmpp import _LogSNRSolver, _validate_lower_order_final
+from .base import (LogSNRSolver, LowerOrderFinal, Point, StepContext, check_lower_order_final, multistep_order,
+                   resolve_lower_order_final)
 
 __all__ = ["UniPC", "unipc_weights"]
 
@@ -74,7 +74,7 @@ def unipc_weights(s: Point, t: Point, past: list[Point], order: int, variant: st
 
 
 @dataclass(frozen=True)
-class UniPC(_LogSNRSolver):
+class UniPC(LogSNRSolver):
     """UniPC multistep (Zhao et al. 2023, Algorithms 2–3; diffusers' ``UniPCMultistepScheduler``).
 
     Data prediction, B(h) = ``variant`` (``"bh2"``: e^{−h} − 1, the diffusers default and the paper's choice
@@ -97,6 +97,7 @@ class UniPC(_LogSNRSolver):
     lower_order_final: LowerOrderFinal = "auto"
 
     name: ClassVar[str] = "unipc"
+    default_spacing_note: ClassVar[str] = "UniPC: uniform in log-SNR (Zhao et al. 2023, as DPM-Solver++)"
     order: ClassVar[int] = 3
     reference: ClassVar[str] = "Zhao et al. 2023 (UniPC), Algorithms 2-3 (B(h) variants); diffusers UniPCMultistep"
 
@@ -108,7 +109,7 @@ class UniPC(_LogSNRSolver):
             raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {self.variant!r}")
         if not isinstance(self.use_corrector, bool):
             raise ValueError(f"unipc: use_corrector must be True or False, got {self.use_corrector!r}")
-        _validate_lower_order_final(self.name, self.lower_order_final)
+        check_lower_order_final(self.name, self.lower_order_final)
         # The declared order of this configuration (the class attribute is the default configuration's).
         object.__setattr__(self, "order", v + (1 if self.use_corrector else 0))
 

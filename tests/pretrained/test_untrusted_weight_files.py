@@ -109,7 +109,7 @@ def test_resnet20_weights_from_the_user_are_read_weights_only(crafted):
 
 
 def test_a_plain_state_dict_of_inception_weights_still_works(tmp_path):
-    from bench.perf_studies import random_inception_weights
+    from bench.studies.perf_studies import random_inception_weights
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = random_inception_weights(tmp_path / "inception-random.pth")

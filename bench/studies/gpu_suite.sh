@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU tables of reports/performance.md, in one run on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh OUT_DIR [STEP ...]       # all steps, or only those named
+#   bash bench/studies/gpu_suite.sh OUT_DIR [STEP ...]       # all steps, or only those named
 #
 # Needs diffusers and torch-fidelity importable and the shared assets (../shared/assets, or
 # DIFFUSION_SOLVERS_ASSETS).  Each step has its own time limit and writes its report and log under OUT_DIR;
 # a step that fails or runs out of time does not stop the others.  OUT_DIR/suite.tgz is refreshed after
 # every step, so a run cut short still leaves everything finished so far.
 set -u
-OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR [STEP ...]}
+OUT=${1:?usage: bash bench/studies/gpu_suite.sh OUT_DIR [STEP ...]}
 shift
 STEPS=("$@")
 mkdir -p "$OUT"

@@ -1,6 +1,6 @@
 """diffusers' schedulers as peers of our solvers: the same method, time points and network, for parity and timing.
 
-Used by ``tests/test_peers_diffusers.py`` (parity to float64 rounding where diffusers allows it) and by
+Used by ``tests/peers/test_peers_diffusers.py`` (parity to float64 rounding where diffusers allows it) and by
 ``python -m bench.perf`` (overhead and end-to-end throughput, both loops timed in one process).
 
 What makes a comparison exact (see also ``../shared/PEERS.md``):
@@ -160,7 +160,7 @@ def set_timesteps(sched, steps: int) -> None:
     sigmas = torch.from_numpy(np.concatenate([levels, [0.0 if last == 0.0 else table[0]]]))
     if sigmas.shape != sched.sigmas.shape or not torch.allclose(sigmas, sched.sigmas.double(), rtol=1e-6):
         raise RuntimeError(f"{type(sched).__name__}: its σ table is not the interpolation this helper "
-                             "assumes; update bench/_peers.set_timesteps")
+                             "assumes; update bench/studies/peers.set_timesteps")
     sched.sigmas = sigmas
 
 

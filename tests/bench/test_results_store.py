@@ -14,7 +14,7 @@ from bench import report as report_mod
 from bench import results as results_mod
 from bench import run as run_mod
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--model", "gmm2d", "--num-samples", "40", "--metric", "fd_data", "--no-report", "--threads", "1"]
 
 

@@ -1,7 +1,7 @@
 """Parity of UniPC and DEIS with diffusers' ``UniPCMultistepScheduler`` and ``DEISMultistepScheduler``.
 
 Same method, same ε-model (an exact Gaussian mixture in R^8), same DiscreteVP time points, float64 on both
-sides (``bench/_peers.py`` replaces diffusers' float32 β/ᾱ/σ tables by the same formulas in float64), so the
+sides (``bench/studies/peers.py`` replaces diffusers' float32 β/ᾱ/σ tables by the same formulas in float64), so the
 samples agree to float64 rounding — far inside the 1e-5 asked for.
 
 The order policies are matched explicitly and compared step by step:
@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import solvers  # noqa: E402
-from bench import _peers as P  # noqa: E402
+from bench.studies import peers as P  # noqa: E402
 from pretrained.analytic import gmm_nd  # noqa: E402
 
 # diffusers' schedulers call NumPy on tensors in ways NumPy 2 deprecates (its warnings, not ours).

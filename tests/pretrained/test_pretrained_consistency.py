@@ -129,3 +129,24 @@ def test_cd_card_records_the_edm_boundary():
     assert (card.extra["sigma_data"], card.extra["sigma_min"], card.extra["sigma_max"]) == (0.5, 0.002, 80.0)
     assert card.default_solver_options == {"consistency": {"sigma_boundary": 0.002}}
     assert card.prediction == "x0" and card.sample_shape == (3, 64, 64)
+
+
+def test_consistency_class_labels_are_made_once_per_batch_and_device():
+    """The class-conditional wrapper keeps its labels on the device (no host→device copy per network call, which
+    CUDA-graph capture forbids) and remakes them when the labels asked for change."""
+    from types import SimpleNamespace
+
+    from pretrained.consistency import ClassConditionalUNet
+
+    unet = torch.nn.Identity()
+    unet.config = SimpleNamespace(num_class_embeds=10)
+    wrapper = ClassConditionalUNet(unet, class_labels=None, label_seed=3)
+    a = wrapper.labels(6, "cpu")
+    assert wrapper.labels(6, "cpu") is a and a.shape == (6,) and int(a.max()) < 10
+    assert torch.equal(a, wrapper._make_labels(6))
+    wrapper.class_labels = 7
+    assert torch.equal(wrapper.labels(6, "cpu"), torch.full((6,), 7))
+    wrapper.class_labels = [1, 2]
+    assert wrapper.labels(2, "cpu").tolist() == [1, 2]
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        wrapper.labels(3, "cpu")

@@ -1,8 +1,8 @@
 """UniPC, DEIS and iPNDM: identities with other methods, their weights, their final-step policies, bad input.
 
-(NFE = declared, batch invariance, recorded results and non-finite output are held by tests/test_contract.py
-for every registered solver; parity with diffusers is in tests/test_issue6_peers.py, measured orders in
-tests/test_issue6_orders.py.)
+(NFE = declared, batch invariance, recorded results and non-finite output are held by
+tests/solvers/test_contract.py for every registered solver; parity with diffusers is in
+tests/peers/test_peers_diffusers_multistep.py, measured orders in tests/solvers/test_multistep_orders.py.)
 """
 from __future__ import annotations
 

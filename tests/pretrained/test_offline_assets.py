@@ -78,7 +78,8 @@ def test_a_missing_resnet20_file_given_explicitly_is_named(empty_assets, tmp_pat
 def test_mnist_images_and_the_unet_config_not_found_name_the_variable_and_the_path(empty_assets):
     """The MNIST reference images and the e2e benchmark's UNet config are looked up at call time, through the
     same assets folder, and their errors say where they looked and which variable moves the folder."""
-    from bench import datasets, perf
+    from bench import datasets
+    from bench.studies import perf
     with pytest.raises(datasets.ReferenceDataError) as err:
         datasets.mnist_test_images()
     message = str(err.value)

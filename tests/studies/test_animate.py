@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import animate
+from bench.studies import animate
 
 
 def test_the_default_output_is_runs_not_the_committed_reports(tmp_path, monkeypatch, capsys):

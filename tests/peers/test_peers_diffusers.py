@@ -5,7 +5,7 @@ The model is exact and cheap: a Gaussian mixture in R^8 (``pretrained.analytic.g
 known in closed form at any noise level σ̃ = σ/α.  Each side maps its own time input to σ̃ — ours through
 our schedule, diffusers' through its own ᾱ or σ table — so the comparison also checks that both evaluate the
 network at the same noise levels (recorded and compared).  Everything is float64; diffusers' float32 β/ᾱ/σ
-tables are replaced by the same formulas in float64 (``bench/_peers.py`` explains how and why).
+tables are replaced by the same formulas in float64 (``bench/studies/peers.py`` explains how and why).
 
 Tolerances.  DDIM, DDPM and Heun compute in the sample's dtype: agreement to float64 rounding (``TOL_F64``;
 observed ≤ 2e-12).  diffusers' ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
@@ -40,7 +40,7 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 import solvers  # noqa: E402
-from bench import _peers as P  # noqa: E402
+from bench.studies import peers as P  # noqa: E402
 from pretrained.analytic import gmm_nd  # noqa: E402
 
 TOL_F64 = 1e-10   # float64 rounding (2⁻⁵³ relative) accumulated over up to 1000 steps

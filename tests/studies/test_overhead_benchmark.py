@@ -1,10 +1,10 @@
-"""The overhead benchmark (``bench/perf.py``): pytest-benchmark measurements, kept tiny.
+"""The overhead benchmark (``bench/studies/perf.py``): pytest-benchmark measurements, kept tiny.
 
 With ``--benchmark-disable`` (the default in pyproject's addopts) each benchmark runs its sampling call once,
 as a plain test of the benchmark's machinery: both loops run, make the model calls they must, and time the
 network apart from the rest.  For numbers, run
 
-    python -m pytest tests/test_overhead_benchmark.py --benchmark-enable --benchmark-group-by=param:key
+    python -m pytest tests/studies/test_overhead_benchmark.py --benchmark-enable --benchmark-group-by=param:key
 
 or, for the report's table (larger batches, interleaved, medians), ``python -m bench.perf overhead``.
 """
@@ -18,8 +18,8 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 import solvers  # noqa: E402
-from bench import _peers as P  # noqa: E402
-from bench import perf  # noqa: E402
+from bench.studies import peers as P  # noqa: E402
+from bench.studies import perf  # noqa: E402
 
 TINY_SHAPE = (3, 8, 8)
 TINY_STEPS = 5

@@ -31,7 +31,7 @@ import torch
 import pretrained
 import solvers
 
-from .perf import synced_clock
+from .common import synced_clock
 
 __all__ = ["random_inception_weights", "linear_fit", "run_scaling", "format_scaling", "run_quality",
            "format_quality", "UNET_RANDOM"]
@@ -77,8 +77,8 @@ def random_inception_weights(path: os.PathLike, seed: int = 0) -> Path:
 def _load(model_name: str, device: str):
     """(model, sample shape, to_images) for a card name or ``unet-random``."""
     if model_name == UNET_RANDOM:
-        from . import _peers as P
-        from .perf import SAMPLE_SHAPE, load_cifar_unet, unet_call
+        from . import peers as P
+        from .common import SAMPLE_SHAPE, load_cifar_unet, unet_call
         unet = load_cifar_unet().to(device)
         model = solvers.DiffusionModel(unet_call(unet), schedule=P.linear_schedule(), prediction="eps")
         return model, SAMPLE_SHAPE, lambda x: ((x + 1) / 2).clamp(0, 1)
@@ -107,7 +107,7 @@ def run_scaling(model_name: str = "ddpm_mnist", samples: Sequence[int] = (100, 2
     """Time sampling vs samples and vs steps, and feature extraction vs samples (see the module docstring)."""
     import sys
 
-    from .features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
+    from ..features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
 
     model, shape, to_images = _load(model_name, device)
     model = solvers.accelerate(model, autocast=autocast, cuda_graph=cuda_graph)
@@ -202,10 +202,10 @@ def run_quality(steps: Sequence[int] = (10, 50), solvers_: Sequence[str] = ("ddi
     """Quality with the network in float32 and under ``autocast`` (see the module docstring)."""
     import sys
 
-    from . import metrics as M
-    from .datasets import mnist_test_images
-    from .features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
-    from .run import default_spacing, default_t_start
+    from .. import metrics as M
+    from ..datasets import mnist_test_images
+    from ..features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
+    from ..plan import default_spacing, default_t_start
 
     rows = []
     # ddpm_mnist: FD-ResNet-20 against the MNIST test set

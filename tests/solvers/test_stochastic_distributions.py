@@ -11,7 +11,7 @@ Each check allows 4.5 SE (an exact sampler exceeds it on one of the 8 moments wi
 plus the discretisation bias of that solver at that step count, measured once with 40 000 samples
 (SE 0.35 % of s² on the pooled variance) and stated in ``CASES``; the bound is the measured bias rounded
 up by at least 2 of its SEs.  Multistep consistency sampling, exact in distribution with the exact
-consistency function, is checked the same way in tests/test_consistency.py.
+consistency function, is checked the same way in tests/solvers/test_consistency.py.
 """
 from __future__ import annotations
 

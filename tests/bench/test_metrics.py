@@ -1,6 +1,8 @@
 """The benchmark's quality measures against closed forms and against torch-fidelity's implementation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,29 @@ def test_metric_registry_rejects_unknown_and_unfitting_metrics():
         M.check_metrics(["fid"], card)
     assert M.check_metrics(["swd", "swd", "fd_data"], card) == ["swd", "fd_data"]
     assert M.default_metrics(card) == ["fd_data", "swd", "ode_error"]
+
+
+# -- the registry: each metric computes its own value ---------------------------------------------------------
+def test_each_metric_computes_its_value_from_its_source():
+    rng = np.random.default_rng(3)
+    x, ref = rng.normal(size=(200, 2)), rng.normal(0.5, 1.0, size=(300, 2))
+    fd, swd, ode = M.METRICS["fd_data"], M.METRICS["swd"], M.METRICS["ode_error"]
+    assert fd.source == swd.source == "data" and ode.source == "ode_error"
+    assert fd.compute(x, ref, deterministic=False) == (M.frechet_distance_features(x, ref), None)
+    assert swd.compute(x, ref, deterministic=True) == (M.sliced_wasserstein(x, ref), None)
+    squared = np.array([1.0, 4.0, 4.0, 7.0])
+    assert ode.compute(squared, None, deterministic=True) == (pytest.approx(2.0, rel=1e-15), None)
+    value, note = ode.compute(None, None, deterministic=False)   # deterministic_only is honoured
+    assert math.isnan(value) and note == "not defined for a stochastic solver"
+    stats = dict(zip(("mu", "sigma"), M.gaussian_statistics(ref)))
+    for key in ("fid", "fd_resnet20"):
+        spec = M.METRICS[key]
+        assert spec.source == key and spec.weights_option.endswith("_weights")
+        assert spec.compute(x, stats, True) == (pytest.approx(M.frechet_distance_features(x, ref), rel=1e-12), None)
+
+
+def test_data_metrics_say_how_their_reference_and_floor_were_made():
+    assert M.METRICS["swd"].reference_note(40, 1000, 10) == (
+        "vs 1,000 exact data samples, 256 fixed directions; the noise floor is 40 fresh exact samples against "
+        "them (mean ± sd of 10 draws)")
+    assert M.METRICS["fd_data"].reference_note(40, 40, 10).startswith("vs 40 exact data samples; the noise floor")

@@ -24,7 +24,7 @@ from pretrained.analytic import GaussianMixture, gmm2d
 from pretrained.cards import ModelCard
 from solvers import schedules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = pretrained.checkpoints.ASSETS  # $DIFFUSION_SOLVERS_ASSETS, else ../shared/assets beside the checkout
 SWEEP = ["--model", "gmm2d", "--num-samples", "200", "--batch-size", "80", "--solvers", "ddim,dpmpp,heun",
          "--steps", "1,5,20"]

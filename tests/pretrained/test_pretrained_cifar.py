@@ -229,3 +229,19 @@ def test_cards_say_which_weights_they_are():
         assert card.reference == "cifar10-train" and card.default_solver_options["ddpm"]["variance"] == "large"
         x = torch.tensor([[-1.0, 0.0, 1.0]]).reshape(1, 1, 1, 3).expand(1, 3, 1, 3)
         torch.testing.assert_close(card.to_images(x)[0, 0, 0], torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_published_fids_are_written_once_on_the_card():
+    """The report's side-by-side FIDs come from the card (``published_fid_rows``); the card's ``published``
+    table holds the same numbers, made from the same entries."""
+    ema, hub = pretrained.get_card("ddpm_cifar"), pretrained.get_card("ddpm_cifar_hub")
+    rows = ema.published_fid_rows()
+    assert [(r["solver"], r["steps"], r["fid"]) for r in rows] == [
+        ("ddpm", 1000, 3.17), ("ddim", 10, 13.36), ("ddim", 20, 6.84), ("ddim", 50, 4.67), ("ddim", 100, 4.16),
+        ("ddim", 1000, 4.04)]
+    assert [r["deterministic"] for r in rows] == [None] + [True] * 5
+    for p in ema.published_fids:
+        assert ema.published[p.description] == (p.fid, p.source)
+    assert hub.published_fid_rows() == rows   # the same network: its runs are set beside the paper's numbers
+    assert hub.published["FID of the paper's EMA weights, for contrast"][0] == 3.17
+    assert pretrained.get_card("gmm2d").published_fid_rows() == []
