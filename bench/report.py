@@ -21,12 +21,12 @@ from .charts import solver_colours
 from .report_analysis import judge_metric, observations
 from .report_answer import point_magnitude, recommendation_section
 from .report_doc import Doc, fmt
-from .report_sections import (PUBLISHED, ReportInput, charts_section, environment_section, metrics_section,
+from .report_sections import (ReportInput, charts_section, environment_section, metrics_section,
                               model_section, observations_section, published_section, results_section,
                               samples_section, setup_section)
 from .results import METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results
 
-__all__ = ["build_report", "main", "PUBLISHED", "observations"]
+__all__ = ["build_report", "main", "observations"]
 
 _fmt = fmt  # the table format, as the tests compare it
 

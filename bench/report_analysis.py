@@ -10,7 +10,6 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .charts import pareto_front
 from .report_doc import cell_name, fmt, fmt_time, plural
 from .results import METRIC_PREFIX
 

@@ -15,23 +15,21 @@ import pandas as pd
 from .charts import metric_chart, sample_panels
 from .report_analysis import MetricVerdict, observations
 from .report_doc import Doc, fmt, fmt_time, plural
-from .results import METRIC_PREFIX, row_threads
+from .results import METRIC_PREFIX, row_threads, safe_filename
 
-__all__ = ["ReportInput", "PUBLISHED", "setup_section", "model_section", "metrics_section", "results_section",
+__all__ = ["ReportInput", "published_fid_rows", "setup_section", "model_section", "metrics_section", "results_section",
            "charts_section", "observations_section", "published_section", "samples_section",
            "environment_section"]
 
-# Published FIDs on CIFAR-10 (50,000 samples vs CIFAR-10 train, Inception-v3), for the side-by-side table.
-# "match" selects the cells of a run that use the same sampler setting.
-PUBLISHED = {
-    "ddpm_cifar": [
-        {"setting": "DDPM ancestral, 1000 steps (σ² = β, EMA weights)", "solver": "ddpm", "steps": 1000,
-         "fid": 3.17, "source": "Ho et al. 2020, Table 1"},
-        *({"setting": f"DDIM η = 0, quadratic, {s} steps", "solver": "ddim", "steps": s, "fid": v,
-           "source": "Song et al. 2021 (DDIM), Table 1"}
-          for s, v in ((10, 13.36), (20, 6.84), (50, 4.67), (100, 4.16), (1000, 4.04))),
-    ],
-}
+def published_fid_rows(model: str) -> list[dict]:
+    """The published FIDs of ``model``'s card (:meth:`pretrained.cards.ModelCard.published_fid_rows`); none for
+    a model that is not in the zoo (a results folder of a model registered elsewhere)."""
+    import pretrained
+    try:
+        card = pretrained.get_card(model)
+    except ValueError:
+        return []
+    return card.published_fid_rows()
 
 
 @dataclass
@@ -187,8 +185,8 @@ def observations_section(doc: Doc, ri: ReportInput) -> None:
 
 def published_section(doc: Doc, ri: ReportInput) -> None:
     """Published FIDs beside this run's cells of the same setting, for the models that have them."""
-    published_key = {"ddpm_cifar_hub": "ddpm_cifar"}.get(ri.model, ri.model)  # same network, other weights
-    if published_key not in PUBLISHED:
+    published = published_fid_rows(ri.model)
+    if not published:
         return
     n, ok, fid_here = ri.n, ri.ok, "fid" in ri.keys
     doc.h(2, "Published numbers, side by side")
@@ -197,10 +195,10 @@ def published_section(doc: Doc, ri: ReportInput) -> None:
              f"{n:,} samples{'' if n == 50000 else ' — FID is biased by the sample count, so only 50,000 is comparable'}."
              if fid_here else "This run has no Inception FID, so nothing here is comparable with them."))
     prow = []
-    for pub in PUBLISHED[published_key]:
+    for pub in published:
         match = ok[(ok["solver"] == pub["solver"]) & (ok["steps"] == pub["steps"])]
-        if pub["solver"] == "ddim":
-            match = match[match["deterministic"].astype(str).str.lower() == "true"]
+        if pub["deterministic"] is not None:
+            match = match[match["deterministic"].astype(str).str.lower() == str(pub["deterministic"]).lower()]
         here = [f"{fmt(r[METRIC_PREFIX + 'fid'])} ({r['solver_label']}, {r['spacing']})" for _, r in match.iterrows()] \
             if fid_here else []
         prow.append([pub["setting"], pub["fid"], pub["source"], "; ".join(here) or "–"])
@@ -230,7 +228,7 @@ def samples_section(doc: Doc, ri: ReportInput) -> None:
         panels = [p for p in (_panel(ri, i, r, ref_max) for i, r in g.sort_values("steps").iterrows()) if p]
         if not panels:
             continue
-        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(solver))
+        safe = safe_filename(str(solver))
         rel = f"figures/samples_{safe}.png"
         points = panels[0]["kind"] == "points"
         sample_panels(panels, ri.out_dir / rel, reference=ref_points if points else None,
