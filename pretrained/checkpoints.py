@@ -29,6 +29,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .files import default_permissions  # also re-exported: bench.results imports it from here
+
 __all__ = [
     "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
     "file_digest", "verify_file", "default_permissions", "resolve_weights", "resolve_hub_weights", "find_in_folder", "read_state_dict",
@@ -133,13 +135,6 @@ class HubSource:
     def url(self, path: str) -> str:
         """The download URL of ``path`` in this repository."""
         return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{path}"
-
-
-def default_permissions(path: PathLike) -> None:
-    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode an ordinary ``open`` would (0666 − umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def cache_dir(override: Optional[PathLike] = None) -> Path:
