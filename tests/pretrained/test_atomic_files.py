@@ -50,3 +50,26 @@ def test_toy_weights_are_saved_atomically(tmp_path, umask_022):
     with pytest.raises((pickle.PicklingError, AttributeError)):
         save_atomic({"format": 2, "bad": lambda: None}, path)   # cannot be pickled: nothing replaced
     assert torch.load(path, weights_only=True)["format"] == 1 and os.listdir(path.parent) == ["cm_gmm2d.pt"]
+
+
+def test_the_zoo_report_writes_its_numbers_and_figures_atomically(tmp_path, monkeypatch, umask_022):
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pretrained import zoo_report
+
+    def fake_section(out, n=2000):
+        fig = plt.figure(figsize=(1, 1))
+        zoo_report._save_figure(fig, out / "gmm2d.png")
+        plt.close(fig)
+        return {"n": 3}
+    monkeypatch.setattr(zoo_report, "gmm2d_section", fake_section)
+    assert zoo_report.main(["--out", str(tmp_path), "--skip-mnist", "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "zoo_report.json").read_text(encoding="utf-8"))
+    assert report["gmm2d"] == {"n": 3} and report["command"] == "python -m pretrained.zoo_report --skip-mnist"
+    assert (tmp_path / "gmm2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["gmm2d.png", "zoo_report.json"]   # no temporary files
+    assert _mode(tmp_path / "zoo_report.json") == umask_022 and _mode(tmp_path / "gmm2d.png") == umask_022
