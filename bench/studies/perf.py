@@ -370,10 +370,32 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
     Raises:
         ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
     """
-    import copy
-
     diffusers = P.import_diffusers()
     dev = torch.device(device)
+    names = _e2e_variant_names(variants, bf16, dev)
+    networks = _e2e_networks((load_cifar_unet() if unet is None else unet).to(dev), names)
+    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
+    t_batch = torch.full((batch,), 500.0, device=dev)
+    setup_s = _e2e_set_up_networks(networks, names, x, t_batch, dev)
+    compiles = any(E2E_VARIANTS[n].compile for n in names)
+    rows = []
+    for key in solver_keys:
+        spec = P.PEERS[key]
+        for nfe in nfes:
+            runners = {name: _e2e_runner(E2E_VARIANTS[name], networks[E2E_VARIANTS[name].network_key], spec, nfe,
+                                         x, t_batch, dev, diffusers) for name in names}
+            with torch.no_grad():
+                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" or compiles else 0)
+            rows += _e2e_rows(res, spec, nfe, batch, setup_s, dev, progress)
+    return rows
+
+
+def _e2e_variant_names(variants: Optional[Sequence[str]], bf16: bool, dev: torch.device) -> list[str]:
+    """The e2e variants to run: ``variants`` or the device type's defaults, without bf16 ones if not ``bf16``.
+
+    Raises:
+        ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
+    """
     names = list(variants or E2E_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
     if not bf16:
         names = [n for n in names if E2E_VARIANTS.get(n, E2EVariant("?")).autocast is None]
@@ -382,7 +404,14 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
         raise ValueError(f"unknown e2e variant(s) {', '.join(unknown)}; valid: {', '.join(E2E_VARIANTS)}")
     if dev.type != "cuda" and any(E2E_VARIANTS[n].cuda_graph for n in names):
         raise ValueError("CUDA-graph variants need --device cuda")
-    unet = (load_cifar_unet() if unet is None else unet).to(dev)
+    return names
+
+
+def _e2e_networks(unet, names: Sequence[str]) -> dict:
+    """One :class:`solvers.FastNetwork` per distinct network setting of the variants (keyed by
+    :attr:`E2EVariant.network_key`); channels-last ones wrap a channels-last copy of ``unet``."""
+    import copy
+
     unet_cl = None
     if any(E2E_VARIANTS[n].channels_last for n in names):
         unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
@@ -394,11 +423,16 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
             networks[v.network_key] = solvers.FastNetwork(
                 unet_call(base), autocast=v.autocast, channels_last=v.channels_last, compile=v.compile,
                 cuda_graph=v.cuda_graph)
-    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
-    t_batch = torch.full((batch,), 500.0, device=dev)
-    # One forward of each network variant first (twice for graphs: capture, then a replay): the first call of a
-    # shape sets up its kernels (oneDNN primitives, cuDNN algorithms), compiles, or captures the graph, and would
-    # otherwise be charged to whichever variant happens to run first.
+    return networks
+
+
+def _e2e_set_up_networks(networks: dict, names: Sequence[str], x: torch.Tensor, t_batch: torch.Tensor,
+                         dev: torch.device) -> dict:
+    """Call each network twice before any timing; returns the seconds this took per network key.
+
+    The first call of a shape sets up its kernels (oneDNN primitives, cuDNN algorithms), compiles, or captures
+    the graph (the second is a replay), and would otherwise be charged to whichever variant happens to run first.
+    """
     setup_s = {}
     peer_keys = {E2E_VARIANTS[n].network_key for n in names if E2E_VARIANTS[n].loop == "diffusers"}
     with torch.no_grad():
@@ -408,59 +442,62 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
                 # diffusers' loop passes a 0-dim t; graphs replay the (batch,) one again
                 fn(x, torch.tensor(500.0, device=dev) if key in peer_keys else t_batch)
             setup_s[key] = clock.seconds
-    rows = []
-    for key in solver_keys:
-        spec = P.PEERS[key]
+    return setup_s
+
+
+def _e2e_runner(v: E2EVariant, fn, spec, nfe: int, x: torch.Tensor, t_batch: torch.Tensor, dev: torch.device,
+                diffusers) -> Callable[[], Measurement]:
+    """A timed whole sampling call of the peer method ``spec`` at ``nfe`` in the variant's loop (ours, the
+    stock diffusers scheduler, or the network alone), calling the network ``fn``."""
+    if v.loop == "ours":
+        model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
         spacing = _SPACING.get(spec.solver, "logsnr")
-        for nfe in nfes:
-            runners = {}
-            for name in names:
-                v = E2E_VARIANTS[name]
-                fn = networks[v.network_key]
-                if v.loop == "ours":
-                    model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
 
-                    def run(model=model):
-                        with synced_clock(dev) as clock:
-                            res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
-                        return Measurement(clock.seconds, float("nan"), res.nfe)
-                elif v.loop == "network":
-                    def run(fn=fn):
-                        with synced_clock(dev) as clock:
-                            for _ in range(nfe):
-                                fn(x, t_batch)
-                        return Measurement(clock.seconds, float("nan"), nfe)
-                else:
-                    sched = getattr(diffusers, spec.scheduler)(**spec.config)
-                    timed = P.TimedFn(fn)
+        def run():
+            with synced_clock(dev) as clock:
+                res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
+            return Measurement(clock.seconds, float("nan"), res.nfe)
+    elif v.loop == "network":
+        def run():
+            with synced_clock(dev) as clock:
+                for _ in range(nfe):
+                    fn(x, t_batch)
+            return Measurement(clock.seconds, float("nan"), nfe)
+    else:
+        sched = getattr(diffusers, spec.scheduler)(**spec.config)
+        timed = P.TimedFn(fn)
 
-                    def run(sched=sched, timed=timed):
-                        timed.calls = 0
-                        with synced_clock(dev) as clock:
-                            sched.set_timesteps(nfe, device=dev)
-                            P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
-                        return Measurement(clock.seconds, float("nan"), timed.calls)
-                runners[name] = run
-            with torch.no_grad():
-                compiles = any(E2E_VARIANTS[n].compile for n in names)
-                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" or compiles else 0)
-            walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
-            base = walls.get("diffusers")
-            for name, ms in res.items():
-                v = E2E_VARIANTS[name]
-                floor = next((walls[n] for n in walls if E2E_VARIANTS[n].loop == "network"
-                              and E2E_VARIANTS[n].network_key == v.network_key), None)
-                wall = walls[name]
-                row = {"method": spec.label, "nfe": nfe, "variant": name, "batch": batch, "calls": ms[0].calls,
-                       "wall_s": wall, "samples_per_s": batch / wall,
-                       "vs_diffusers": base / wall if base else float("nan"),
-                       "ms_per_call": wall / ms[0].calls * 1e3,
-                       "vs_network_alone": wall / floor if floor and v.loop != "network" else float("nan"),
-                       "setup_s": setup_s[v.network_key], "device": str(dev)}
-                rows.append(row)
-                if progress:
-                    print(f"  {spec.label:<12} NFE {nfe:<3} {name:<36} {row['samples_per_s']:10.2f} samples/s "
-                          f"({wall * 1e3:.1f} ms)", file=sys.stderr)
+        def run():
+            timed.calls = 0
+            with synced_clock(dev) as clock:
+                sched.set_timesteps(nfe, device=dev)
+                P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
+            return Measurement(clock.seconds, float("nan"), timed.calls)
+    return run
+
+
+def _e2e_rows(res: dict, spec, nfe: int, batch: int, setup_s: dict, dev: torch.device, progress: bool
+              ) -> list[dict]:
+    """The table rows of one (method, NFE): each variant's median wall time, samples/s, and its speed against
+    stock diffusers and against the network alone with the same network setting."""
+    walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
+    base = walls.get("diffusers")
+    rows = []
+    for name, ms in res.items():
+        v = E2E_VARIANTS[name]
+        floor = next((walls[n] for n in walls if E2E_VARIANTS[n].loop == "network"
+                      and E2E_VARIANTS[n].network_key == v.network_key), None)
+        wall = walls[name]
+        row = {"method": spec.label, "nfe": nfe, "variant": name, "batch": batch, "calls": ms[0].calls,
+               "wall_s": wall, "samples_per_s": batch / wall,
+               "vs_diffusers": base / wall if base else float("nan"),
+               "ms_per_call": wall / ms[0].calls * 1e3,
+               "vs_network_alone": wall / floor if floor and v.loop != "network" else float("nan"),
+               "setup_s": setup_s[v.network_key], "device": str(dev)}
+        rows.append(row)
+        if progress:
+            print(f"  {spec.label:<12} NFE {nfe:<3} {name:<36} {row['samples_per_s']:10.2f} samples/s "
+                  f"({wall * 1e3:.1f} ms)", file=sys.stderr)
     return rows
 
 
