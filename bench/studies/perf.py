@@ -644,8 +644,8 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (see the module docstring)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per study (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ov = sub.add_parser("overhead", help="per-call solver overhead vs diffusers (trivial network)")
@@ -712,8 +712,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     qu.add_argument("--device", default="cpu")
     qu.add_argument("--threads", type=int, default=1)
     qu.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_quality.md"))
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_common_args(parser, args)
+    torch.set_num_threads(args.threads)
+    command = "python -m bench.perf " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_command = {"overhead": _overhead_text, "scaling": _scaling_text, "quality": _quality_text,
+                   "unet-profile": _profile_text, "e2e": _e2e_text}[args.command]
+    with torch.no_grad():
+        text = run_command(parser, args, command)
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+def _check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts must be positive and the device a usable torch device (``parser.error`` otherwise)."""
     for name in ("steps", "repeats", "batch", "threads", "fixed_steps", "mnist_samples", "gmm_samples"):
         value = getattr(args, name, 1)
         if isinstance(value, int) and value < 1:
@@ -724,55 +743,67 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
     except RuntimeError as e:
         parser.error(f"--device {device!r} is not a torch device ({e}); use cpu or cuda[:N]")
-    torch.set_num_threads(args.threads)
-    command = "python -m bench.perf " + " ".join(sys.argv[1:] if argv is None else argv)
-    with torch.no_grad():
-        if args.command == "overhead":
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            unknown = [m for m in methods if m not in P.PEERS]
-            if unknown:
-                parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-            try:
-                rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng,
-                                    peers=peers)
-            except (ValueError, ImportError) as e:
-                parser.error(str(e))
-            text = format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
-        elif args.command == "scaling":
-            if len(set(args.samples)) < 2 or len(set(args.steps)) < 2:
-                parser.error("--samples and --steps need at least two different values each (a line is fitted)")
-            res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
-                                args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
-                                args.autocast, args.cuda_graph)
-            text = S.format_scaling(res, command, machine_description(args.device))
-        elif args.command == "quality":
-            rows = S.run_quality(args.steps, [v.strip() for v in args.solvers.split(",") if v.strip()],
-                                 args.mnist_samples, args.gmm_samples, args.device, args.autocast)
-            text = S.format_quality(rows, command, machine_description(args.device), args.autocast)
-        elif args.command == "unet-profile":
-            names = [v.strip() for v in args.variants.split(",") if v.strip()]
-            bad = [v for v in names if v not in PROFILE_VARIANTS]
-            if bad:
-                parser.error(f"unknown profile variant(s) {', '.join(bad)}; valid: {', '.join(PROFILE_VARIANTS)}")
-            text = format_profile(profile_unet(args.batch, args.top, device=args.device, variants=names), command,
-                                  args.batch, args.device)
-        else:
-            keys = [m.strip() for m in args.solvers.split(",") if m.strip()]
-            unknown = [m for m in keys if m not in P.PEERS]
-            if unknown:
-                parser.error(f"unknown solver key(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-            try:
-                rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16, device=args.device,
-                               variants=variants)
-            except ValueError as e:
-                parser.error(str(e))
-            text = format_e2e(rows, command, args.batch, args.repeats)
-    atomic_write_text(args.out, text)
-    print(text)
-    return 0
 
+
+def _names(text: str) -> list[str]:
+    """The non-empty entries of a comma-separated option."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _overhead_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``overhead``: the per-call overhead table and the setup costs."""
+    methods = _names(args.methods)
+    unknown = [m for m in methods if m not in P.PEERS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
+    try:
+        rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng,
+                            peers=_names(args.peers))
+    except (ValueError, ImportError) as e:
+        parser.error(str(e))
+    return format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
+
+
+def _scaling_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``scaling``: time against samples and steps (:func:`bench.studies.perf_studies.run_scaling`)."""
+    if len(set(args.samples)) < 2 or len(set(args.steps)) < 2:
+        parser.error("--samples and --steps need at least two different values each (a line is fitted)")
+    res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
+                        args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
+                        args.autocast, args.cuda_graph)
+    return S.format_scaling(res, command, machine_description(args.device))
+
+
+def _quality_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``quality``: the quality cost of autocast (:func:`bench.studies.perf_studies.run_quality`)."""
+    rows = S.run_quality(args.steps, _names(args.solvers), args.mnist_samples, args.gmm_samples, args.device,
+                         args.autocast)
+    return S.format_quality(rows, command, machine_description(args.device), args.autocast)
+
+
+def _profile_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``unet-profile``: the operator profile of one UNet forward per variant."""
+    names = _names(args.variants)
+    bad = [v for v in names if v not in PROFILE_VARIANTS]
+    if bad:
+        parser.error(f"unknown profile variant(s) {', '.join(bad)}; valid: {', '.join(PROFILE_VARIANTS)}")
+    return format_profile(profile_unet(args.batch, args.top, device=args.device, variants=names), command,
+                          args.batch, args.device)
+
+
+def _e2e_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``e2e``: samples per second of whole sampling calls on the UNet (:func:`run_e2e`)."""
+    keys = _names(args.solvers)
+    unknown = [m for m in keys if m not in P.PEERS]
+    if unknown:
+        parser.error(f"unknown solver key(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
+    variants = _names(args.variants) if args.variants else None
+    try:
+        rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16, device=args.device,
+                       variants=variants)
+    except ValueError as e:
+        parser.error(str(e))
+    return format_e2e(rows, command, args.batch, args.repeats)
 
 if __name__ == "__main__":
     sys.exit(main())
