@@ -29,6 +29,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .files import default_permissions  # also re-exported: bench.results imports it from here
+
 __all__ = [
     "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
     "file_digest", "verify_file", "default_permissions", "resolve_weights", "resolve_hub_weights", "find_in_folder", "read_state_dict",
@@ -135,13 +137,6 @@ class HubSource:
         return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{path}"
 
 
-def default_permissions(path: PathLike) -> None:
-    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode an ordinary ``open`` would (0666 − umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def cache_dir(override: Optional[PathLike] = None) -> Path:
     """The weight cache: ``override``, else ``$DIFFUSION_SOLVERS_CACHE``, else ``~/.cache/diffusion-solvers``."""
     if override is not None:
@@ -235,20 +230,14 @@ def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *
         CheckpointError: a file was found but does not verify.
     """
     sums = dict(sha256=source.sha256, md5=source.md5) if verify else {}
-    if weights is not None:
-        path = _explicit_path(weights, "weights=")
-    elif source.env_var and os.environ.get(source.env_var):
-        path = _explicit_path(os.environ[source.env_var], f"${source.env_var}")
-    else:
-        path = next((p for p in source.local_paths() if p.exists()), None)
+    path = _given_or_local(source, weights)
     if path is not None:
         if path.is_dir():
             path = find_in_folder(path, (source.filename,) + tuple(source.folder_names))
         verify_file(path, what=source.description, **sums)
         return path
 
-    folder = cache_dir(cache)
-    target = folder / source.filename
+    target = cache_dir(cache) / source.filename
     if target.exists():
         verify_file(target, what=f"{source.description} (cached)", **sums)
         return target
@@ -257,9 +246,25 @@ def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *
         raise WeightsNotFoundError(_missing_message(source, target, "downloads are switched off (offline)"))
     if source.url is None:
         raise WeightsNotFoundError(_missing_message(source, target, "it is not in the cache"))
+    _download_verified(source, target, check)
+    return target
 
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".part", dir=folder)
+
+def _given_or_local(source: WeightsSource, weights: Optional[PathLike]) -> Optional[Path]:
+    """The first of: the explicit path, the card's environment variable, an existing local default (a file or
+    a folder); ``None`` when there is none.  An explicit path or variable that does not exist raises."""
+    if weights is not None:
+        return _explicit_path(weights, "weights=")
+    if source.env_var and os.environ.get(source.env_var):
+        return _explicit_path(os.environ[source.env_var], f"${source.env_var}")
+    return next((p for p in source.local_paths() if p.exists()), None)
+
+
+def _download_verified(source: WeightsSource, target: Path, check: Optional[Callable[[Path], None]]) -> None:
+    """Download ``source.url`` to a temporary name beside ``target``, verify it (published checksums, then
+    ``check``) and only then rename it to ``target``; on any failure nothing is left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".part", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -277,7 +282,6 @@ def resolve_weights(source: WeightsSource, weights: Optional[PathLike] = None, *
     finally:
         if tmp.exists():
             tmp.unlink()
-    return target
 
 
 def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *,
@@ -312,6 +316,13 @@ def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *
         raise WeightsNotFoundError(
             f"{source.description} ({source.repo_id}) is not available: downloads are switched off (offline). "
             f"Download {source.url(source.candidates[0])} and {where}.")
+    hub = _import_hub(source, where)
+    return folder / _download_hub_folder(hub, source, folder, where, check)
+
+
+def _import_hub(source: HubSource, where: str):
+    """The ``huggingface_hub`` module; its absence raises WeightsNotFoundError saying how to install it or
+    ``where`` to put the file instead."""
     try:
         import huggingface_hub
     except ImportError:
@@ -319,28 +330,23 @@ def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *
             f"{source.description} ({source.repo_id}) is not in the cache and downloading it needs the optional "
             f"package huggingface_hub: pip install 'diffusion-solvers[hub]' — or download "
             f"{source.url(source.candidates[0])} yourself and {where}.") from None
+    return huggingface_hub
 
+
+def _download_hub_folder(hub, source: HubSource, folder: Path, where: str,
+                         check: Optional[Callable[[Path], None]]) -> str:
+    """Download the first available candidate and its extra files into a staging folder beside ``folder``,
+    ``check`` the weight file, then move the staging folder to ``folder`` (replacing it); on any failure the
+    staging folder is removed.  Returns the chosen candidate (a path inside ``folder``)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{source.revision}.", dir=folder.parent))
     try:
-        chosen, errors = None, []
-        for candidate in source.candidates:
-            try:
-                huggingface_hub.hf_hub_download(source.repo_id, candidate, revision=source.revision,
-                                                local_dir=staging)
-                chosen = candidate
-                break
-            except Exception as e:  # the hub's own error types vary between versions
-                errors.append(f"{candidate}: {type(e).__name__}: {e}")
-        if chosen is None:
-            raise WeightsNotFoundError(
-                f"{source.description} could not be downloaded from {source.repo_id} "
-                f"({'; '.join(errors)}). Download it yourself and {where}.")
+        chosen = _download_first_candidate(hub, source, staging, where)
         parent = str(Path(chosen).parent)
         for extra in source.extra_files:
             name = extra if parent == "." else f"{parent}/{extra}"
             try:
-                huggingface_hub.hf_hub_download(source.repo_id, name, revision=source.revision, local_dir=staging)
+                hub.hf_hub_download(source.repo_id, name, revision=source.revision, local_dir=staging)
             except Exception:
                 pass  # optional companions (e.g. config.json): the loader says if it needs one
         for meta in staging.glob(".cache"):
@@ -353,7 +359,25 @@ def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return folder / chosen
+    return chosen
+
+
+def _download_first_candidate(hub, source: HubSource, staging: Path, where: str) -> str:
+    """Try the candidate names in order into ``staging``; the first that downloads is returned.
+
+    Raises:
+        WeightsNotFoundError: none could be downloaded (each candidate's error listed).
+    """
+    errors = []
+    for candidate in source.candidates:
+        try:
+            hub.hf_hub_download(source.repo_id, candidate, revision=source.revision, local_dir=staging)
+            return candidate
+        except Exception as e:  # the hub's own error types vary between versions
+            errors.append(f"{candidate}: {type(e).__name__}: {e}")
+    raise WeightsNotFoundError(
+        f"{source.description} could not be downloaded from {source.repo_id} "
+        f"({'; '.join(errors)}). Download it yourself and {where}.")
 
 
 def find_in_folder(folder: Path, candidates: Sequence[str]) -> Path:

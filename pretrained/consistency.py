@@ -192,35 +192,13 @@ def load_cd_imagenet64(*, device: str = "cpu", weights: Optional[os.PathLike] = 
         CheckpointError: config or weights do not match.
     """
     try:
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DModel  # noqa: F401  (checked before any file is looked for)
     except ImportError:
         raise ImportError("cd_imagenet64_l2 runs on diffusers' UNet2DModel: pip install 'diffusion-solvers[hub]'") \
             from None
-    what = CD_SOURCE.description
 
     def build(path: Path) -> torch.nn.Module:
-        config_file = path.parent / "config.json"
-        if config_file.exists():
-            try:
-                config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
-        elif strict_config:
-            config = dict(CD_IMAGENET64_CONFIG)
-        else:
-            raise CheckpointError(f"{path}: no config.json next to the weights (needed with strict_config=False)")
-        if strict_config:
-            bad = _config_mismatch(config, CD_IMAGENET64_CONFIG)
-            if bad:
-                raise CheckpointError(f"{config_file} is not the cd_imagenet64_l2 architecture: " + "; ".join(bad)
-                                      + " (pass strict_config=False to load another class-conditional U-Net)")
-        if not config.get("num_class_embeds"):
-            raise CheckpointError(f"{config_file}: num_class_embeds is missing; cd_imagenet64_l2 is class-conditional")
-        try:
-            unet = UNet2DModel(**config)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_file}: diffusers cannot build a UNet2DModel from it ({e})") from e
-        return load_into(unet, read_state_dict(path, what=what), path=path, what=what)
+        return _build_unet(path, strict_config)
 
     path = resolve_hub_weights(CD_SOURCE, weights, cache=cache, download=download, check=build)
     unet = build(path).to(device=device).eval()
@@ -232,6 +210,52 @@ def load_cd_imagenet64(*, device: str = "cpu", weights: Optional[os.PathLike] = 
         raise CheckpointError(f"{path}: in_channels != out_channels; not a consistency model")
     return solvers.DiffusionModel(fn, schedule=EDM(CD_SIGMA_MIN, CD_SIGMA_MAX), prediction="x0",
                                   input_dtype=dtype, **model_kwargs)
+
+
+def _unet_config(path: Path, strict_config: bool) -> dict:
+    """The U-Net config for the weight file ``path``: its ``config.json`` (``_``-keys dropped), else the
+    published architecture under ``strict_config``; with ``strict_config`` it must match
+    :data:`CD_IMAGENET64_CONFIG`, and either way it must be class-conditional.
+
+    Raises:
+        CheckpointError: invalid JSON, no config where one is needed, a mismatch, no class embedding.
+    """
+    config_file = path.parent / "config.json"
+    if config_file.exists():
+        try:
+            config = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    elif strict_config:
+        config = dict(CD_IMAGENET64_CONFIG)
+    else:
+        raise CheckpointError(f"{path}: no config.json next to the weights (needed with strict_config=False)")
+    if strict_config:
+        bad = _config_mismatch(config, CD_IMAGENET64_CONFIG)
+        if bad:
+            raise CheckpointError(f"{config_file} is not the cd_imagenet64_l2 architecture: " + "; ".join(bad)
+                                  + " (pass strict_config=False to load another class-conditional U-Net)")
+    if not config.get("num_class_embeds"):
+        raise CheckpointError(f"{config_file}: num_class_embeds is missing; cd_imagenet64_l2 is class-conditional")
+    return config
+
+
+def _build_unet(path: Path, strict_config: bool) -> torch.nn.Module:
+    """diffusers' ``UNet2DModel`` from the config beside ``path`` (:func:`_unet_config`) with the weights of
+    ``path`` loaded strictly (keys and shapes checked).
+
+    Raises:
+        CheckpointError: the config or the weights do not fit.
+    """
+    from diffusers import UNet2DModel
+    config = _unet_config(path, strict_config)
+    config_file = path.parent / "config.json"
+    try:
+        unet = UNet2DModel(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: diffusers cannot build a UNet2DModel from it ({e})") from e
+    what = CD_SOURCE.description
+    return load_into(unet, read_state_dict(path, what=what), path=path, what=what)
 
 
 register_card(ModelCard(

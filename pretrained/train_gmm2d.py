@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .checkpoints import default_permissions, file_digest
+from .checkpoints import file_digest
+from .files import atomic_write_bytes
 from .toy import FORMAT, WEIGHTS_DIR, build_network, teacher_mixture, teacher_schedule
 
 __all__ = ["train", "karras_levels", "main"]
@@ -71,22 +71,9 @@ def train(kind: str, *, steps: int, batch: int, lr: float, levels: int, target_e
         x0 = mixture.sample(batch, seed=seed * 1_000_003 + step)
         z = torch.randn(batch, mixture.dim, generator=gen, dtype=torch.float64)
         if kind == "cm":
-            n = torch.randint(0, levels - 1, (batch,), generator=gen)
-            s_hi, s_lo = sigmas[n + 1], sigmas[n]
-            x_hi = x0 + s_hi[:, None] * z
-            # The teacher: one Heun step of the exact PF-ODE dx/dσ = (x − D(x, σ))/σ from σ_{n+1} to σ_n.
-            d_hi = (x_hi - mixture.denoise(x_hi, 1.0, s_hi)) / s_hi[:, None]
-            x_eu = x_hi + (s_lo - s_hi)[:, None] * d_hi
-            d_lo = (x_eu - mixture.denoise(x_eu, 1.0, s_lo)) / s_lo[:, None]
-            x_lo = x_hi + (s_lo - s_hi)[:, None] * 0.5 * (d_hi + d_lo)
-            with torch.no_grad():
-                goal = target(x_lo.float(), s_lo.float())
-            pred = net(x_hi.float(), s_hi.float())
+            pred, goal = _distillation_pair(net, target, mixture, sigmas, x0, z, gen)
         else:
-            t = torch.rand(batch, generator=gen, dtype=torch.float64)
-            x_t = (1 - t)[:, None] * x0 + t[:, None] * z
-            goal = (z - x0).float()
-            pred = net(x_t.float(), t.float())
+            pred, goal = _flow_matching_pair(net, x0, z, gen)
         loss = ((pred - goal) ** 2).sum(dim=1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,35 +89,64 @@ def train(kind: str, *, steps: int, batch: int, lr: float, levels: int, target_e
             running = []
     seconds = time.perf_counter() - t0
     final_loss = sum(running) / len(running) if running else float(loss.detach())
+    settings = dict(steps=steps, batch=batch, lr=lr, levels=levels, target_ema=target_ema, ema=ema, seed=seed)
+    return _record(kind, slow, sigma_data, settings, final_loss, seconds)
+
+
+def _distillation_pair(net, target, mixture, sigmas: torch.Tensor, x0: torch.Tensor, z: torch.Tensor,
+                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, goal) of one consistency-distillation step: f_θ(x_{n+1}, σ_{n+1}) and f_θ⁻(x̂_n, σ_n), where
+    x̂_n is the teacher's Heun step from x_{n+1} = x0 + σ_{n+1}·z at a random level n (drawn from ``gen``)."""
+    n = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), generator=gen)
+    s_hi, s_lo = sigmas[n + 1], sigmas[n]
+    x_hi = x0 + s_hi[:, None] * z
+    # The teacher: one Heun step of the exact PF-ODE dx/dσ = (x − D(x, σ))/σ from σ_{n+1} to σ_n.
+    d_hi = (x_hi - mixture.denoise(x_hi, 1.0, s_hi)) / s_hi[:, None]
+    x_eu = x_hi + (s_lo - s_hi)[:, None] * d_hi
+    d_lo = (x_eu - mixture.denoise(x_eu, 1.0, s_lo)) / s_lo[:, None]
+    x_lo = x_hi + (s_lo - s_hi)[:, None] * 0.5 * (d_hi + d_lo)
+    with torch.no_grad():
+        goal = target(x_lo.float(), s_lo.float())
+    return net(x_hi.float(), s_hi.float()), goal
+
+
+def _flow_matching_pair(net, x0: torch.Tensor, z: torch.Tensor, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, goal) of one flow-matching step: u_θ(x_t, t) and ε − x0 on x_t = (1 − t)·x0 + t·ε, with
+    t ~ U(0, 1) drawn from ``gen``."""
+    t = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64)
+    x_t = (1 - t)[:, None] * x0 + t[:, None] * z
+    goal = (z - x0).float()
+    return net(x_t.float(), t.float()), goal
+
+
+def _record(kind: str, slow: torch.nn.Module, sigma_data: float, settings: dict, final_loss: float,
+            seconds: float) -> dict:
+    """The weight-file record: the saved EMA weights with a description of how they were trained."""
+    s = settings
     if kind == "cm":
         summary = (f"consistency distillation from the exact gmm2d PF-ODE (one Heun step of the exact denoiser "
-                   f"between {levels} Karras levels σ ∈ [0.002, 80], ρ = 7), L2 loss, target EMA {target_ema}, "
-                   f"{steps} Adam steps (lr {lr}, cosine), batch {batch}, saved EMA {ema}, seed {seed}")
+                   f"between {s['levels']} Karras levels σ ∈ [0.002, 80], ρ = 7), L2 loss, target EMA "
+                   f"{s['target_ema']}, {s['steps']} Adam steps (lr {s['lr']}, cosine), batch {s['batch']}, "
+                   f"saved EMA {s['ema']}, seed {s['seed']}")
     else:
         summary = (f"rectified flow / conditional flow matching on exact gmm2d samples (t ~ U(0, 1), target ε − x0), "
-                   f"{steps} Adam steps (lr {lr}, cosine), batch {batch}, saved EMA {ema}, seed {seed}")
+                   f"{s['steps']} Adam steps (lr {s['lr']}, cosine), batch {s['batch']}, saved EMA {s['ema']}, "
+                   f"seed {s['seed']}")
     return {
         "format": FORMAT, "kind": kind, "arch": dict(ARCH), "sigma_data": sigma_data,
         "state_dict": {k: v.detach().clone() for k, v in slow.state_dict().items()},
-        "training": {"summary": summary, "steps": steps, "batch": batch, "lr": lr, "levels": levels,
-                     "target_ema": target_ema, "ema": ema, "seed": seed, "final_loss": final_loss,
+        "training": {"summary": summary, **settings, "final_loss": final_loss,
                      "seconds": seconds, "threads": torch.get_num_threads(), "torch": str(torch.__version__),
                      "command": f"python -m pretrained.train_gmm2d {kind}"},
     }
 
 
 def save_atomic(record: dict, path: Path) -> None:
-    """Write ``record`` with torch.save to a temporary file and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(record, tmp)
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``record`` with torch.save, atomically (:func:`pretrained.files.atomic_write_bytes`)."""
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -12,11 +12,11 @@ written atomically.  The sliced Wasserstein distance is :func:`bench.metrics.sli
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,23 +26,16 @@ import torch
 
 import pretrained
 import solvers
-from pretrained.checkpoints import default_permissions
+from pretrained.files import atomic_write_bytes, atomic_write_text
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "zoo"
 
 
-def _atomic_path(path: Path) -> str:
-    """A temporary file next to ``path`` (renamed onto it once written), with ordinary permissions."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    default_permissions(tmp)
-    return tmp
-
-
 def _save_figure(fig, path: Path) -> None:
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Save ``fig`` to ``path`` (format from its suffix) atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip("."), dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _scatter(ax, points: np.ndarray, title: str, color: str) -> None:
@@ -96,36 +89,53 @@ def mnist_section(out: Path, n_grid: int = 64, threads: int = 2) -> dict:
 
 def gmm2d_section(out: Path, n: int = 2000) -> dict:
     """Scatter plots of gmm2d, cm_gmm2d and fm_gmm2d, and their distances to the data / exact ODE."""
-    import matplotlib.pyplot as plt
-    from bench.metrics import rmse, sliced_wasserstein
+    from bench.metrics import sliced_wasserstein
 
-    numbers = {}
     gmm = pretrained.get_card("gmm2d")
     data = gmm.data_sampler(n, 12345).numpy()
     floor = sliced_wasserstein(data, gmm.data_sampler(n, 999).numpy())
-    numbers["n"] = n
-    numbers["noise_floor_sw"] = floor
+    numbers = {"n": n, "noise_floor_sw": floor}
+    numbers.update(_exact_gmm2d_figure(out, n, data, floor))
+    numbers["cm_gmm2d"] = _cm_gmm2d_figure(out, n, data)
+    numbers["fm_gmm2d"] = _fm_gmm2d_figure(out, n, data)
+    return numbers
 
-    def sw(x):
-        return sliced_wasserstein(np.asarray(x, np.float64), data)
 
-    # gmm2d: the exact model with a few solvers.
-    exact = pretrained.load("gmm2d")
-    x_T = solvers.initial_noise((n, 2), seeds=range(n), schedule=exact.schedule, dtype=torch.float64)
-    panels = [("exact data", data, "k")]
-    for solver, steps in (("euler", 1), ("euler", 10), ("dpmpp_2m", 10)):
-        s = solvers.sample(exact, x_T, solver=solver, steps=steps).samples.numpy()
-        numbers[f"gmm2d_{solver}_{steps}_sw"] = sw(s)
-        panels.append((f"gmm2d, {solver} {steps} steps\nSW {sw(s):.3f}", s, "C0"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+def _sw(x, data: np.ndarray) -> float:
+    """The sliced Wasserstein distance of samples ``x`` to the exact ``data``."""
+    from bench.metrics import sliced_wasserstein
+    return sliced_wasserstein(np.asarray(x, np.float64), data)
+
+
+def _panel_figure(path: Path, panels: list, suptitle: str, figsize: tuple) -> None:
+    """One row of scatter panels ``(title, points, colour)`` under ``suptitle``, saved atomically to ``path``."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
     for ax, (title, pts, color) in zip(axes, panels):
         _scatter(ax, pts, title, color)
-    fig.suptitle(f"gmm2d (exact ε, VPLinear), n = {n}; SW = sliced W2 to exact data (noise floor {floor:.3f})",
-                 fontsize=9)
-    _save_figure(fig, out / "gmm2d.png")
+    fig.suptitle(suptitle, fontsize=9)
+    _save_figure(fig, path)
     plt.close(fig)
 
-    # cm_gmm2d: one and two consistency steps against one Euler step of the exact teacher.
+
+def _exact_gmm2d_figure(out: Path, n: int, data: np.ndarray, floor: float) -> dict:
+    """gmm2d: the exact model with a few solvers (``gmm2d.png``); returns their distances to the data."""
+    exact = pretrained.load("gmm2d")
+    x_T = solvers.initial_noise((n, 2), seeds=range(n), schedule=exact.schedule, dtype=torch.float64)
+    numbers, panels = {}, [("exact data", data, "k")]
+    for solver, steps in (("euler", 1), ("euler", 10), ("dpmpp_2m", 10)):
+        s = solvers.sample(exact, x_T, solver=solver, steps=steps).samples.numpy()
+        numbers[f"gmm2d_{solver}_{steps}_sw"] = _sw(s, data)
+        panels.append((f"gmm2d, {solver} {steps} steps\nSW {_sw(s, data):.3f}", s, "C0"))
+    _panel_figure(out / "gmm2d.png", panels, f"gmm2d (exact ε, VPLinear), n = {n}; SW = sliced W2 to exact data "
+                  f"(noise floor {floor:.3f})", (3 * len(panels), 3.2))
+    return numbers
+
+
+def _cm_gmm2d_figure(out: Path, n: int, data: np.ndarray) -> dict:
+    """cm_gmm2d: one and two consistency steps against one Euler step of the exact teacher
+    (``cm_gmm2d.png``); returns the distances to the data and to the exact ODE end points."""
+    from bench.metrics import rmse
     card = pretrained.get_card("cm_gmm2d")
     cm = pretrained.load("cm_gmm2d")
     teacher = card.extra["mixture"].as_model(cm.schedule, "x0")
@@ -136,43 +146,40 @@ def gmm2d_section(out: Path, n: int = 2000) -> dict:
     two = solvers.sample(cm, x_T.float(), solver="consistency", steps=None, timesteps=[80.0, 0.8, 0.0],
                          seeds=range(n), **opts).samples.double()
     euler = solvers.sample(teacher, x_T, solver="euler", steps=1, spacing="karras").samples
-    numbers["cm_gmm2d"] = {
-        "exact_ode_sw": sw(end),
-        "cm_1_step": {"sw": sw(one.numpy()), "rmse_to_exact_ode": rmse(one.numpy(), end)},
-        "cm_2_steps_sigma_0.8": {"sw": sw(two.numpy()), "rmse_to_exact_ode": rmse(two.numpy(), end)},
-        "euler_1_step_exact_teacher": {"sw": sw(euler.numpy()), "rmse_to_exact_ode": rmse(euler.numpy(), end)},
+    c = {
+        "exact_ode_sw": _sw(end, data),
+        "cm_1_step": {"sw": _sw(one.numpy(), data), "rmse_to_exact_ode": rmse(one.numpy(), end)},
+        "cm_2_steps_sigma_0.8": {"sw": _sw(two.numpy(), data), "rmse_to_exact_ode": rmse(two.numpy(), end)},
+        "euler_1_step_exact_teacher": {"sw": _sw(euler.numpy(), data),
+                                       "rmse_to_exact_ode": rmse(euler.numpy(), end)},
     }
-    c = numbers["cm_gmm2d"]
     panels = [("exact data", data, "k"),
               (f"exact PF-ODE end points\nSW {c['exact_ode_sw']:.3f}", end, "C2"),
               (f"cm_gmm2d, 1 step\nSW {c['cm_1_step']['sw']:.3f}, RMSE→ODE {c['cm_1_step']['rmse_to_exact_ode']:.3f}",
                one.numpy(), "C1"),
               (f"exact teacher, 1 Euler step\nSW {c['euler_1_step_exact_teacher']['sw']:.3f}, RMSE→ODE "
                f"{c['euler_1_step_exact_teacher']['rmse_to_exact_ode']:.3f}", euler.numpy(), "C3")]
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, (title, pts, color) in zip(axes, panels):
-        _scatter(ax, pts, title, color)
-    fig.suptitle(f"cm_gmm2d (EDM σ ∈ [0.002, 80]), same x_T = 80·z for every panel, n = {n}", fontsize=9)
-    _save_figure(fig, out / "cm_gmm2d.png")
-    plt.close(fig)
+    _panel_figure(out / "cm_gmm2d.png", panels, f"cm_gmm2d (EDM σ ∈ [0.002, 80]), same x_T = 80·z for every "
+                  f"panel, n = {n}", (12, 3.4))
+    return c
 
-    # fm_gmm2d: Euler on the learned velocity at several step counts.
+
+def _fm_gmm2d_figure(out: Path, n: int, data: np.ndarray) -> dict:
+    """fm_gmm2d: Euler on the learned velocity at several step counts (``fm_gmm2d.png``); returns the
+    distances to the data and to the exact ODE end points."""
+    from bench.metrics import rmse
     card = pretrained.get_card("fm_gmm2d")
     fm = pretrained.load("fm_gmm2d")
     x_T = solvers.initial_noise((n, 2), seeds=range(n), schedule=fm.schedule, dtype=torch.float64)
     end = card.exact_ode(x_T, 1.0, 0.0).numpy()
-    numbers["fm_gmm2d"] = {"exact_ode_sw": sw(end)}
+    numbers = {"exact_ode_sw": _sw(end, data)}
     panels = [("exact data", data, "k")]
     for steps in (1, 4, 16, 100):
         s = solvers.sample(fm, x_T.float(), solver="euler", steps=steps, spacing="uniform").samples.double().numpy()
-        numbers["fm_gmm2d"][f"euler_{steps}"] = {"sw": sw(s), "rmse_to_exact_ode": rmse(s, end)}
-        panels.append((f"fm_gmm2d, Euler {steps}\nSW {sw(s):.3f}, RMSE→ODE {rmse(s, end):.3f}", s, "C4"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
-    for ax, (title, pts, color) in zip(axes, panels):
-        _scatter(ax, pts, title, color)
-    fig.suptitle(f"fm_gmm2d (rectified flow, learned velocity), n = {n}", fontsize=9)
-    _save_figure(fig, out / "fm_gmm2d.png")
-    plt.close(fig)
+        numbers[f"euler_{steps}"] = {"sw": _sw(s, data), "rmse_to_exact_ode": rmse(s, end)}
+        panels.append((f"fm_gmm2d, Euler {steps}\nSW {_sw(s, data):.3f}, RMSE→ODE {rmse(s, end):.3f}", s, "C4"))
+    _panel_figure(out / "fm_gmm2d.png", panels, f"fm_gmm2d (rectified flow, learned velocity), n = {n}",
+                  (3 * len(panels), 3.4))
     return numbers
 
 
@@ -195,10 +202,7 @@ def main(argv: Optional[list] = None) -> int:
     if not args.skip_mnist:
         report["ddpm_mnist"] = mnist_section(args.out)
     report["gmm2d"] = gmm2d_section(args.out)
-    path = args.out / "zoo_report.json"
-    tmp = _atomic_path(path)
-    Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(args.out / "zoo_report.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
 

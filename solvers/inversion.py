@@ -63,37 +63,61 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
         TypeError: an x0 or dtype that is not real floating.
     """
     dtype = check_call(model, x0, "x0", dtype, steps)
+    slv = _deterministic_solver(solver, solver_options)
+    grid = _increasing_grid(model.schedule, timesteps, steps, spacing, t_from, t_to)
+    points = points_at(model.schedule, model, grid)
+    if points[0].conv is None:
+        raise ValueError(f"inversion starts where the model can be evaluated (σ > 0); t={grid[0]} is not such a "
+                         f"time ({points[0].conv_error}). x0 is taken as the state at the first grid time.")
+    slv.check(points)
+    x = x0 if dtype is None else x0.to(dtype)
+    ctx = StepContext(model, points, None, None, batch=x0.shape[0])
+    t0 = time.perf_counter()
+    x, orders = _run_steps(slv, ctx, x, grid, callback)
+    total = time.perf_counter() - t0
+    return SampleResult(samples=x, nfe=ctx.nfe, model_rows=ctx.model_rows, timesteps=grid, orders=orders,
+                        solver=slv.name, options=slv.options(), spacing=spacing if timesteps is None else None,
+                        denoise_to_zero=None, time_total=total, time_model=float("nan"),
+                        time_solver=float("nan"), seeds=[], nfe_per_sample=ctx.nfe_per_sample())
+
+
+def _deterministic_solver(solver: str, solver_options: dict):
+    """The named solver with its options; stochastic and adaptive solvers, which have no inverse, raise."""
     slv = get_solver(solver, **solver_options)
     if slv.is_stochastic or slv.adaptive:
         raise ValueError(f"invert needs a deterministic fixed-grid solver; {slv.name!r} with "
                          f"{slv.options()} is {'adaptive' if slv.adaptive else 'stochastic'} (e.g. use 'ddim' "
                          "with eta=0, 'euler', 'heun' without churn, 'dpmpp_2m', 'unipc', 'deis', 'ipndm')")
-    schedule = model.schedule
-    if timesteps is not None:
-        try:
-            grid = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
-        except (TypeError, ValueError):
-            raise ValueError("timesteps must be a 1-D sequence of numbers") from None
-        if len(grid) >= 2 and not all(b > a for a, b in zip(grid, grid[1:])):
-            raise ValueError(f"invert needs a strictly increasing grid (data → noise), got {grid}")
-        validate_grid(schedule, grid[::-1])
-        if steps is not None and steps != len(grid) - 1:
-            raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
-                             "pass steps=None or the matching count")
-    else:
+    return slv
+
+
+def _increasing_grid(schedule, timesteps, steps: Optional[int], spacing: str, t_from: Optional[float],
+                     t_to: Optional[float]) -> list:
+    """The increasing grid (data → noise) of an :func:`invert` call, as a list of floats.
+
+    An explicit ``timesteps`` must be strictly increasing and, reversed, a valid sampling grid; ``steps``, if
+    also given, must agree with it.  Otherwise the sampling grid from ``t_to`` to ``t_from`` (no step to σ = 0)
+    is built and reversed.
+    """
+    if timesteps is None:
         if steps is None:
             raise ValueError("give steps (a positive integer) or an explicit timesteps grid")
-        grid = make_grid(schedule, steps, spacing=spacing, t_start=t_to, t_end=t_from, denoise_to_zero=False)[::-1]
-    points = points_at(schedule, model, grid)
-    if points[0].conv is None:
-        raise ValueError(f"inversion starts where the model can be evaluated (σ > 0); t={grid[0]} is not such a "
-                         f"time ({points[0].conv_error}). x0 is taken as the state at the first grid time.")
-    slv.check(points)
+        return make_grid(schedule, steps, spacing=spacing, t_start=t_to, t_end=t_from, denoise_to_zero=False)[::-1]
+    try:
+        grid = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+    except (TypeError, ValueError):
+        raise ValueError("timesteps must be a 1-D sequence of numbers") from None
+    if len(grid) >= 2 and not all(b > a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"invert needs a strictly increasing grid (data → noise), got {grid}")
+    validate_grid(schedule, grid[::-1])
+    if steps is not None and steps != len(grid) - 1:
+        raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
+                         "pass steps=None or the matching count")
+    return grid
 
-    batch = x0.shape[0]
-    x = x0 if dtype is None else x0.to(dtype)
-    ctx = StepContext(model, points, None, None, batch=batch)
-    t0 = time.perf_counter()
+
+def _run_steps(slv, ctx: StepContext, x: torch.Tensor, grid: list, callback) -> tuple[torch.Tensor, list]:
+    """The solver's own steps over the increasing grid; returns (final state, order used on each step)."""
     state = slv.init_state(ctx)
     orders = []
     with torch.no_grad():
@@ -103,8 +127,4 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
             orders.append(order)
             if callback is not None:
                 callback(StepInfo(step=i, t=grid[i], t_next=grid[i + 1], x=x, order=order, nfe=ctx.nfe))
-    total = time.perf_counter() - t0
-    return SampleResult(samples=x, nfe=ctx.nfe, model_rows=ctx.model_rows, timesteps=grid, orders=orders,
-                        solver=slv.name, options=slv.options(), spacing=spacing if timesteps is None else None,
-                        denoise_to_zero=None, time_total=total, time_model=float("nan"),
-                        time_solver=float("nan"), seeds=[], nfe_per_sample=ctx.nfe_per_sample())
+    return x, orders

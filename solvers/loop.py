@@ -230,32 +230,67 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         NonFiniteError: NaN/Inf in the result (with ``on_nonfinite="raise"``).
     """
     dtype = check_call(model, x_T, "x_T", dtype, steps)
+    _check_outcome_options(on_nonfinite, rng)
+    slv = get_solver(solver, **solver_options)
+    grid, points, tables, spacing_used, denoise_used = _grid_for_call(
+        model, timesteps, steps, spacing, t_start, t_end, denoise_to_zero)
+    slv.check(points)
+    seed_list = as_seeds(seeds, x_T.shape[0])
+    x = x_T if dtype is None else x_T.to(dtype)
+    ctx, timer = _step_context(model, slv, x, points, tables, seed_list, rng, timing)
+    x, orders, total, model_time = _integrate(slv, ctx, timer, x, grid, callback, progress)
+    nonfinite = _nonfinite_rows(x, seed_list, on_nonfinite, slv.name)
+    return SampleResult(samples=x, nfe=ctx.nfe, model_rows=ctx.model_rows, timesteps=grid, orders=orders,
+                        solver=slv.name, options=slv.options(), spacing=spacing_used, denoise_to_zero=denoise_used,
+                        time_total=total, time_model=model_time, time_solver=total - model_time,  # NaN untimed
+                        nonfinite=nonfinite, seeds=seed_list, nfe_per_sample=ctx.nfe_per_sample())
+
+
+def _check_outcome_options(on_nonfinite: str, rng: str) -> None:
+    """Check :func:`sample`'s ``on_nonfinite`` (``"raise"`` or ``"flag"``) and ``rng`` before any work."""
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     check_rng(rng)
-    slv = get_solver(solver, **solver_options)
+
+
+def _grid_for_call(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, denoise_to_zero):
+    """The grid of a :func:`sample` call: (grid, points, time tables, spacing used, denoise_to_zero used).
+
+    An explicit ``timesteps`` grid is used as given (``steps``, if also given, must agree with it; spacing and
+    denoise_to_zero are then reported as ``None``); otherwise the grid is built from ``steps`` (default
+    :data:`DEFAULT_STEPS`) and the spacing arguments.
+    """
     if timesteps is not None:
         grid, points, tables = _prepared(model, timesteps, None, spacing, t_start, t_end, denoise_to_zero)
         if steps is not None and steps != len(grid) - 1:
             raise ValueError(f"steps={steps} disagrees with the {len(grid) - 1} steps of the given timesteps; "
                              "pass steps=None or the matching count")
-        spacing_used = None
-        denoise_used = None
-    else:
-        if steps is None:
-            steps = DEFAULT_STEPS
-        grid, points, tables = _prepared(model, None, steps, spacing, t_start, t_end, denoise_to_zero)
-        spacing_used, denoise_used = spacing, denoise_to_zero
-    slv.check(points)
+        return grid, points, tables, None, None
+    if steps is None:
+        steps = DEFAULT_STEPS
+    grid, points, tables = _prepared(model, None, steps, spacing, t_start, t_end, denoise_to_zero)
+    return grid, points, tables, spacing, denoise_to_zero
 
-    batch = x_T.shape[0]
-    seed_list = as_seeds(seeds, batch)
+
+def _step_context(model: DiffusionModel, slv, x: torch.Tensor, points, tables, seed_list: list, rng: str,
+                  timing: bool):
+    """The solver's view of one call and its model-call timer: (StepContext, timer).
+
+    The context holds the model, the grid's points and the noise streams (stochastic solvers only); the timer
+    uses CUDA events on a CUDA state and is ``None`` without ``timing``.
+    """
     noise = make_streams(seed_list, STREAM_SOLVER, rng) if slv.is_stochastic else None
-    x = x_T if dtype is None else x_T.to(dtype)
-    on_cuda = x.is_cuda
-    timer = (_CudaTimer(x.device) if on_cuda else _CpuTimer()) if timing else None
-    ctx = StepContext(model, points, noise, timer, batch=batch, time_tables=tables)
+    timer = ((_CudaTimer(x.device) if x.is_cuda else _CpuTimer()) if timing else None)
+    return StepContext(model, points, noise, timer, batch=x.shape[0], time_tables=tables), timer
 
+
+def _integrate(slv, ctx: StepContext, timer, x: torch.Tensor, grid: list, callback, progress: bool):
+    """Run the solver over every step of the grid, timed (the device synchronised before and after).
+
+    Returns:
+        (final state, order used on each step, total seconds, model seconds — NaN without a timer).
+    """
+    on_cuda = x.is_cuda
     if on_cuda:
         torch.cuda.synchronize(x.device)
     t0 = time.perf_counter()
@@ -275,28 +310,33 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
         torch.cuda.synchronize(x.device)
     total = time.perf_counter() - t0
     model_time = timer.seconds() if timer is not None else float("nan")
+    return x, orders, total, model_time
 
+
+def _nonfinite_rows(x: torch.Tensor, seed_list: list, on_nonfinite: str, solver_name: str
+                    ) -> Optional[torch.Tensor]:
+    """The rows of ``x`` holding NaN/Inf, as :attr:`SampleResult.nonfinite` wants them.
+
+    Returns:
+        a bool tensor (batch,) with ``on_nonfinite="flag"``; ``None`` with ``"raise"`` when all are finite.
+
+    Raises:
+        NonFiniteError: with ``on_nonfinite="raise"``, naming the affected rows and their seeds.
+    """
+    batch = x.shape[0]
     # A finite sum means every entry is finite (NaN and ±Inf propagate): one cheap reduction in the common
     # case; the per-row check only when something (or the sum itself) is not finite.
     if bool(torch.isfinite(x.sum())):
         bad = torch.zeros(batch, dtype=torch.bool, device=x.device)
     else:
         bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
-    nonfinite = None
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         if on_nonfinite == "raise":
             raise NonFiniteError(
-                f"sampling with {slv.name} produced NaN/Inf in {len(rows)} of {batch} samples: rows {rows[:20]}"
-                f"{' …' if len(rows) > 20 else ''} (seeds {[seed_list[r] for r in rows[:20]]}). "
+                f"sampling with {solver_name} produced NaN/Inf in {len(rows)} of {batch} samples: rows "
+                f"{rows[:20]}{' …' if len(rows) > 20 else ''} (seeds {[seed_list[r] for r in rows[:20]]}). "
                 "Check the model output and the grid; pass on_nonfinite='flag' to get the samples anyway.",
                 rows, [seed_list[r] for r in rows])
-        nonfinite = bad
-    elif on_nonfinite == "flag":
-        nonfinite = bad
-
-    return SampleResult(samples=x, nfe=ctx.nfe, model_rows=ctx.model_rows, timesteps=grid, orders=orders,
-                        solver=slv.name, options=slv.options(), spacing=spacing_used,
-                        denoise_to_zero=denoise_used, time_total=total, time_model=model_time,
-                        time_solver=total - model_time if timer is not None else float("nan"),
-                        nonfinite=nonfinite, seeds=seed_list, nfe_per_sample=ctx.nfe_per_sample())
+        return bad
+    return bad if on_nonfinite == "flag" else None

@@ -370,10 +370,32 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
     Raises:
         ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
     """
-    import copy
-
     diffusers = P.import_diffusers()
     dev = torch.device(device)
+    names = _e2e_variant_names(variants, bf16, dev)
+    networks = _e2e_networks((load_cifar_unet() if unet is None else unet).to(dev), names)
+    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
+    t_batch = torch.full((batch,), 500.0, device=dev)
+    setup_s = _e2e_set_up_networks(networks, names, x, t_batch, dev)
+    compiles = any(E2E_VARIANTS[n].compile for n in names)
+    rows = []
+    for key in solver_keys:
+        spec = P.PEERS[key]
+        for nfe in nfes:
+            runners = {name: _e2e_runner(E2E_VARIANTS[name], networks[E2E_VARIANTS[name].network_key], spec, nfe,
+                                         x, t_batch, dev, diffusers) for name in names}
+            with torch.no_grad():
+                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" or compiles else 0)
+            rows += _e2e_rows(res, spec, nfe, batch, setup_s, dev, progress)
+    return rows
+
+
+def _e2e_variant_names(variants: Optional[Sequence[str]], bf16: bool, dev: torch.device) -> list[str]:
+    """The e2e variants to run: ``variants`` or the device type's defaults, without bf16 ones if not ``bf16``.
+
+    Raises:
+        ValueError: an unknown variant, or a CUDA-graph variant on a CPU device.
+    """
     names = list(variants or E2E_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
     if not bf16:
         names = [n for n in names if E2E_VARIANTS.get(n, E2EVariant("?")).autocast is None]
@@ -382,7 +404,14 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
         raise ValueError(f"unknown e2e variant(s) {', '.join(unknown)}; valid: {', '.join(E2E_VARIANTS)}")
     if dev.type != "cuda" and any(E2E_VARIANTS[n].cuda_graph for n in names):
         raise ValueError("CUDA-graph variants need --device cuda")
-    unet = (load_cifar_unet() if unet is None else unet).to(dev)
+    return names
+
+
+def _e2e_networks(unet, names: Sequence[str]) -> dict:
+    """One :class:`solvers.FastNetwork` per distinct network setting of the variants (keyed by
+    :attr:`E2EVariant.network_key`); channels-last ones wrap a channels-last copy of ``unet``."""
+    import copy
+
     unet_cl = None
     if any(E2E_VARIANTS[n].channels_last for n in names):
         unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
@@ -394,11 +423,16 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
             networks[v.network_key] = solvers.FastNetwork(
                 unet_call(base), autocast=v.autocast, channels_last=v.channels_last, compile=v.compile,
                 cuda_graph=v.cuda_graph)
-    x = torch.randn((batch, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(0)).to(dev)
-    t_batch = torch.full((batch,), 500.0, device=dev)
-    # One forward of each network variant first (twice for graphs: capture, then a replay): the first call of a
-    # shape sets up its kernels (oneDNN primitives, cuDNN algorithms), compiles, or captures the graph, and would
-    # otherwise be charged to whichever variant happens to run first.
+    return networks
+
+
+def _e2e_set_up_networks(networks: dict, names: Sequence[str], x: torch.Tensor, t_batch: torch.Tensor,
+                         dev: torch.device) -> dict:
+    """Call each network twice before any timing; returns the seconds this took per network key.
+
+    The first call of a shape sets up its kernels (oneDNN primitives, cuDNN algorithms), compiles, or captures
+    the graph (the second is a replay), and would otherwise be charged to whichever variant happens to run first.
+    """
     setup_s = {}
     peer_keys = {E2E_VARIANTS[n].network_key for n in names if E2E_VARIANTS[n].loop == "diffusers"}
     with torch.no_grad():
@@ -408,59 +442,62 @@ def run_e2e(solver_keys: Sequence[str] = ("ddim", "dpmpp_2m"), nfes: Sequence[in
                 # diffusers' loop passes a 0-dim t; graphs replay the (batch,) one again
                 fn(x, torch.tensor(500.0, device=dev) if key in peer_keys else t_batch)
             setup_s[key] = clock.seconds
-    rows = []
-    for key in solver_keys:
-        spec = P.PEERS[key]
+    return setup_s
+
+
+def _e2e_runner(v: E2EVariant, fn, spec, nfe: int, x: torch.Tensor, t_batch: torch.Tensor, dev: torch.device,
+                diffusers) -> Callable[[], Measurement]:
+    """A timed whole sampling call of the peer method ``spec`` at ``nfe`` in the variant's loop (ours, the
+    stock diffusers scheduler, or the network alone), calling the network ``fn``."""
+    if v.loop == "ours":
+        model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
         spacing = _SPACING.get(spec.solver, "logsnr")
-        for nfe in nfes:
-            runners = {}
-            for name in names:
-                v = E2E_VARIANTS[name]
-                fn = networks[v.network_key]
-                if v.loop == "ours":
-                    model = solvers.DiffusionModel(fn, schedule=P.linear_schedule(), prediction="eps")
 
-                    def run(model=model):
-                        with synced_clock(dev) as clock:
-                            res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
-                        return Measurement(clock.seconds, float("nan"), res.nfe)
-                elif v.loop == "network":
-                    def run(fn=fn):
-                        with synced_clock(dev) as clock:
-                            for _ in range(nfe):
-                                fn(x, t_batch)
-                        return Measurement(clock.seconds, float("nan"), nfe)
-                else:
-                    sched = getattr(diffusers, spec.scheduler)(**spec.config)
-                    timed = P.TimedFn(fn)
+        def run():
+            with synced_clock(dev) as clock:
+                res = solvers.sample(model, x, spec.solver, steps=nfe, spacing=spacing, **spec.options)
+            return Measurement(clock.seconds, float("nan"), res.nfe)
+    elif v.loop == "network":
+        def run():
+            with synced_clock(dev) as clock:
+                for _ in range(nfe):
+                    fn(x, t_batch)
+            return Measurement(clock.seconds, float("nan"), nfe)
+    else:
+        sched = getattr(diffusers, spec.scheduler)(**spec.config)
+        timed = P.TimedFn(fn)
 
-                    def run(sched=sched, timed=timed):
-                        timed.calls = 0
-                        with synced_clock(dev) as clock:
-                            sched.set_timesteps(nfe, device=dev)
-                            P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
-                        return Measurement(clock.seconds, float("nan"), timed.calls)
-                runners[name] = run
-            with torch.no_grad():
-                compiles = any(E2E_VARIANTS[n].compile for n in names)
-                res = measure_interleaved(runners, repeats, warmup=1 if dev.type == "cuda" or compiles else 0)
-            walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
-            base = walls.get("diffusers")
-            for name, ms in res.items():
-                v = E2E_VARIANTS[name]
-                floor = next((walls[n] for n in walls if E2E_VARIANTS[n].loop == "network"
-                              and E2E_VARIANTS[n].network_key == v.network_key), None)
-                wall = walls[name]
-                row = {"method": spec.label, "nfe": nfe, "variant": name, "batch": batch, "calls": ms[0].calls,
-                       "wall_s": wall, "samples_per_s": batch / wall,
-                       "vs_diffusers": base / wall if base else float("nan"),
-                       "ms_per_call": wall / ms[0].calls * 1e3,
-                       "vs_network_alone": wall / floor if floor and v.loop != "network" else float("nan"),
-                       "setup_s": setup_s[v.network_key], "device": str(dev)}
-                rows.append(row)
-                if progress:
-                    print(f"  {spec.label:<12} NFE {nfe:<3} {name:<36} {row['samples_per_s']:10.2f} samples/s "
-                          f"({wall * 1e3:.1f} ms)", file=sys.stderr)
+        def run():
+            timed.calls = 0
+            with synced_clock(dev) as clock:
+                sched.set_timesteps(nfe, device=dev)
+                P.run_peer(sched, timed, x * sched.init_noise_sigma, step_kwargs=spec.step_kwargs)
+            return Measurement(clock.seconds, float("nan"), timed.calls)
+    return run
+
+
+def _e2e_rows(res: dict, spec, nfe: int, batch: int, setup_s: dict, dev: torch.device, progress: bool
+              ) -> list[dict]:
+    """The table rows of one (method, NFE): each variant's median wall time, samples/s, and its speed against
+    stock diffusers and against the network alone with the same network setting."""
+    walls = {name: statistics.median(m.wall for m in ms) for name, ms in res.items()}
+    base = walls.get("diffusers")
+    rows = []
+    for name, ms in res.items():
+        v = E2E_VARIANTS[name]
+        floor = next((walls[n] for n in walls if E2E_VARIANTS[n].loop == "network"
+                      and E2E_VARIANTS[n].network_key == v.network_key), None)
+        wall = walls[name]
+        row = {"method": spec.label, "nfe": nfe, "variant": name, "batch": batch, "calls": ms[0].calls,
+               "wall_s": wall, "samples_per_s": batch / wall,
+               "vs_diffusers": base / wall if base else float("nan"),
+               "ms_per_call": wall / ms[0].calls * 1e3,
+               "vs_network_alone": wall / floor if floor and v.loop != "network" else float("nan"),
+               "setup_s": setup_s[v.network_key], "device": str(dev)}
+        rows.append(row)
+        if progress:
+            print(f"  {spec.label:<12} NFE {nfe:<3} {name:<36} {row['samples_per_s']:10.2f} samples/s "
+                  f"({wall * 1e3:.1f} ms)", file=sys.stderr)
     return rows
 
 
@@ -607,8 +644,8 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (see the module docstring)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per study (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ov = sub.add_parser("overhead", help="per-call solver overhead vs diffusers (trivial network)")
@@ -675,8 +712,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     qu.add_argument("--device", default="cpu")
     qu.add_argument("--threads", type=int, default=1)
     qu.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "perf_quality.md"))
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_common_args(parser, args)
+    torch.set_num_threads(args.threads)
+    command = "python -m bench.perf " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_command = {"overhead": _overhead_text, "scaling": _scaling_text, "quality": _quality_text,
+                   "unet-profile": _profile_text, "e2e": _e2e_text}[args.command]
+    with torch.no_grad():
+        text = run_command(parser, args, command)
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+def _check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts must be positive and the device a usable torch device (``parser.error`` otherwise)."""
     for name in ("steps", "repeats", "batch", "threads", "fixed_steps", "mnist_samples", "gmm_samples"):
         value = getattr(args, name, 1)
         if isinstance(value, int) and value < 1:
@@ -687,55 +743,67 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
     except RuntimeError as e:
         parser.error(f"--device {device!r} is not a torch device ({e}); use cpu or cuda[:N]")
-    torch.set_num_threads(args.threads)
-    command = "python -m bench.perf " + " ".join(sys.argv[1:] if argv is None else argv)
-    with torch.no_grad():
-        if args.command == "overhead":
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            unknown = [m for m in methods if m not in P.PEERS]
-            if unknown:
-                parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-            try:
-                rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng,
-                                    peers=peers)
-            except (ValueError, ImportError) as e:
-                parser.error(str(e))
-            text = format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
-        elif args.command == "scaling":
-            if len(set(args.samples)) < 2 or len(set(args.steps)) < 2:
-                parser.error("--samples and --steps need at least two different values each (a line is fitted)")
-            res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
-                                args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
-                                args.autocast, args.cuda_graph)
-            text = S.format_scaling(res, command, machine_description(args.device))
-        elif args.command == "quality":
-            rows = S.run_quality(args.steps, [v.strip() for v in args.solvers.split(",") if v.strip()],
-                                 args.mnist_samples, args.gmm_samples, args.device, args.autocast)
-            text = S.format_quality(rows, command, machine_description(args.device), args.autocast)
-        elif args.command == "unet-profile":
-            names = [v.strip() for v in args.variants.split(",") if v.strip()]
-            bad = [v for v in names if v not in PROFILE_VARIANTS]
-            if bad:
-                parser.error(f"unknown profile variant(s) {', '.join(bad)}; valid: {', '.join(PROFILE_VARIANTS)}")
-            text = format_profile(profile_unet(args.batch, args.top, device=args.device, variants=names), command,
-                                  args.batch, args.device)
-        else:
-            keys = [m.strip() for m in args.solvers.split(",") if m.strip()]
-            unknown = [m for m in keys if m not in P.PEERS]
-            if unknown:
-                parser.error(f"unknown solver key(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
-            variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-            try:
-                rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16, device=args.device,
-                               variants=variants)
-            except ValueError as e:
-                parser.error(str(e))
-            text = format_e2e(rows, command, args.batch, args.repeats)
-    atomic_write_text(args.out, text)
-    print(text)
-    return 0
 
+
+def _names(text: str) -> list[str]:
+    """The non-empty entries of a comma-separated option."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _overhead_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``overhead``: the per-call overhead table and the setup costs."""
+    methods = _names(args.methods)
+    unknown = [m for m in methods if m not in P.PEERS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
+    try:
+        rows = run_overhead(methods, args.batches, args.steps, args.repeats, device=args.device, rng=args.rng,
+                            peers=_names(args.peers))
+    except (ValueError, ImportError) as e:
+        parser.error(str(e))
+    return format_overhead(rows, setup_costs(args.setup_steps), command, args.device, args.rng)
+
+
+def _scaling_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``scaling``: time against samples and steps (:func:`bench.studies.perf_studies.run_scaling`)."""
+    if len(set(args.samples)) < 2 or len(set(args.steps)) < 2:
+        parser.error("--samples and --steps need at least two different values each (a line is fitted)")
+    res = S.run_scaling(args.model, args.samples, args.steps, args.steps_samples, args.solver,
+                        args.fixed_steps, args.batch, args.metric, args.device, args.inception_random,
+                        args.autocast, args.cuda_graph)
+    return S.format_scaling(res, command, machine_description(args.device))
+
+
+def _quality_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``quality``: the quality cost of autocast (:func:`bench.studies.perf_studies.run_quality`)."""
+    rows = S.run_quality(args.steps, _names(args.solvers), args.mnist_samples, args.gmm_samples, args.device,
+                         args.autocast)
+    return S.format_quality(rows, command, machine_description(args.device), args.autocast)
+
+
+def _profile_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``unet-profile``: the operator profile of one UNet forward per variant."""
+    names = _names(args.variants)
+    bad = [v for v in names if v not in PROFILE_VARIANTS]
+    if bad:
+        parser.error(f"unknown profile variant(s) {', '.join(bad)}; valid: {', '.join(PROFILE_VARIANTS)}")
+    return format_profile(profile_unet(args.batch, args.top, device=args.device, variants=names), command,
+                          args.batch, args.device)
+
+
+def _e2e_text(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """``e2e``: samples per second of whole sampling calls on the UNet (:func:`run_e2e`)."""
+    keys = _names(args.solvers)
+    unknown = [m for m in keys if m not in P.PEERS]
+    if unknown:
+        parser.error(f"unknown solver key(s) {', '.join(unknown)}; valid: {', '.join(P.PEERS)}")
+    variants = _names(args.variants) if args.variants else None
+    try:
+        rows = run_e2e(keys, args.nfe, args.batch, args.repeats, bf16=not args.no_bf16, device=args.device,
+                       variants=variants)
+    except ValueError as e:
+        parser.error(str(e))
+    return format_e2e(rows, command, args.batch, args.repeats)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -200,65 +200,92 @@ def run_quality(steps: Sequence[int] = (10, 50), solvers_: Sequence[str] = ("ddi
                 mnist_samples: int = 1000, gmm_samples: int = 2000, device: str = "cpu", autocast: str = "bf16",
                 progress: bool = True) -> list[dict]:
     """Quality with the network in float32 and under ``autocast`` (see the module docstring)."""
+    return (_mnist_quality_rows(steps, solvers_, mnist_samples, device, autocast, progress)
+            + _gmm_quality_rows(steps, solvers_, gmm_samples, device, autocast, progress))
+
+
+class _MnistFD:
+    """FD-ResNet-20 of ``ddpm_mnist`` samples against the MNIST test set (its statistics computed once)."""
+
+    def __init__(self, card, device: str):
+        from .. import metrics as M
+        from ..datasets import mnist_test_images
+        from ..features import UInt8Images, create_extractor, extract_features
+
+        self.card, self.device = card, device
+        self.extractor, self.layer, _ = create_extractor("fd_resnet20", device)
+        ref = extract_features(self.extractor, self.layer, UInt8Images(mnist_test_images()), device=device,
+                               batch_size=500)
+        self.mu_r, self.sig_r = M.gaussian_statistics(ref)
+
+    def __call__(self, samples: torch.Tensor) -> float:
+        from .. import metrics as M
+        from ..features import UInt8Images, extract_features, to_uint8_rgb
+
+        feats = extract_features(self.extractor, self.layer, UInt8Images(to_uint8_rgb(self.card.to_images(samples))),
+                                 device=self.device, batch_size=500)
+        mu, sig = M.gaussian_statistics(feats)
+        return M.frechet_distance(mu, sig, self.mu_r, self.sig_r)
+
+
+def _mnist_quality_rows(steps: Sequence[int], solvers_: Sequence[str], n: int, device: str, autocast: str,
+                        progress: bool) -> list[dict]:
+    """ddpm_mnist: FD-ResNet-20 against the MNIST test set in float32 and under ``autocast`` (same noise), the
+    RMS difference of the two sample sets, and the FD spread between two float32 seed sets for scale."""
     import sys
 
-    from .. import metrics as M
-    from ..datasets import mnist_test_images
-    from ..features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
-    from ..plan import default_spacing, default_t_start
+    from ..plan import default_spacing
 
-    rows = []
-    # ddpm_mnist: FD-ResNet-20 against the MNIST test set
     card = pretrained.get_card("ddpm_mnist")
     base = pretrained.load("ddpm_mnist", device=device)
     fast = solvers.accelerate(base, autocast=autocast)
-    extractor, layer, _ = create_extractor("fd_resnet20", device)
-    ref = extract_features(extractor, layer, UInt8Images(mnist_test_images()), device=device, batch_size=500)
-    mu_r, sig_r = M.gaussian_statistics(ref)
-    seeds = list(range(mnist_samples))
+    fd = _MnistFD(card, device)
+    seeds, other = list(range(n)), list(range(n, 2 * n))
+    rows = []
     for slv in solvers_:
         for k in steps:
             spacing, _ = default_spacing(card, base.schedule, solvers.solver_class(slv).name, k)
-            x = solvers.initial_noise((mnist_samples, *card.sample_shape), seeds, schedule=base.schedule,
-                                      device=device)
+
+            def run(model, seed_list):
+                x = solvers.initial_noise((n, *card.sample_shape), seed_list, schedule=base.schedule, device=device)
+                with torch.no_grad():
+                    return solvers.sample(model, x, solver=slv, steps=k, spacing=spacing, seeds=seed_list).samples
             out = {}
             for name, model in (("float32", base), (autocast, fast)):
-                with torch.no_grad():
-                    s = solvers.sample(model, x, solver=slv, steps=k, spacing=spacing, seeds=seeds).samples
-                feats = extract_features(extractor, layer, UInt8Images(to_uint8_rgb(card.to_images(s))),
-                                         device=device, batch_size=500)
-                mu, sig = M.gaussian_statistics(feats)
-                out[name] = (s, M.frechet_distance(mu, sig, mu_r, sig_r))
+                s = run(model, seeds)
+                out[name] = (s, fd(s))
             rms = float(((out[autocast][0] - out["float32"][0]) ** 2).mean().sqrt())
-            other = list(range(mnist_samples, 2 * mnist_samples))
-            x2 = solvers.initial_noise((mnist_samples, *card.sample_shape), other, schedule=base.schedule,
-                                       device=device)
-            with torch.no_grad():
-                s2 = solvers.sample(base, x2, solver=slv, steps=k, spacing=spacing, seeds=other).samples
-            feats = extract_features(extractor, layer, UInt8Images(to_uint8_rgb(card.to_images(s2))),
-                                     device=device, batch_size=500)
-            mu, sig = M.gaussian_statistics(feats)
-            spread = abs(M.frechet_distance(mu, sig, mu_r, sig_r) - out["float32"][1])
+            spread = abs(fd(run(base, other)) - out["float32"][1])
             rows.append({"model": "ddpm_mnist", "seed_spread": spread, "solver": slv, "steps": k, "spacing": spacing,
                          "metric": "FD-ResNet-20", "float32": out["float32"][1], "autocast": out[autocast][1],
-                         "rms_diff": rms, "n": mnist_samples})
+                         "rms_diff": rms, "n": n})
             if progress:
                 print(f"  ddpm_mnist {slv} {k}: FD {out['float32'][1]:.4f} vs {out[autocast][1]:.4f}, "
                       f"RMS diff {rms:.2e}", file=sys.stderr)
-    # fm_gmm2d: a trained MLP (flow matching) whose target flow is known in closed form (the analytic gmm2d):
-    # error against that exact PF-ODE solution.  (The analytic models themselves compute in float64, which
-    # autocast leaves alone, so they cannot show the cost.)
+    return rows
+
+
+def _gmm_quality_rows(steps: Sequence[int], solvers_: Sequence[str], n: int, device: str, autocast: str,
+                      progress: bool) -> list[dict]:
+    """fm_gmm2d: a trained MLP (flow matching) whose target flow is known in closed form (the analytic gmm2d):
+    the RMS error against that exact PF-ODE solution in float32 and under ``autocast``.  (The analytic models
+    themselves compute in float64, which autocast leaves alone, so they cannot show the cost.)"""
+    import sys
+
+    from ..plan import default_spacing, default_t_start
+
     gcard = pretrained.get_card("fm_gmm2d")
     gbase = pretrained.load("fm_gmm2d", device=device)
     gfast = solvers.accelerate(gbase, autocast=autocast)
-    seeds = list(range(gmm_samples))
+    seeds = list(range(n))
+    rows = []
     for slv in solvers_:
         for k in steps:
             name_ = solvers.solver_class(slv).name
             spacing, _ = default_spacing(gcard, gbase.schedule, name_, k)
             grid = solvers.make_grid(gbase.schedule, k, spacing=spacing, t_start=default_t_start(gbase.schedule, name_))
-            x = solvers.initial_noise((gmm_samples, *gcard.sample_shape), seeds, schedule=gbase.schedule,
-                                      t=grid[0], device=device)
+            x = solvers.initial_noise((n, *gcard.sample_shape), seeds, schedule=gbase.schedule, t=grid[0],
+                                      device=device)
             exact = gcard.exact_ode(x.cpu().double(), grid[0], grid[-1]).to(torch.float64)
             errs, samples = {}, {}
             for name, model in (("float32", gbase), (autocast, gfast)):
@@ -269,7 +296,7 @@ def run_quality(steps: Sequence[int] = (10, 50), solvers_: Sequence[str] = ("ddi
             rms = float(((samples[autocast] - samples["float32"]) ** 2).mean().sqrt())
             rows.append({"model": "fm_gmm2d", "solver": slv, "steps": k, "spacing": spacing,
                          "metric": "RMS error vs the exact gmm2d PF-ODE", "float32": errs["float32"],
-                         "autocast": errs[autocast], "rms_diff": rms, "n": gmm_samples})
+                         "autocast": errs[autocast], "rms_diff": rms, "n": n})
             if progress:
                 print(f"  fm_gmm2d {slv} {k}: error {errs['float32']:.3e} vs {errs[autocast]:.3e}", file=sys.stderr)
     return rows
