@@ -281,3 +281,34 @@ def test_time_adams_weights_on_a_discrete_schedule_match_an_adaptive_quadrature(
     weights = adams_weights(nodes, nodes[0], rho_at(t_to), "t", s)
     torch.testing.assert_close(torch.tensor(weights), torch.tensor(expected, dtype=torch.float64), rtol=1e-6,
                                atol=0.0)
+
+
+class _KinkedVE(schedules.Schedule):
+    """x = x0 + σ(t)·ε with σ(t) = t except an infinite dσ/dt at t = 0.5 (a finite drift f = 0, an infinite g²)."""
+
+    name = "kinked_ve"
+
+    def __init__(self):
+        self.t_min, self.t_max, self.default_t_end, self.time_scale = 1e-3, 2.0, 1e-3, 1.0
+
+    def alpha(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def sigma(self, t):
+        return torch.as_tensor(t, dtype=torch.float64).clone()
+
+    def d_alpha(self, t):
+        return torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def d_sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.where(t == 0.5, torch.full_like(t, math.inf), torch.ones_like(t))
+
+
+def test_euler_maruyama_refuses_a_point_where_only_the_diffusion_coefficient_is_infinite():
+    s = _KinkedVE()
+    model = solvers.DiffusionModel(lambda x, t: torch.zeros_like(x), schedule=s, prediction="eps")
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^euler_maruyama: the SDE coefficients are not finite at t=0\.5 \(Point: "
+                                         r"f=0\.0, g²=inf\); start the grid lower$"):
+        solvers.sample(model, x, "euler_maruyama", timesteps=[1.0, 0.5, 0.2], seeds=range(2))
