@@ -206,3 +206,13 @@ def test_an_unknown_schedule_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"^unknown schedule 'vp'; valid names: discrete_vp, discrete_vp_cosine, "
                                          r"edm, rectified_flow, ve, vp_cosine, vp_linear$"):
         schedules.get_schedule("vp")
+
+
+def test_vp_cosine_with_another_offset_s_is_still_the_nichol_dhariwal_schedule():
+    """s = 0.02: with the default s = 0.008, π/(2s(1+s)) and π/2·s/(1+s) differ by exactly 62π, so a slip of
+    ·s into /s in the normalisation constants cannot show; with s = 0.02 they differ by 24.5π."""
+    s = schedules.VPCosine(s=0.02)
+    t = torch.tensor([1e-4, 0.1, 0.37, 0.8, 0.99], dtype=torch.float64)
+    expected = torch.cos(math.pi / 2 * (t + 0.02) / 1.02) / math.cos(math.pi / 2 * 0.02 / 1.02)
+    torch.testing.assert_close(s.alpha(t), expected, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(s.t_from_log_snr(s.log_snr(t)), t, rtol=1e-10, atol=1e-13)
