@@ -312,3 +312,30 @@ def test_euler_maruyama_refuses_a_point_where_only_the_diffusion_coefficient_is_
     with pytest.raises(ValueError, match=r"^euler_maruyama: the SDE coefficients are not finite at t=0\.5 \(Point: "
                                          r"f=0\.0, g²=inf\); start the grid lower$"):
         solvers.sample(model, x, "euler_maruyama", timesteps=[1.0, 0.5, 0.2], seeds=range(2))
+
+
+class _VanishingAlphaVE(_KinkedVE):
+    """α = 1 except α = 0 at t = 0.5 (σ = t): λ and ρ are infinite at an interior grid point."""
+
+    name = "vanishing_alpha"
+
+    def alpha(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.where(t == 0.5, torch.zeros_like(t), torch.ones_like(t))
+
+    def d_sigma(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver, message", [
+    ("dpmpp_2m", r"^dpmpp_2m steps in log-SNR λ, which is infinite at t=0\.5 \(α = 0 there\); start the grid just "
+                 r"below it \(e\.g\. t_start=0\.4995\) or use euler/heun, which integrate in t$"),
+    ("deis", r"^deis steps in ρ = σ/α, which is infinite at t=0\.5 \(α = 0 there\); start the grid just below it or "
+             r"use euler/heun$"),
+])
+def test_log_snr_and_rho_solvers_check_every_point_they_evaluate_not_only_the_first(solver, message):
+    s = _VanishingAlphaVE()
+    model = solvers.DiffusionModel(lambda x, t: torch.zeros_like(x), schedule=s, prediction="x0")
+    with pytest.raises(ValueError, match=message):
+        solvers.sample(model, torch.zeros(2, 2, dtype=torch.float64), solver, timesteps=[1.0, 0.5, 0.2],
+                       seeds=range(2))
