@@ -117,3 +117,102 @@ def test_base_class_sde_coefficients_on_a_schedule_with_a_nonunit_sigma_derivati
     t = torch.tensor([0.1, 0.5, 1.5], dtype=torch.float64)
     torch.testing.assert_close(s.diffusion2(t), 4 * t ** 3, rtol=1e-14, atol=0.0)
     torch.testing.assert_close(s.drift(t), torch.zeros_like(t), rtol=0.0, atol=0.0)
+
+
+# --- DiscreteVP's constructor: what it accepts, what it refuses, and what it keeps ---------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(betas=[0.1, 0.2], alphas_cumprod=[0.9, 0.72])])
+def test_discrete_vp_needs_exactly_one_of_betas_or_alphas_cumprod(kwargs):
+    with pytest.raises(ValueError, match=r"^DiscreteVP needs exactly one of `betas` or `alphas_cumprod`$"):
+        schedules.DiscreteVP(**kwargs)
+
+
+@pytest.mark.parametrize("betas", [[0.1], [0.0, 0.1], [0.1, 1.0], [0.1, -0.1]])
+def test_discrete_vp_refuses_betas_outside_the_open_unit_interval_or_fewer_than_two(betas):
+    with pytest.raises(ValueError, match=r"^DiscreteVP: betas must be at least 2 values, each in \(0, 1\)$"):
+        schedules.DiscreteVP(betas)
+
+
+@pytest.mark.parametrize("abar", [[0.5], [1.0, 0.5], [0.5, 0.0], [1.5, 0.5], [0.9, -0.1]])
+def test_discrete_vp_refuses_alphas_cumprod_outside_the_open_unit_interval_or_fewer_than_two(abar):
+    with pytest.raises(ValueError, match=r"^DiscreteVP: alphas_cumprod must be at least 2 values, each in \(0, 1\)$"):
+        schedules.DiscreteVP(alphas_cumprod=abar)
+
+
+@pytest.mark.parametrize("abar", [[0.9, 0.9, 0.5], [0.9, 0.5, 0.7]])
+def test_discrete_vp_refuses_alphas_cumprod_that_is_not_strictly_decreasing(abar):
+    with pytest.raises(ValueError, match=r"^DiscreteVP: alphas_cumprod must be strictly decreasing$"):
+        schedules.DiscreteVP(alphas_cumprod=abar)
+
+
+def test_discrete_vp_keeps_python_lists_in_float64_and_accepts_two_values():
+    """Lists of Python floats are float64 values: ᾱ from β = [0.1, 0.2] is [0.9, 0.72] to float64 rounding,
+    not to float32's (the error of float32 here would be ~1e-8)."""
+    from_betas = schedules.DiscreteVP([0.1, 0.2])
+    from_abar = schedules.DiscreteVP(alphas_cumprod=[0.9, 0.72])
+    for s in (from_betas, from_abar):
+        assert s.alphas_cumprod.dtype == torch.float64 and s.num_train_timesteps == 2
+        torch.testing.assert_close(s.alphas_cumprod, torch.tensor([0.9, 0.72], dtype=torch.float64),
+                                   rtol=1e-15, atol=0.0)
+        assert (s.t_zero, s.t_min, s.default_t_end, s.t_max) == (-1.0, 0.0, 0.0, 1.0)
+        torch.testing.assert_close(s.alpha(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)) ** 2,
+                                   torch.tensor([1.0, 0.9, 0.72], dtype=torch.float64), rtol=1e-14, atol=0.0)
+
+
+def test_discrete_vp_classmethods_pass_their_keyword_options_on():
+    s = schedules.DiscreteVP.cosine(time_scale=1.0 / 1000, integer_time=True)
+    assert s.time_scale == 1.0 / 1000 and s.integer_time
+    torch.testing.assert_close(s.model_time(torch.tensor([999.0, 10.4], dtype=torch.float64)),
+                               torch.tensor([0.999, 0.010], dtype=torch.float64), rtol=1e-15, atol=0.0)
+
+
+def test_discrete_vp_log_alpha_slope_at_a_knot_is_that_of_the_interval_below():
+    """log α is piecewise linear in t with knots at t = −1 (ᾱ = 1), 0, 1, …; solver time decreases, so at a
+    knot d log α/dt is the slope of the interval below it, and at t = −1 that of the first interval."""
+    s = schedules.DiscreteVP(alphas_cumprod=[0.9, 0.72, 0.5])
+    log_alpha = 0.5 * torch.log(torch.tensor([1.0, 0.9, 0.72, 0.5], dtype=torch.float64))
+    slopes = log_alpha[1:] - log_alpha[:-1]      # intervals [−1, 0], [0, 1], [1, 2]
+    t = torch.tensor([-1.0, 0.0, 1.0, 2.0, 0.5], dtype=torch.float64)
+    expected = torch.stack([slopes[0], slopes[0], slopes[1], slopes[2], slopes[1]])
+    torch.testing.assert_close(s.d_log_alpha(t), expected, rtol=1e-14, atol=0.0)
+
+
+def test_discrete_vp_log_snr_inverse_at_the_ends_of_its_range():
+    """λ = +inf is the data (t_zero = −1); λ at t_max maps back to t_max, and a hair below it to just past
+    t_max (the last interval continued), not to an index error."""
+    s = schedules.DiscreteVP(alphas_cumprod=[0.9, 0.72, 0.5])
+    lam_max = float(s.log_snr(torch.tensor(2.0, dtype=torch.float64)))
+    lam = torch.tensor([math.inf, lam_max, lam_max - 1e-9], dtype=torch.float64)
+    t = s.t_from_log_snr(lam)
+    assert t[0].item() == -1.0
+    torch.testing.assert_close(t[1:], torch.tensor([2.0, 2.0], dtype=torch.float64), rtol=0.0, atol=1e-8)
+    assert t[2].item() > 2.0
+
+
+def test_vp_linear_accepts_t_min_equal_to_the_default_end():
+    s = schedules.VPLinear(t_min=1e-3, default_t_end=1e-3)
+    assert s.t_min == s.default_t_end == 1e-3
+
+
+def test_rectified_flow_feeds_the_network_its_own_time_by_default():
+    s = schedules.RectifiedFlow()
+    t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(s.model_time(t), t, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(schedules.RectifiedFlow(time_scale=1000.0).model_time(t), 1000.0 * t,
+                               rtol=1e-15, atol=0.0)
+
+
+def test_an_unknown_schedule_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"^unknown schedule 'vp'; valid names: discrete_vp, discrete_vp_cosine, "
+                                         r"edm, rectified_flow, ve, vp_cosine, vp_linear$"):
+        schedules.get_schedule("vp")
+
+
+def test_vp_cosine_with_another_offset_s_is_still_the_nichol_dhariwal_schedule():
+    """s = 0.02: with the default s = 0.008, π/(2s(1+s)) and π/2·s/(1+s) differ by exactly 62π, so a slip of
+    ·s into /s in the normalisation constants cannot show; with s = 0.02 they differ by 24.5π."""
+    s = schedules.VPCosine(s=0.02)
+    t = torch.tensor([1e-4, 0.1, 0.37, 0.8, 0.99], dtype=torch.float64)
+    expected = torch.cos(math.pi / 2 * (t + 0.02) / 1.02) / math.cos(math.pi / 2 * 0.02 / 1.02)
+    torch.testing.assert_close(s.alpha(t), expected, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(s.t_from_log_snr(s.log_snr(t)), t, rtol=1e-10, atol=1e-13)

@@ -136,10 +136,11 @@ EDM_GRID = [80.0, 20.0, 5.0, 1.0, 0.2, 0.0]   # on EDM, ρ = σ = t exactly: the
 
 
 def _heun(**options):
+    options = {"s_churn": 2.0, **options}
     g = gaussian(dim=2, mean=0.5, std=0.7)
     x = solvers.initial_noise((4, 2), seeds=range(4), schedule=EDM, dtype=torch.float64)
     return solvers.sample(g.as_model(EDM), x, "heun", timesteps=EDM_GRID, seeds=range(4), dtype=torch.float64,
-                          s_churn=2.0, **options)
+                          **options)
 
 
 def test_heun_churn_window_includes_its_bounds():
@@ -159,3 +160,182 @@ def test_heun_does_not_churn_where_the_raised_level_is_capped_at_t_max():
 def test_heun_reports_second_order_steps_and_a_first_order_final_step():
     assert _heun().orders == [2, 2, 2, 2, 1]
     assert _heun().nfe == 9
+
+
+# --- more reported orders: first-order methods, Langevin, the multistep warm-up and the final step -------------
+
+@pytest.mark.parametrize("solver, options, grid, expected", [
+    ("euler_maruyama", {}, GRID_TO_ZERO, [1, 1, 1, 1, 1]),
+    ("langevin", dict(steps_per_level=2), GRID_TO_ZERO, [1, 1, 1, 1, 1]),
+    ("dpmpp_2m", dict(lower_order_final=False), GRID_TO_ZERO, [1, 2, 2, 2, 1]),
+    ("dpmpp_2m", dict(lower_order_final=True), GRID, [1, 2, 2, 1]),
+    ("dpmpp_3m", dict(lower_order_final=False), GRID_TO_ZERO, [1, 2, 3, 3, 1]),
+    ("dpmpp_3m", dict(lower_order_final=True), GRID, [1, 2, 2, 1]),
+    ("deis", dict(lower_order_final=False), GRID_TO_ZERO, [1, 2, 2, 2, 1]),
+    ("deis", dict(lower_order_final=True, solver_order=3), GRID, [1, 2, 2, 1]),
+])
+def test_orders_reported_per_step(solver, options, grid, expected):
+    assert _run(solver, grid, **options).orders == expected
+
+
+# --- grids a solver cannot integrate: refused before sampling, with the whole reason -------------------------
+
+RF = schedules.RectifiedFlow()   # α(1) = 0: λ, ρ and the SDE drift are infinite at t = 1
+
+
+def _run_rf(solver, grid, **options):
+    g = gaussian(dim=2, mean=0.5, std=0.7)
+    x = solvers.initial_noise((4, 2), seeds=range(4), schedule=RF, dtype=torch.float64)
+    return solvers.sample(g.as_model(RF, prediction="velocity"), x, solver, timesteps=grid, seeds=range(4),
+                          dtype=torch.float64, **options)
+
+
+@pytest.mark.parametrize("grid", [[1.0, 0.5], [1.0, 0.5, 0.2]])
+@pytest.mark.parametrize("solver, message", [
+    ("dpmpp_2m", r"^dpmpp_2m steps in log-SNR λ, which is infinite at t=1\.0 \(α = 0 there\); start the grid just "
+                 r"below it \(e\.g\. t_start=0\.999\) or use euler/heun, which integrate in t$"),
+    ("deis", r"^deis steps in ρ = σ/α, which is infinite at t=1\.0 \(α = 0 there\); start the grid just below it or "
+             r"use euler/heun$"),
+    ("euler_maruyama", r"^euler_maruyama: the SDE coefficients are not finite at t=1\.0 \(Point: f=inf, g²=inf\); "
+                       r"start the grid lower$"),
+])
+def test_a_grid_from_alpha_zero_is_refused_in_full_even_with_one_step(solver, message, grid):
+    with pytest.raises(ValueError, match=message):
+        _run_rf(solver, grid)
+    assert _run_rf(solver, [0.5, 0.2]).orders == [1]
+
+
+@pytest.mark.parametrize("schedule", [RF, EDM])
+def test_ddpm_large_variance_is_refused_off_variance_preserving_schedules(schedule):
+    g = gaussian(dim=2, mean=0.5, std=0.7)
+    grid = [0.5, 0.2] if schedule is RF else [5.0, 1.0]
+    x = solvers.initial_noise((2, 2), seeds=range(2), schedule=schedule, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^ddpm: variance='large' \(β_t\) is defined on variance-preserving "
+                                         r"schedules only$"):
+        solvers.sample(g.as_model(schedule), x, "ddpm", variance="large", timesteps=grid, seeds=range(2))
+    assert _run("ddpm", GRID, variance="large").orders == [1, 1, 1, 1]
+
+
+def test_heun_accepts_a_churn_window_of_one_level_and_refuses_an_inverted_one():
+    assert solvers.get_solver("heun", s_tmin=5.0, s_tmax=5.0).s_tmax == 5.0
+    with pytest.raises(ValueError, match=r"^heun: s_tmin=5\.0 must not exceed s_tmax=4\.9$"):
+        solvers.get_solver("heun", s_tmin=5.0, s_tmax=4.9)
+
+
+def test_heun_with_a_churn_window_only_at_t_max_is_the_churn_free_sampler():
+    """The only level in the window is t_max = 80, where σ̂ is capped back to σ: nothing is churned."""
+    torch.testing.assert_close(_heun(s_tmin=80.0).samples, _heun(s_churn=0.0).samples, rtol=0, atol=0)
+
+
+# --- Langevin -------------------------------------------------------------------------------------------------
+
+def test_langevin_snr_rule_takes_no_step_where_the_score_is_zero():
+    """x0-prediction D(x) = x on EDM (α = 1): the score (α·D − x)/σ² is exactly 0 everywhere, so the SNR rule's
+    δ = 2(r‖z‖/‖s‖)² would be infinite; such a sample takes no step and stays where it is."""
+    model = solvers.DiffusionModel(lambda x, t: x.clone(), schedule=EDM, prediction="x0")
+    x = solvers.initial_noise((3, 2), seeds=range(3), schedule=EDM, dtype=torch.float64)
+    res = solvers.sample(model, x, "langevin", step_rule="snr", steps_per_level=2, timesteps=[20.0, 5.0, 1.0],
+                         seeds=range(3), dtype=torch.float64)
+    torch.testing.assert_close(res.samples, x, rtol=0, atol=0)
+    assert res.nfe == 4
+
+
+def test_langevin_steps_per_level_is_named_in_full():
+    with pytest.raises(ValueError, match=r"^langevin: steps_per_level must be a positive integer, got 0$"):
+        solvers.get_solver("langevin", steps_per_level=0)
+
+
+def test_pc_refuses_a_last_level_where_the_corrector_cannot_evaluate_the_model():
+    """The corrector runs at t_{i+1}: on a one-step grid the predictor's check never sees that point."""
+
+    class NoNetworkBelowHalf(solvers.DiffusionModel):
+        def conversion_at(self, t):
+            if bool((torch.as_tensor(t) < 0.5).any()):
+                raise ValueError("no network below t=0.5")
+            return super().conversion_at(t)
+
+    model = NoNetworkBelowHalf(MIX.network(VP, "eps"), schedule=VP, prediction="eps")
+    with pytest.raises(ValueError, match=r"^pc: the corrector cannot evaluate the model at t=0\.3: no network below "
+                                         r"t=0\.5$"):
+        solvers.sample(model, _x(), "pc", timesteps=[0.9, 0.3], seeds=range(4), dtype=torch.float64)
+    assert solvers.sample(model, _x(), "pc", timesteps=[0.9, 0.6], seeds=range(4), dtype=torch.float64).nfe == 2
+
+
+def test_time_adams_weights_on_a_discrete_schedule_match_an_adaptive_quadrature():
+    """On DiscreteVP, t(ρ) is only piecewise smooth (log α is linear between integer t): the weights
+    ∫ L_j(t(ρ)) dρ of a step over ten intervals match scipy's adaptive quadrature, split at every knot, to
+    1e-6 (one Gauss panel over the whole step is off by ~3e-5 here)."""
+    from scipy.integrate import quad
+
+    from solvers.deis import adams_weights
+    s = schedules.DiscreteVP.linear()
+    rho_at = lambda t: float(s.sigma_ve(torch.tensor(float(t), dtype=torch.float64)))  # noqa: E731
+    t_at = lambda r: float(s.t_from_sigma_ve(torch.tensor(r, dtype=torch.float64)))     # noqa: E731
+    t_to, t_nodes = 20.5, (10.5, 3.5)                                   # step 10.5 → 20.5 in t (ρ increases)
+    nodes = [rho_at(t) for t in t_nodes]
+    edges = [nodes[0]] + [rho_at(k) for k in range(11, 21)] + [rho_at(t_to)]
+    expected = []
+    for j in range(2):
+        basis = lambda r, j=j: (t_at(r) - t_nodes[1 - j]) / (t_nodes[j] - t_nodes[1 - j])  # noqa: E731
+        expected.append(sum(quad(basis, a, b, epsabs=0.0, epsrel=1e-13)[0] for a, b in zip(edges, edges[1:])))
+    weights = adams_weights(nodes, nodes[0], rho_at(t_to), "t", s)
+    torch.testing.assert_close(torch.tensor(weights), torch.tensor(expected, dtype=torch.float64), rtol=1e-6,
+                               atol=0.0)
+
+
+class _KinkedVE(schedules.Schedule):
+    """x = x0 + σ(t)·ε with σ(t) = t except an infinite dσ/dt at t = 0.5 (a finite drift f = 0, an infinite g²)."""
+
+    name = "kinked_ve"
+
+    def __init__(self):
+        self.t_min, self.t_max, self.default_t_end, self.time_scale = 1e-3, 2.0, 1e-3, 1.0
+
+    def alpha(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def sigma(self, t):
+        return torch.as_tensor(t, dtype=torch.float64).clone()
+
+    def d_alpha(self, t):
+        return torch.zeros_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def d_sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.where(t == 0.5, torch.full_like(t, math.inf), torch.ones_like(t))
+
+
+def test_euler_maruyama_refuses_a_point_where_only_the_diffusion_coefficient_is_infinite():
+    s = _KinkedVE()
+    model = solvers.DiffusionModel(lambda x, t: torch.zeros_like(x), schedule=s, prediction="eps")
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^euler_maruyama: the SDE coefficients are not finite at t=0\.5 \(Point: "
+                                         r"f=0\.0, g²=inf\); start the grid lower$"):
+        solvers.sample(model, x, "euler_maruyama", timesteps=[1.0, 0.5, 0.2], seeds=range(2))
+
+
+class _VanishingAlphaVE(_KinkedVE):
+    """α = 1 except α = 0 at t = 0.5 (σ = t): λ and ρ are infinite at an interior grid point."""
+
+    name = "vanishing_alpha"
+
+    def alpha(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.where(t == 0.5, torch.zeros_like(t), torch.ones_like(t))
+
+    def d_sigma(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver, message", [
+    ("dpmpp_2m", r"^dpmpp_2m steps in log-SNR λ, which is infinite at t=0\.5 \(α = 0 there\); start the grid just "
+                 r"below it \(e\.g\. t_start=0\.4995\) or use euler/heun, which integrate in t$"),
+    ("deis", r"^deis steps in ρ = σ/α, which is infinite at t=0\.5 \(α = 0 there\); start the grid just below it or "
+             r"use euler/heun$"),
+])
+def test_log_snr_and_rho_solvers_check_every_point_they_evaluate_not_only_the_first(solver, message):
+    s = _VanishingAlphaVE()
+    model = solvers.DiffusionModel(lambda x, t: torch.zeros_like(x), schedule=s, prediction="x0")
+    with pytest.raises(ValueError, match=message):
+        solvers.sample(model, torch.zeros(2, 2, dtype=torch.float64), solver, timesteps=[1.0, 0.5, 0.2],
+                       seeds=range(2))
