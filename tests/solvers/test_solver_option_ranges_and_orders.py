@@ -339,3 +339,47 @@ def test_log_snr_and_rho_solvers_check_every_point_they_evaluate_not_only_the_fi
     with pytest.raises(ValueError, match=message):
         solvers.sample(model, torch.zeros(2, 2, dtype=torch.float64), solver, timesteps=[1.0, 0.5, 0.2],
                        seeds=range(2))
+
+
+# --- second mutation run's survivors --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["euler", "ddim"])
+def test_first_order_solvers_report_first_order_steps(solver):
+    assert _run(solver, GRID).orders == [1, 1, 1, 1]
+    assert _run(solver, GRID_TO_ZERO).orders == [1, 1, 1, 1, 1]
+
+
+def test_ddim_from_where_alpha_vanishes_injects_the_full_eta_noise():
+    """From t = 1 on rectified flow (α = 0, ρ = σ/α = ∞) DDIM's σ_t(η) = η·σ_n·sqrt(1 − (ρ_n/ρ)²) has ρ_n/ρ = 0:
+    the whole η·σ_n is noise.  Two seeds therefore differ by η·σ_n·(z₁ − z₂) on the first step."""
+    rf = schedules.RectifiedFlow()
+    g = gaussian(dim=2, mean=0.5, std=0.7)
+    x = solvers.initial_noise((2, 2), seeds=[0, 0], schedule=rf, dtype=torch.float64)
+    res = solvers.sample(g.as_model(rf, "velocity"), x, "ddim", timesteps=[1.0, 0.5], eta=1.0, seeds=[3, 4],
+                         dtype=torch.float64)
+    spread = float((res.samples[0] - res.samples[1]).norm())
+    assert spread > 0.05, "the two seeds must get different noise of scale η·σ_n = 0.5"
+
+
+def test_q_sample_keeps_the_data_dtype():
+    """x_t = α·x0 + σ·ε in the data's dtype (the float64 schedule values are cast, not the data promoted)."""
+    for dtype in (torch.float32, torch.float64):
+        x0 = torch.ones(3, 2, dtype=dtype)
+        for s in (VP, schedules.EDM(), schedules.RectifiedFlow()):
+            t = 0.5 if s.name != "edm" else 2.0
+            out = s.q_sample(x0, t, torch.zeros_like(x0))
+            assert out.dtype == dtype
+            torch.testing.assert_close(out, torch.full_like(x0, float(s.alpha(t))))
+            per_sample = s.q_sample(x0, torch.full((3,), t, dtype=torch.float64), torch.ones_like(x0))
+            assert per_sample.dtype == dtype  # a (batch,) float64 α would promote float32 data
+            torch.testing.assert_close(per_sample, torch.full_like(x0, float(s.alpha(t) + s.sigma(t))))
+
+
+@pytest.mark.parametrize("factory, kwargs, message", [
+    (schedules.VPCosine, dict(t_max=1.0), r"^VPCosine needs 0 < t_min <= default_t_end < t_max < 1, got t_min=1e-05, "
+                                          r"default_t_end=0.001, t_max=1.0$"),
+    (schedules.RectifiedFlow, dict(t_min=0.0), r"^RectifiedFlow needs 0 < t_min <= default_t_end < 1$"),
+])
+def test_schedule_range_errors_in_full(factory, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        factory(**kwargs)
