@@ -39,7 +39,8 @@ def fmt_spread(fraction: float) -> str:
     """A relative timing spread as "±4 %" (2 significant digits: ±0.83 %, ±12 %); "" when unknown."""
     if fraction is None or not math.isfinite(fraction):
         return ""
-    return f"±{fraction * 100:.2g} %"
+    percent = fraction * 100
+    return f"±{percent:.2g} %" if percent < 100 else f"±{percent:,.0f} %"
 
 
 def fmt_timed(row, unit: str = "") -> str:

@@ -14,6 +14,7 @@ done, ``--force`` redoes them.  At the end the report (``OUT/report.md``, ``OUT/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sampling for the timing alone, same seeds). The time columns are the medians, with the "
                         "fastest and slowest pass and the count beside them. auto (default): at most "
                         f"{REPEAT_CAP} passes, extra ones only while together they take at most "
-                        f"{REPEAT_BUDGET_S:g} s + {REPEAT_SHARE:.0%} of the first pass — cheap cells get "
+                        f"{REPEAT_BUDGET_S:g} s + {REPEAT_SHARE * 100:.0f} %% of the first pass — cheap cells get "
                         f"{REPEAT_CAP}, a cell whose pass takes over ~0.6 s keeps one. Measured cost on the default "
                         "gmm2d sweep: MEASURED_COST")
     p.add_argument("--seed", type=int, default=0,
@@ -296,8 +297,10 @@ class Evaluator:
     computes its own value and reference note; this class makes the features and the references.
     """
 
-    def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool):
+    def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool,
+                 say: Optional[Callable[[str], None]] = None):
         self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.say = say if say is not None and dist.main else (lambda text: None)  # long steps, labelled
         self.specs = [M.METRICS[k] for k in metric_keys]
         self.sources = {s.source for s in self.specs}
         self.args = args
@@ -327,15 +330,26 @@ class Evaluator:
         from .features import create_extractor
         for spec in self.specs:
             weights = getattr(self.args, spec.weights_option)
+            self.say(f"loading the {spec.label} feature extractor ({spec.key})")
             self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
         if not self.dist.main:
             return
-        from .datasets import reference_statistics
+        from .datasets import default_cache_dir, reference_statistics
+        cache = Path(self.args.cache_dir) if self.args.cache_dir else default_cache_dir()
         for spec in self.specs:
             ext, layer, name = self.extractors[spec.key]
-            ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
-                                       size=self.args.reference_size, cache_dir=self.args.cache_dir,
-                                       progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            size = f"{self.args.reference_size:,}" if self.args.reference_size else "all"
+            self.say(f"reference statistics of {self.card.reference} ({size} images through {name}) and the "
+                     f"{spec.label} noise floor at n = {n:,}: read from the cache in {cache} when there, else "
+                     "computed once (minutes on a CPU) and cached there")
+            t0 = time.perf_counter()
+            with _labelled_bars(f"reference statistics ({self.card.reference}, {name})"):
+                ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                           size=self.args.reference_size, cache_dir=self.args.cache_dir,
+                                           progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            self.say(f"reference statistics {'read from' if ref['cached'] else 'computed in '}"
+                     f"{'' if ref['cached'] else f'{time.perf_counter() - t0:.3g} s and cached at'} "
+                     f"{ref['cache_path']}")
             self.reference[spec.source] = ref
             self.floors[spec.key] = ref["floor"]
             self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
@@ -346,6 +360,8 @@ class Evaluator:
         ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
         # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
         # distance between finite samples varies by a factor of several).
+        self.say(f"noise floor of {', '.join(s.key for s in self.specs if s.source == 'data')}: {FLOOR_DRAWS} "
+                 f"fresh sets of {n:,} exact samples against {n_ref:,} reference samples (not cached)")
         fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
                  for i in range(FLOOR_DRAWS)]
         self.reference["data"] = ref
@@ -365,8 +381,9 @@ class Evaluator:
             images = to_uint8_rgb(self.card.to_images(samples))
             for spec in self.specs:
                 ext, layer, _ = self.extractors[spec.key]
-                out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
-                                                    batch_size=self.args.batch_size, progress=self.progress)
+                with _labelled_bars(f"  {cell.label} {cell.steps} steps: {spec.key} features"):
+                    out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                        batch_size=self.args.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
             return out
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
@@ -382,6 +399,8 @@ class Evaluator:
         # x_T is the same in every cell (same seeds): solve the exact ODE once per (t_from, t_to).
         key = (float(t_from), float(t_to))
         if key not in self._exact_cache:
+            self.say(f"ode_error's reference: the exact probability-flow ODE from t = {t_from:.4g} to {t_to:.4g} for "
+                     f"{x_T.shape[0]:,} start points (once per grid start and end, kept in memory)")
             x = self.card.exact_ode(x_T.detach().to(torch.float64).cpu(), t_from, t_to)
             self._exact_cache[key] = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
         return self._exact_cache[key]
@@ -396,6 +415,23 @@ class Evaluator:
             if note:
                 notes[spec.key] = note
         return values, notes
+
+
+@contextlib.contextmanager
+def _labelled_bars(desc: str) -> Iterator[None]:
+    """Give torch-fidelity's feature-extraction progress bar (hard-coded "Processing samples") the description
+    ``desc`` while the block runs."""
+    import torch_fidelity.utils as fidelity_utils
+    plain = fidelity_utils.tqdm
+
+    def labelled(*a, **kw):
+        return plain(*a, **{**kw, "desc": desc})
+
+    fidelity_utils.tqdm = labelled
+    try:
+        yield
+    finally:
+        fidelity_utils.tqdm = plain
 
 
 # -- sampling one cell -------------------------------------------------------------------------------------
@@ -554,7 +590,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     _apply_fast_paths(sweep)
     sweep.settings = _run_settings(sweep)
     todo = _cells_to_run(sweep)
-    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress)
+    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress,
+                          say=lambda text: _say(sweep, text))
     if todo:
         _prepare_references(evaluator, sweep)
     env = environment(sweep.device) if sweep.dist.main else {}
@@ -655,6 +692,11 @@ def _load_and_plan(sweep: Sweep) -> None:
             raise UsageError("give the weights once: --weights PATH or --model-opt weights=PATH, not both")
         model_options["weights"] = args.weights
     _check_weights(model_options)
+    if card.kind != "analytic":
+        from pretrained.checkpoints import cache_dir
+        _say(sweep, f"loading {card.name}'s weights from " + (str(model_options["weights"]) if "weights" in model_options
+             else f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
+                  "verified download)"))
     try:
         sweep.model = pretrained.load(card.name, device=sweep.device, **model_options)
     except TypeError as e:
@@ -885,6 +927,12 @@ def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
     repeats = row_timing(row)[3]
     return (f"{head}: NFE {int(row['nfe'])}, {fmt_timed(row, ' s')} ({plural(repeats, 'timed pass', 'timed passes')}; "
             f"model {row['time_model_s']:.3g} s), {vals}")
+
+
+def _say(sweep: Sweep, text: str) -> None:
+    """One line on stderr about a long step (rank 0, unless --quiet), above any progress bar."""
+    if sweep.dist.main and not sweep.args.quiet:
+        _bar_write(f"bench.run: {text}")
 
 
 def _bar_write(text: str) -> None:
