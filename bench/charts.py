@@ -129,8 +129,7 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     if log:
         ax.set_yscale("log")
     ax.set_ylim(lo, hi)
-    ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; median of the timed passes, bars: fastest to "
-                                   "slowest; warm-up excluded)",
+    ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; median of passes, bars: fastest–slowest)",
                    "nfe": "NFE: model evaluations per sample (log)"}.get(x, x))
     ax.set_ylabel(f"{label} (lower is better)")
     ax.set_title(title, fontsize=10)

@@ -40,7 +40,7 @@ def fmt_spread(fraction: float) -> str:
     if fraction is None or not math.isfinite(fraction):
         return ""
     percent = fraction * 100
-    return f"±{percent:.2g} %" if percent < 100 else f"±{percent:,.0f} %"
+    return f"±{percent:.2g} %" if percent < 100 else f"±{float(f'{percent:.2g}'):,.0f} %"
 
 
 def fmt_timed(row, unit: str = "") -> str:

@@ -93,6 +93,7 @@ def test_the_spread_is_half_the_range_relative_to_the_median():
     assert relative_spread(0.2, 0.2, 0.2) == 0.0
     assert np.isnan(relative_spread(0.0, 0.0, 0.0))
     assert fmt_spread(0.0392) == "±3.9 %" and fmt_spread(0.12) == "±12 %" and fmt_spread(float("nan")) == ""
+    assert fmt_spread(1.82) == "±180 %" and fmt_spread(12.345) == "±1,200 %"  # 2 significant digits throughout
     row = {"time_total_s": 0.153, "time_repeats": 5, "time_total_min_s": 0.147, "time_total_max_s": 0.159}
     assert fmt_timed(row) == "0.153 ±3.9 %" and fmt_timed(row, " s") == "0.153 s ±3.9 %"
     assert fmt_timed({"time_total_s": 0.153}) == "0.153"
