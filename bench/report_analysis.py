@@ -158,9 +158,11 @@ def timing_summary(df: pd.DataFrame) -> tuple[str, str]:
     if not unstable:
         return how, ""
     worst = ", ".join(f"{cell_name(r)} {fmt_timed(r, ' s')}" for r, _ in unstable[:5])
-    warn = (f"**Unstable timings:** {plural(len(unstable), 'cell')} spread more than ±{UNSTABLE_SPREAD * 100:.0f} % around "
-            f"the median ({worst}{', …' if len(unstable) > 5 else ''}): compare their times with care, or rerun "
-            "with --threads 1, more --repeats or on a quieter machine.")
+    limit = f"±{UNSTABLE_SPREAD * 100:.0f} %"
+    more = ", …" if len(unstable) > 5 else ""
+    warn = (f"**Unstable timings:** {plural(len(unstable), 'cell')} spread more than {limit} around the median "
+            f"({worst}{more}): compare their times with care, or rerun with --threads 1, more --repeats or on a "
+            "quieter machine.")
     return how, warn
 
 

@@ -29,7 +29,8 @@ from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # n
 
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
-           "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread", "TIMING_PASS_COLUMNS",
+           "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
+           "TIMING_PASS_COLUMNS",
            "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename"]
 
 SCHEMA_VERSION = 1

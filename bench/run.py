@@ -700,9 +700,10 @@ def _load_and_plan(sweep: Sweep) -> None:
     _check_weights(model_options)
     if card.kind != "analytic":
         from pretrained.checkpoints import cache_dir
-        _say(sweep, f"loading {card.name}'s weights from " + (str(model_options["weights"]) if "weights" in model_options
-             else f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
-                  "verified download)"))
+        where = (str(model_options["weights"]) if "weights" in model_options else
+                 f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
+                 "verified download)")
+        _say(sweep, f"loading {card.name}'s weights from {where}")
     try:
         sweep.model = pretrained.load(card.name, device=sweep.device, **model_options)
     except TypeError as e:
