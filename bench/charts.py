@@ -69,6 +69,8 @@ def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: 
         colour = colours.get(str(lab))
         inside = g[~g.index.isin(off)]
         ax.plot(inside[x], inside[column], marker="o", ms=4, lw=1.4, label=lab, color=colour)
+        if x == "time_total_s":
+            _time_bars(ax, inside, column, colour)
         for _, r in inside.iterrows():
             ax.annotate(str(int(r["steps"])), (r[x], r[column]), textcoords="offset points", xytext=(3, 3),
                         fontsize=7, color="0.35")
@@ -78,6 +80,16 @@ def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: 
                         textcoords="offset points", xytext=(6, -11), fontsize=7, color=colour)
             notes.append(f"{lab} × {int(r['steps'])}")
     return notes
+
+
+def _time_bars(ax, g: pd.DataFrame, column: str, colour) -> None:
+    """Horizontal bars from each cell's fastest to its slowest timed pass (none for one-pass cells)."""
+    from .results import row_timing
+    spans = np.array([row_timing(r)[:3] for r in g.to_dict("records")], dtype=float).reshape(-1, 3)
+    if len(spans) and (spans[:, 2] > spans[:, 1]).any():
+        ax.errorbar(spans[:, 0], g[column].to_numpy(float),
+                    xerr=[spans[:, 0] - spans[:, 1], spans[:, 2] - spans[:, 0]], fmt="none", ecolor=colour,
+                    elinewidth=0.9, capsize=2.5, alpha=0.7)
 
 
 def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
@@ -117,7 +129,7 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     if log:
         ax.set_yscale("log")
     ax.set_ylim(lo, hi)
-    ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; warm-up excluded)",
+    ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; median of passes, bars: fastest–slowest)",
                    "nfe": "NFE: model evaluations per sample (log)"}.get(x, x))
     ax.set_ylabel(f"{label} (lower is better)")
     ax.set_title(title, fontsize=10)

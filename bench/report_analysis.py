@@ -10,11 +10,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .report_doc import cell_name, fmt, fmt_time, plural
-from .results import METRIC_PREFIX
+from .report_doc import cell_name, fmt, fmt_time, fmt_timed, plural
+from .results import METRIC_PREFIX, relative_spread, row_timing
 
 __all__ = ["USABLE_FACTOR", "OFF_SCALE_GAP", "MetricVerdict", "usable_limit", "off_scale_cells", "judge_metric",
-           "budget_ladder", "best_per_budget", "floor_distance", "observations"]
+           "budget_ladder", "best_per_budget", "floor_distance", "observations", "UNSTABLE_SPREAD", "times_overlap",
+           "unstable_cells", "budget_timing_note", "timing_summary"]
 
 # A cell is usable when its metric is at most USABLE_FACTOR × max(the best cell's value, the noise floor): a
 # fixed, stated factor above what the sweep shows is reachable (or, below the floor, indistinguishable).
@@ -22,6 +23,9 @@ USABLE_FACTOR = 5.0
 # A cell is off-scale (diverged) when its value is more than OFF_SCALE_GAP × every value below it, measured at
 # the widest gap in the upper half of the sorted values: a blow-up, not a slow convergence.
 OFF_SCALE_GAP = 10.0
+# A cell's timing is unstable when its passes spread more than ±10 % around their median (pyperf warns from a
+# standard deviation of 10 % of the mean).
+UNSTABLE_SPREAD = 0.10
 
 
 @dataclass
@@ -116,6 +120,67 @@ def best_per_budget(v: MetricVerdict, x: str) -> list[tuple[float, Optional[pd.S
         within = d[xs <= b * (1 + 1e-9)]
         out.append((b, within.loc[within[v.column].astype(float).idxmin()] if len(within) else None))
     return out
+
+
+def times_overlap(a, b) -> bool:
+    """Whether two cells' timed passes overlap ([fastest, slowest] of one meets the other's): which of them is
+    faster is then not resolved by the measurement."""
+    _, lo_a, hi_a, _ = row_timing(a)
+    _, lo_b, hi_b, _ = row_timing(b)
+    return lo_a <= hi_b and lo_b <= hi_a
+
+
+def unstable_cells(df: pd.DataFrame) -> list[tuple[pd.Series, float]]:
+    """The successful cells whose passes spread more than ``UNSTABLE_SPREAD`` around their median, with the
+    spread, widest first."""
+    out = []
+    for _, r in df[df["status"] == "ok"].iterrows():
+        median, lo, hi, repeats = row_timing(r)
+        spread = relative_spread(median, lo, hi)
+        if repeats > 1 and spread > UNSTABLE_SPREAD:
+            out.append((r, spread))
+    return sorted(out, key=lambda p: -p[1])
+
+
+def timing_summary(df: pd.DataFrame) -> tuple[str, str]:
+    """How the cells were timed, in one sentence, and the pyperf-style warning naming the unstable cells ("" when
+    there are none)."""
+    ok = df[df["status"] == "ok"]
+    counts = sorted({row_timing(r)[3] for r in ok.to_dict("records")}) or [1]
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    how = (f"Times (total, model, solver, per sample) are the medians of each cell's timed passes ({n} per cell; "
+           "warm-up excluded), ± half the range between its fastest and slowest pass; ⚠ marks a claim that the "
+           "spread does not resolve."
+           if counts[-1] > 1 else
+           "Each cell was timed once (one pass; files from before the repeated passes, or --repeats 1): the "
+           "spread of its time is not known.")
+    unstable = unstable_cells(df)
+    if not unstable:
+        return how, ""
+    worst = ", ".join(f"{cell_name(r)} {fmt_timed(r, ' s')}" for r, _ in unstable[:5])
+    limit = f"±{UNSTABLE_SPREAD * 100:.0f} %"
+    more = ", …" if len(unstable) > 5 else ""
+    warn = (f"**Unstable timings:** {plural(len(unstable), 'cell')} spread more than {limit} around the median "
+            f"({worst}{more}): compare their times with care, or rerun with --threads 1, more --repeats or on a "
+            "quieter machine.")
+    return how, warn
+
+
+def budget_timing_note(v: MetricVerdict, budget: float, r: pd.Series) -> str:
+    """Where the spread of the timings makes a wall-clock budget row uncertain: the chosen cell's slowest pass
+    is over the budget, or a better cell timed over it has passes within it ("" when neither)."""
+    notes = []
+    _, _, hi, _ = row_timing(r)
+    if hi > budget * (1 + 1e-9):
+        notes.append(f"its slowest pass ({fmt_time(hi)} s) is over the budget")
+    d = v.d.drop(index=v.off_scale)
+    better = d[(d[v.column].astype(float) < float(r[v.column])) & (d["time_total_s"].astype(float) > budget)]
+    close = [(float(b[v.column]), b) for _, b in better.iterrows() if row_timing(b)[1] <= budget * (1 + 1e-9)]
+    if close:
+        _, b = min(close, key=lambda p: p[0])
+        notes.append(f"{cell_name(b)} ({fmt(b[v.column])}, better) has passes within the budget "
+                     f"({fmt_timed(b, ' s')}, fastest {fmt_time(row_timing(b)[1])} s)")
+    return "; ".join(notes)
 
 
 def _monotone_lines(d: pd.DataFrame, col: str, lab: str, floor) -> list[str]:

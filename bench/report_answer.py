@@ -8,8 +8,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .report_analysis import OFF_SCALE_GAP, USABLE_FACTOR, MetricVerdict, best_per_budget, floor_distance
-from .report_doc import Doc, cell_name, fmt, fmt_time, plural
+from .report_analysis import (OFF_SCALE_GAP, USABLE_FACTOR, MetricVerdict, best_per_budget, budget_timing_note,
+                              floor_distance, times_overlap, timing_summary)
+from .report_doc import Doc, cell_name, fmt, fmt_time, fmt_timed, plural
 
 __all__ = ["primary_verdict", "recommendation_section", "diverged_reasons"]
 
@@ -21,7 +22,7 @@ def primary_verdict(verdicts: list[MetricVerdict]) -> Optional[MetricVerdict]:
 
 
 def _cost(r) -> str:
-    return f"{plural(int(r['nfe']), 'model call')}, {fmt_time(r['time_total_s'])} s"
+    return f"{plural(int(r['nfe']), 'model call')}, {fmt_timed(r, ' s')}"
 
 
 def _headline(v: MetricVerdict, n: int) -> str:
@@ -35,10 +36,13 @@ def _headline(v: MetricVerdict, n: int) -> str:
         at_floor = v.d[(vals <= v.floor[0] + v.floor[1]) & ~v.d.index.isin(v.off_scale)]
         if len(at_floor):
             cheap = at_floor.sort_values(["time_total_s", "nfe"]).iloc[0]
+            ties = [cell_name(r) for _, r in at_floor.iterrows() if r.name != cheap.name and times_overlap(r, cheap)]
+            tie = (f" Timed within its spread: {', '.join(ties)} — which of them is cheapest is not resolved."
+                   if ties else "")
             if cheap.name == best.name:
-                return txt + " It is also the cheapest cell within 1 sd of the noise floor."
+                return txt + " It is also the cheapest cell within 1 sd of the noise floor." + tie
             txt += (f" The cheapest cell within 1 sd of the noise floor — as good as the metric can tell — is "
-                    f"**{cell_name(cheap)}** ({fmt(cheap[v.column])}; {_cost(cheap)}).")
+                    f"**{cell_name(cheap)}** ({fmt(cheap[v.column])}; {_cost(cheap)}).{tie}")
         else:
             txt += " No cell comes within 1 sd of the noise floor."
     return txt
@@ -57,18 +61,25 @@ def _budget_table(doc: Doc, v: MetricVerdict, x: str, unit: str) -> None:
             rows.append([budget, "(no cell this cheap)", "–", "–", "–"])
             continue
         val = float(r[v.column])
+        note = budget_timing_note(v, b, r) if x == "time_total_s" else ""
         rows.append([budget, f"{cell_name(r)} ({r['spacing']}; {_cost(r)})", fmt(val),
-                     floor_distance(val, v.floor), "yes" if val <= v.limit else "no"])
+                     floor_distance(val, v.floor), "yes" if val <= v.limit else "no"]
+                    + ([f"⚠ {note}" if note else "–"] if x == "time_total_s" else []))
     if rows:
-        doc.table([unit, "best cell within it", v.label, "vs noise floor", "usable"], rows)
+        doc.table([unit, "best cell within it", v.label, "vs noise floor", "usable"]
+                  + (["timing spread"] if x == "time_total_s" else []), rows)
 
 
 def _pareto_words(v: MetricVerdict, front: list, x: str, what: str) -> str:
     """The usable Pareto set as a sentence, cheapest first, and the cheaper cells left out as unusable."""
     d = v.d.drop(index=v.off_scale)
-    cost = (lambda r: f"{fmt_time(r['time_total_s'])} s") if x == "time_total_s" else \
-        (lambda r: plural(int(r["nfe"]), "call"))
-    steps = [f"{cell_name(d.loc[i])} ({fmt(d.loc[i, v.column])}, {cost(d.loc[i])})" for i in front]
+    cost = (lambda r: fmt_timed(r, " s")) if x == "time_total_s" else (lambda r: plural(int(r["nfe"]), "call"))
+    steps = []
+    for k, i in enumerate(front):
+        step = f"{cell_name(d.loc[i])} ({fmt(d.loc[i, v.column])}, {cost(d.loc[i])})"
+        if x == "time_total_s" and k and times_overlap(d.loc[i], d.loc[front[k - 1]]):
+            step += " ⚠ timed within the spread of the previous cell: which is faster is not resolved"
+        steps.append(step)
     txt = f"By {what}: " + (" → ".join(steps) if steps else "no usable cell") + "."
     if front:
         first = float(d.loc[front[0], x])
@@ -123,6 +134,10 @@ def recommendation_section(doc: Doc, verdicts: list[MetricVerdict], fronts: dict
           f"the noise floor (here {v.label} ≤ {fmt(v.limit, 3)}); cells above it are shown as evidence but never "
           f"recommended. **Diverged** (drawn off-scale on the charts) means more than {OFF_SCALE_GAP:g}× above every "
           "cell below it, at the widest gap in the upper half of the values.")
+    how, unstable = timing_summary(df)
+    doc.p(how)
+    if unstable:
+        doc.p(unstable)
     doc.h(3, "Best cell per budget")
     doc.p("A row holds for larger budgets until the next row.")
     _budget_table(doc, v, "time_total_s", "wall-clock budget per cell")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fmt", "fmt_time", "plural", "cell_name", "Doc"]
+__all__ = ["fmt", "fmt_time", "fmt_spread", "fmt_timed", "plural", "cell_name", "Doc"]
 
 TIME_DIGITS = 3  # wall-clock numbers: 3 significant digits (timing noise makes a 4th meaningless)
 
@@ -33,6 +33,23 @@ def fmt(v, digits: int = 4) -> str:
 def fmt_time(seconds) -> str:
     """A wall-clock value to ``TIME_DIGITS`` significant digits (0.0138, 1.54, 152)."""
     return fmt(float(seconds), TIME_DIGITS) if seconds is not None else "–"
+
+
+def fmt_spread(fraction: float) -> str:
+    """A relative timing spread as "±4 %" (2 significant digits: ±0.83 %, ±12 %); "" when unknown."""
+    if fraction is None or not math.isfinite(fraction):
+        return ""
+    percent = fraction * 100
+    return f"±{percent:.2g} %" if percent < 100 else f"±{float(f'{percent:.2g}'):,.0f} %"
+
+
+def fmt_timed(row, unit: str = "") -> str:
+    """A cell's wall-clock (the median of its timed passes) with their spread: "0.153 ±4 %", with ``unit=" s"``
+    "0.153 s ±4 %"; just the time for one pass."""
+    from .results import relative_spread, row_timing
+    median, lo, hi, repeats = row_timing(row)
+    spread = fmt_spread(relative_spread(median, lo, hi)) if repeats > 1 else ""
+    return f"{fmt_time(median)}{unit} {spread}".strip()
 
 
 def plural(n, word: str, words: str = "") -> str:

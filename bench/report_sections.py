@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from .charts import metric_chart, sample_panels
-from .report_analysis import MetricVerdict, observations
-from .report_doc import Doc, fmt, fmt_time, plural
-from .results import METRIC_PREFIX, row_threads, safe_filename
+from .report_analysis import MetricVerdict, observations, timing_summary
+from .report_doc import Doc, fmt, fmt_time, fmt_timed, plural
+from .results import METRIC_PREFIX, row_threads, row_timing, safe_filename
 
 __all__ = ["ReportInput", "published_fid_rows", "setup_section", "model_section", "metrics_section", "results_section",
            "charts_section", "observations_section", "published_section", "samples_section",
@@ -136,15 +136,20 @@ def results_section(doc: Doc, ri: ReportInput) -> None:
     """Every cell as a table row (wall-clock to 3 significant digits), failed cells, the time grids."""
     df, keys = ri.df, ri.keys
     doc.h(2, "Results")
-    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "model s", "solver s", "ms/sample"] + \
-             [ri.labels.get(k, k) for k in keys] + ["status"]
+    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "passes", "model s", "solver s",
+              "ms/sample"] + [ri.labels.get(k, k) for k in keys] + ["status"]
     rows, off = [], ri.off_scale
     for i, r in df.iterrows():
         changed = json.loads(r["solver_options_changed"]) if isinstance(r.get("solver_options_changed"), str) else {}
         opts = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
-        times = [fmt_time(r[c]) for c in ("time_total_s", "time_model_s", "time_solver_s", "time_per_sample_ms")]
+        times = [fmt_timed(r), row_timing(r)[3]] + [fmt_time(r[c]) for c in ("time_model_s", "time_solver_s",
+                                                                              "time_per_sample_ms")]
         rows.append([r["solver_label"], opts, int(r["steps"]), r["spacing"], r["nfe"], *times]
                     + [r[METRIC_PREFIX + k] for k in keys] + [r["status"] + (" (diverged)" if i in off else "")])
+    how, unstable = timing_summary(df)
+    doc.p(how)
+    if unstable:
+        doc.p(unstable)
     doc.table(header, rows)
     failed = df[df["status"] != "ok"]
     if not failed.empty:
@@ -171,7 +176,9 @@ def charts_section(doc: Doc, ri: ReportInput) -> dict:
             off = ", ".join(f"{ri.df.loc[i, 'solver_label']} × {int(ri.df.loc[i, 'steps'])}" for i in v.off_scale)
             doc.img(rel, f"{v.label} against {what}; one colour per solver (the same in every chart), step counts "
                          "beside the points; circled: the Pareto frontier among usable cells (below the dash-dot "
-                         "limit)" + (f"; ▲ at the top edge: diverged, off-scale ({off})" if off else ""))
+                         "limit)" + ("; horizontal bars: each cell's fastest to slowest timed pass"
+                                     if x == "time_total_s" else "")
+                         + (f"; ▲ at the top edge: diverged, off-scale ({off})" if off else ""))
     return fronts
 
 

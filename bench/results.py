@@ -29,7 +29,8 @@ from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # n
 
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
-           "check_run_settings", "row_threads",
+           "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
+           "TIMING_PASS_COLUMNS",
            "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename"]
 
 SCHEMA_VERSION = 1
@@ -45,6 +46,9 @@ RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
 # The conditions that change wall-clock without changing the samples: rows timed under other values are not
 # comparable.  A row that does not record one (a file from before the column) is not compared on it.
 TIMING_SETTING_COLUMNS = {"threads": "--threads", "batch_size": "--batch-size"}
+# The repeated timed passes of a cell: how many, the fastest and slowest total, every total (a JSON list).  The
+# time_* columns are the medians over the passes; a file from before these columns holds one pass per cell.
+TIMING_PASS_COLUMNS = ("time_repeats", "time_total_min_s", "time_total_max_s", "time_passes_s")
 
 
 class IncompatibleResultsError(RuntimeError):
@@ -164,6 +168,47 @@ def _check_timing_settings(existing: pd.DataFrame, settings: dict, out_dir: os.P
             "wall-clock from different thread counts or batch sizes is not comparable, so one results directory "
             f"does not mix them; it was not modified. Rerun with the same values ({' '.join(same)}) or use "
             "another --out DIR.")
+
+
+# -- timing over repeated passes -------------------------------------------------------------------------------
+def timing_columns(passes: list[tuple[float, float, float]]) -> dict:
+    """The timing columns of a row from its timed passes, each (total, model, solver) seconds.
+
+    ``time_total_s``, ``time_model_s`` and ``time_solver_s`` are those of the median pass by total (the mean of
+    the two middle passes for an even count), so that model + solver = total as in every pass; the spread is the
+    fastest and slowest total, and every total is kept.
+
+    Raises:
+        ValueError: no pass.
+    """
+    if not passes:
+        raise ValueError("a timed cell needs at least one pass")
+    totals = [float(p[0]) for p in passes]
+    ranked = sorted((tuple(float(v) for v in p) for p in passes), key=lambda p: p[0])
+    middle = ranked[(len(ranked) - 1) // 2: len(ranked) // 2 + 1]
+    total, model, solver = (float(np.mean([p[i] for p in middle])) for i in range(3))
+    return {"time_total_s": total, "time_model_s": model, "time_solver_s": solver,
+            "time_repeats": len(passes), "time_total_min_s": min(totals), "time_total_max_s": max(totals),
+            "time_passes_s": json.dumps([round(t, 9) for t in totals])}
+
+
+def row_timing(row) -> tuple[float, float, float, int]:
+    """(median, fastest, slowest total seconds, number of passes) of a results row; a row from before the
+    repeated passes (no or empty pass columns) is one pass: its time is all three."""
+    median = float(row.get("time_total_s", np.nan))
+    repeats = _normalise(row.get("time_repeats"))
+    lo, hi = _normalise(row.get("time_total_min_s")), _normalise(row.get("time_total_max_s"))
+    if repeats is None or lo is None or hi is None:
+        return median, median, median, 1
+    return median, float(lo), float(hi), int(repeats)
+
+
+def relative_spread(median: float, lo: float, hi: float) -> float:
+    """The spread of a cell's timed passes: half their range relative to the median, (hi − lo) / (2·median)
+    (0 for one pass; NaN without a positive median)."""
+    if not (median > 0) or not np.isfinite(lo) or not np.isfinite(hi):
+        return float("nan")
+    return (hi - lo) / (2.0 * median)
 
 
 # -- load / save -----------------------------------------------------------------------------------------

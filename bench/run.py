@@ -14,6 +14,7 @@ done, ``--force`` redoes them.  At the end the report (``OUT/report.md``, ``OUT/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from .plan import (Cell, SolverSpec, UsageError, check_seed, default_spacing, de
                    parse_assignment, parse_solvers, parse_steps, plan_cells)
 from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
                       atomic_write_text, check_run_settings, command_line, environment, load_results,
-                      record_row, results_lock)
+                      record_row, results_lock, row_timing, timing_columns)
 
 __all__ = ["main", "run", "build_parser", "parse_steps", "parse_solvers", "default_spacing", "plan_cells", "Cell",
            "sample_seeds", "DEFAULTS"]
@@ -47,6 +48,12 @@ PREVIEW_IMAGES = 64
 PREVIEW_POINTS = 2000
 FLOOR_DRAWS = 10                 # draws averaged for a metric's noise floor
 WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
+# --repeats auto: at most REPEAT_CAP timed passes per cell, the extra ones only while together they take at most
+# REPEAT_BUDGET_S + REPEAT_SHARE × the first pass (see more_passes): cheap cells get a median of 5, a cell
+# whose pass takes over ~0.6 s keeps its one pass (--repeats N asks for N).
+REPEAT_CAP = 5
+REPEAT_BUDGET_S = 0.5
+REPEAT_SHARE = 0.2
 
 
 class AllCellsFailedError(RuntimeError):
@@ -113,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (torch.set_num_threads; default: torch's choice). On a CPU shared "
                         "with other work, 1 gives far steadier timings")
+    p.add_argument("--repeats", default="auto", metavar="N|auto",
+                   help="timed passes per cell (the samples and metrics come from the first; the others re-run the "
+                        "sampling for the timing alone, same seeds). The time columns are the medians, with the "
+                        "fastest and slowest pass and the count beside them. auto (default): at most "
+                        f"{REPEAT_CAP} passes, extra ones only while together they take at most "
+                        f"{REPEAT_BUDGET_S:g} s + {REPEAT_SHARE * 100:.0f} %% of the first pass — cheap cells get "
+                        f"{REPEAT_CAP}, a cell whose pass takes over ~0.6 s keeps one. Measured on the default gmm2d "
+                        "sweep (2 shared CPU cores): the extra passes take about 5 s, some 20 %% of a ~30 s run")
     p.add_argument("--seed", type=int, default=0,
                    help=f"run seed (default 0): sample j uses seed SEED·{SEED_STRIDE}+j in every cell")
     p.add_argument("--metric", default=None,
@@ -282,8 +297,10 @@ class Evaluator:
     computes its own value and reference note; this class makes the features and the references.
     """
 
-    def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool):
+    def __init__(self, card, metric_keys: list[str], args, device: str, dist: Dist, progress: bool,
+                 say: Optional[Callable[[str], None]] = None):
         self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.say = say if say is not None and dist.main else (lambda text: None)  # long steps, labelled
         self.specs = [M.METRICS[k] for k in metric_keys]
         self.sources = {s.source for s in self.specs}
         self.args = args
@@ -313,15 +330,26 @@ class Evaluator:
         from .features import create_extractor
         for spec in self.specs:
             weights = getattr(self.args, spec.weights_option)
+            self.say(f"loading the {spec.label} feature extractor ({spec.key})")
             self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
         if not self.dist.main:
             return
-        from .datasets import reference_statistics
+        from .datasets import default_cache_dir, reference_statistics
+        cache = Path(self.args.cache_dir) if self.args.cache_dir else default_cache_dir()
         for spec in self.specs:
             ext, layer, name = self.extractors[spec.key]
-            ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
-                                       size=self.args.reference_size, cache_dir=self.args.cache_dir,
-                                       progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            size = f"{self.args.reference_size:,}" if self.args.reference_size else "all"
+            self.say(f"reference statistics of {self.card.reference} ({size} images through {name}) and the "
+                     f"{spec.label} noise floor at n = {n:,}: read from the cache in {cache} when there, else "
+                     "computed once (minutes on a CPU) and cached there")
+            t0 = time.perf_counter()
+            with _labelled_bars(f"reference statistics ({self.card.reference}, {name})"):
+                ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                           size=self.args.reference_size, cache_dir=self.args.cache_dir,
+                                           progress=self.progress, floor_n=n, floor_seed=self.args.seed)
+            self.say(f"reference statistics {'read from' if ref['cached'] else 'computed in '}"
+                     f"{'' if ref['cached'] else f'{time.perf_counter() - t0:.3g} s and cached at'} "
+                     f"{ref['cache_path']}")
             self.reference[spec.source] = ref
             self.floors[spec.key] = ref["floor"]
             self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
@@ -332,6 +360,8 @@ class Evaluator:
         ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
         # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
         # distance between finite samples varies by a factor of several).
+        self.say(f"noise floor of {', '.join(s.key for s in self.specs if s.source == 'data')}: {FLOOR_DRAWS} "
+                 f"fresh sets of {n:,} exact samples against {n_ref:,} reference samples (not cached)")
         fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
                  for i in range(FLOOR_DRAWS)]
         self.reference["data"] = ref
@@ -351,8 +381,9 @@ class Evaluator:
             images = to_uint8_rgb(self.card.to_images(samples))
             for spec in self.specs:
                 ext, layer, _ = self.extractors[spec.key]
-                out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
-                                                    batch_size=self.args.batch_size, progress=self.progress)
+                with _labelled_bars(f"  {cell.label} {cell.steps} steps: {spec.key} features"):
+                    out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                        batch_size=self.args.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
             return out
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
@@ -368,6 +399,8 @@ class Evaluator:
         # x_T is the same in every cell (same seeds): solve the exact ODE once per (t_from, t_to).
         key = (float(t_from), float(t_to))
         if key not in self._exact_cache:
+            self.say(f"ode_error's reference: the exact probability-flow ODE from t = {t_from:.4g} to {t_to:.4g} for "
+                     f"{x_T.shape[0]:,} start points (once per grid start and end, kept in memory)")
             x = self.card.exact_ode(x_T.detach().to(torch.float64).cpu(), t_from, t_to)
             self._exact_cache[key] = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
         return self._exact_cache[key]
@@ -384,49 +417,128 @@ class Evaluator:
         return values, notes
 
 
+@contextlib.contextmanager
+def _labelled_bars(desc: str) -> Iterator[None]:
+    """Give torch-fidelity's feature-extraction progress bar (hard-coded "Processing samples") the description
+    ``desc`` while the block runs."""
+    import torch_fidelity.utils as fidelity_utils
+    plain = fidelity_utils.tqdm
+
+    def labelled(*a, **kw):
+        return plain(*a, **{**kw, "desc": desc})
+
+    fidelity_utils.tqdm = labelled
+    try:
+        yield
+    finally:
+        fidelity_utils.tqdm = plain
+
+
 # -- sampling one cell -------------------------------------------------------------------------------------
-def _sample_cell(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist,
-                 progress: bool) -> dict:
-    """Generate this rank's samples of a cell; returns samples, x_T, NFE and timing (warm-up excluded)."""
+def _batches(args, dist: Dist) -> list[tuple[int, int]]:
+    """This rank's batches of sample indices, (start, stop) each."""
     start, stop = dist.slice(args.num_samples)
-    shape = tuple(card.sample_shape)
-    batches = [(i, min(i + args.batch_size, stop)) for i in range(start, stop, args.batch_size)]
-    sample_kw = dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=dtype,
-                     on_nonfinite="raise", rng=args.rng, **cell.options)
-    schedule = model.schedule
-    warmup = 0.0
-    # Warm-up (excluded): each distinct batch shape (the full one and a shorter last one) through a short grid of
-    # the same solver, so that lazy initialisation, kernel selection, allocator growth, torch.compile and CUDA-graph
-    # capture are not charged to the timed batches.
+    return [(i, min(i + args.batch_size, stop)) for i in range(start, stop, args.batch_size)]
+
+
+def _sample_kw(cell: Cell, args, dtype: torch.dtype) -> dict:
+    return dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=dtype, on_nonfinite="raise",
+                rng=args.rng, **cell.options)
+
+
+def _warm_up(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist) -> float:
+    """Run each distinct batch shape (the full one and a shorter last one) through a short grid of the cell's
+    solver, so that lazy initialisation, kernel selection, allocator growth, torch.compile and CUDA-graph
+    capture are not charged to the timed passes. Returns its wall-clock (0 when this rank has no batch)."""
+    batches = _batches(args, dist)
     t0 = time.perf_counter()
     for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
         seeds = sample_seeds(args.seed, b0, b1)
-        x = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
-                                  device=device, rng=args.rng)
-        solvers.sample(model, x, steps=min(cell.steps, WARMUP_STEPS), seeds=seeds, **sample_kw)
-    if batches:
-        warmup = time.perf_counter() - t0
+        x = solvers.initial_noise((b1 - b0, *card.sample_shape), seeds, schedule=model.schedule, t=cell.grid[0],
+                                  dtype=dtype, device=device, rng=args.rng)
+        solvers.sample(model, x, steps=min(cell.steps, WARMUP_STEPS), seeds=seeds, **_sample_kw(cell, args, dtype))
+    return time.perf_counter() - t0 if batches else 0.0
+
+
+def _timed_pass(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist, progress: bool,
+                keep: bool, desc: str, x_T_all: Optional[torch.Tensor] = None) -> dict:
+    """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
+    ``keep``, the samples and x_T (on the CPU). ``x_T_all``: this rank's x_T from an earlier pass, reused
+    instead of drawing it again."""
+    shape = tuple(card.sample_shape)
     outs, x_Ts = [], []
     total = model_t = solver_t = 0.0
     nfe = None
-    bar = _bar(batches, desc=f"  {cell.label} {cell.steps} steps", unit="batch", leave=False,
-               disable=not progress)
-    for b0, b1 in bar:
+    batches = _batches(args, dist)
+    for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         seeds = sample_seeds(args.seed, b0, b1)
-        x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=schedule, t=cell.grid[0], dtype=dtype,
-                                    device=device, rng=args.rng)
-        res = solvers.sample(model, x_T, steps=cell.steps, seeds=seeds, **sample_kw)
+        if x_T_all is not None:
+            x_T = x_T_all[b0 - batches[0][0]:b1 - batches[0][0]].to(device)
+        else:
+            x_T = solvers.initial_noise((b1 - b0, *shape), seeds, schedule=model.schedule, t=cell.grid[0],
+                                        dtype=dtype, device=device, rng=args.rng)
+        res = solvers.sample(model, x_T, steps=cell.steps, seeds=seeds, **_sample_kw(cell, args, dtype))
         if nfe is not None and res.nfe != nfe:
             raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
         nfe = res.nfe
         total += res.time_total
         model_t += res.time_model
         solver_t += res.time_solver
-        outs.append(res.samples.detach().cpu())
-        x_Ts.append(x_T.detach().cpu())
+        if keep:
+            outs.append(res.samples.detach().cpu())
+            x_Ts.append(x_T.detach().cpu())
     empty = torch.empty((0, *shape), dtype=dtype)
     return {"samples": torch.cat(outs) if outs else empty, "x_T": torch.cat(x_Ts) if x_Ts else empty,
-            "nfe": nfe, "time_total": total, "time_model": model_t, "time_solver": solver_t, "warmup": warmup}
+            "nfe": nfe, "timing": (total, model_t, solver_t)}
+
+
+def _sample_cell(cell: Cell, model, card, args, device: str, dtype: torch.dtype, dist: Dist,
+                 progress: bool) -> dict:
+    """Generate this rank's samples of a cell; returns samples, x_T, NFE and timing (warm-up excluded)."""
+    warmup = _warm_up(cell, model, card, args, device, dtype, dist)
+    gen = _timed_pass(cell, model, card, args, device, dtype, dist, progress, keep=True,
+                      desc=f"  {cell.label} {cell.steps} steps")
+    gen["warmup"] = warmup
+    return gen
+
+
+def more_passes(totals: Sequence[float], repeats: Optional[int]) -> bool:
+    """Whether a cell timed ``totals`` (seconds per pass so far, the first one first) gets another timed pass.
+
+    With ``repeats`` (``--repeats N``): until there are N. Automatically (None): at most ``REPEAT_CAP``
+    passes, and another one only while the extra passes, the next one included (estimated as the median so
+    far), stay within ``REPEAT_BUDGET_S`` + ``REPEAT_SHARE`` × the first pass.
+    """
+    if repeats is not None:
+        return len(totals) < repeats
+    if len(totals) >= REPEAT_CAP:
+        return False
+    extra = sum(totals[1:]) + float(np.median(totals))
+    return extra <= REPEAT_BUDGET_S + REPEAT_SHARE * totals[0]
+
+
+def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[tuple], Optional[str]]:
+    """Every timed pass of a cell, each (total, model, solver) of the slowest rank: the first (``gen``, this
+    rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
+    from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
+    Returns the passes and the error of a failed repeat."""
+    args, dist = sweep.args, sweep.dist
+    passes: list[tuple] = []
+    mine, error = (gen["timing"] if gen is not None else None), None
+    while True:
+        everyone = dist.all_gather(mine)  # every rank takes the same decision from the same numbers
+        if any(p is None for p in everyone):
+            return passes, error
+        passes.append(max(everyone, key=lambda p: p[0]))
+        if not more_passes([p[0] for p in passes], args.repeats):
+            return passes, None
+        try:
+            mine = _timed_pass(cell, sweep.model, sweep.card, args, sweep.device, sweep.dtype, dist, sweep.progress,
+                               keep=False, desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}",
+                               x_T_all=gen["x_T"])
+            mine = mine["timing"]
+        except Exception as e:  # noqa: BLE001 — recorded as the cell's failure
+            mine, error = None, f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}"
 
 
 def _bar(iterable, **kw):
@@ -484,7 +596,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Path:
     _apply_fast_paths(sweep)
     sweep.settings = _run_settings(sweep)
     todo = _cells_to_run(sweep)
-    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress)
+    evaluator = Evaluator(sweep.card, sweep.metric_keys, sweep.args, sweep.device, sweep.dist, sweep.progress,
+                          say=lambda text: _say(sweep, text))
     if todo:
         _prepare_references(evaluator, sweep)
     env = environment(sweep.device) if sweep.dist.main else {}
@@ -545,6 +658,24 @@ def _check_sizes(args: argparse.Namespace, card, dist: Dist) -> None:
     if args.reference_size is not None and args.reference_size < 2:
         raise UsageError(f"--reference-size must be at least 2, got {args.reference_size}")
     check_seed(args.seed)
+    args.repeats = parse_repeats(args.repeats)
+
+
+def parse_repeats(text) -> Optional[int]:
+    """``--repeats``: "auto" → None (the rule of :func:`more_passes`), else a positive count of timed passes.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--repeats must be a positive number of timed passes per cell or 'auto', got {text!r}")
+    return n
 
 
 def _metric_keys(args: argparse.Namespace, card) -> list[str]:
@@ -567,6 +698,12 @@ def _load_and_plan(sweep: Sweep) -> None:
             raise UsageError("give the weights once: --weights PATH or --model-opt weights=PATH, not both")
         model_options["weights"] = args.weights
     _check_weights(model_options)
+    if card.kind != "analytic":
+        from pretrained.checkpoints import cache_dir
+        where = (str(model_options["weights"]) if "weights" in model_options else
+                 f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
+                 "verified download)")
+        _say(sweep, f"loading {card.name}'s weights from {where}")
     try:
         sweep.model = pretrained.load(card.name, device=sweep.device, **model_options)
     except TypeError as e:
@@ -682,14 +819,18 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     args, dist = sweep.args, sweep.dist
     started = _now()
     t_cell = time.perf_counter()
+    gen = None
     try:
         gen = _sample_cell(cell, sweep.model, sweep.card, args, sweep.device, sweep.dtype, dist, sweep.progress)
         t_metric = time.perf_counter()
-        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]),
-                   "timing": (gen["time_total"], gen["time_model"], gen["time_solver"], gen["warmup"]),
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]), "warmup": gen["warmup"],
                    "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}"}
+    # the repeats time the sampling only: the samples and the metrics are the first pass's
+    passes, repeat_error = _timed_passes(sweep, cell, gen if "error" not in payload else None)
+    if repeat_error:
+        payload = {"error": repeat_error}
     parts = dist.gather(payload)
     if not dist.main:
         return None
@@ -698,7 +839,7 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
                     sweep.metric_keys)
     if not errors:
         try:
-            _measure_into(row, sweep, evaluator, cell, parts)
+            _measure_into(row, sweep, evaluator, cell, parts, passes)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{type(e).__name__}: {e}")
     failure = None
@@ -715,15 +856,16 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     return failure
 
 
-def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict]) -> None:
-    """The metric values, timings and preview of a cell from every rank's part, into ``row``."""
+def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict],
+                  passes: list[tuple]) -> None:
+    """The metric values, timings (medians over the timed ``passes``) and preview of a cell from every rank's
+    part, into ``row``."""
     t_fin = time.perf_counter()
     values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
-    slowest = max(parts, key=lambda p: p["timing"][0])
-    tot, mod, sol, warm = slowest["timing"]
-    row.update({"nfe": parts[0]["nfe"], "time_total_s": tot, "time_model_s": mod, "time_solver_s": sol,
-                "time_per_sample_ms": 1000.0 * tot * sweep.dist.world / sweep.args.num_samples,
-                "time_warmup_s": warm,
+    row.update(timing_columns(passes))
+    row.update({"nfe": parts[0]["nfe"],
+                "time_per_sample_ms": 1000.0 * row["time_total_s"] * sweep.dist.world / sweep.args.num_samples,
+                "time_warmup_s": max(p["warmup"] for p in parts),
                 "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
                 "metric_notes": json.dumps(notes)})
     for k in sweep.metric_keys:
@@ -766,6 +908,8 @@ def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, e
            "rng": settings["rng"], "threads": settings["threads"],
            "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
            "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
+           "time_repeats": 0, "time_total_min_s": float("nan"), "time_total_max_s": float("nan"),
+           "time_passes_s": "[]",
            "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}
     for k in metric_keys:
         row[METRIC_PREFIX + k] = float("nan")
@@ -786,8 +930,16 @@ def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
         return f"{head}: FAILED — {row['error']}"
     vals = ", ".join(f"{labels[k]} {row[METRIC_PREFIX + k]:.4g}" for k in keys
                      if not math.isnan(row[METRIC_PREFIX + k]))
-    return (f"{head}: NFE {int(row['nfe'])}, {row['time_total_s']:.3g} s "
-            f"(model {row['time_model_s']:.3g} s), {vals}")
+    from .report_doc import fmt_timed, plural
+    repeats = row_timing(row)[3]
+    return (f"{head}: NFE {int(row['nfe'])}, {fmt_timed(row, ' s')} ({plural(repeats, 'timed pass', 'timed passes')}; "
+            f"model {row['time_model_s']:.3g} s), {vals}")
+
+
+def _say(sweep: Sweep, text: str) -> None:
+    """One line on stderr about a long step (rank 0, unless --quiet), above any progress bar."""
+    if sweep.dist.main and not sweep.args.quiet:
+        _bar_write(f"bench.run: {text}")
 
 
 def _bar_write(text: str) -> None:

@@ -93,7 +93,10 @@ def test_plurals_and_wall_clock_digits(sweep):
     rows = [r for r in md.splitlines() if r.startswith("| ddim | defaults |") or r.startswith("| heun | defaults |")]
     assert len(rows) == 6  # ddim and heun × 3
     for r in rows:
-        for cell in r.split("|")[6:10]:  # time s, model s, solver s, ms/sample
+        cells = r.split("|")
+        time_s, spread = re.fullmatch(r" (\S+)(?: ±(\S+) %)? ", cells[6]).groups()  # "0.153 ±4 %": the passes' spread
+        assert spread is None or 1 <= len(spread.replace(",", "").replace(".", "").strip("0")) <= 2, (cells[6], r)
+        for cell in [time_s] + cells[8:11]:  # time s, (passes,) model s, solver s, ms/sample
             mantissa = cell.strip().split("e")[0].replace(".", "").lstrip("0")
             assert 1 <= len(mantissa) <= 3, (cell, r)
 
