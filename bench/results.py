@@ -16,14 +16,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
-from pretrained.checkpoints import default_permissions
+from pretrained.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one atomic writer, re-exported)
 
 from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # noqa: F401  (the provenance columns)
 
@@ -53,30 +52,6 @@ TIMING_PASS_COLUMNS = ("time_repeats", "time_total_min_s", "time_total_max_s", "
 
 class IncompatibleResultsError(RuntimeError):
     """An existing results file cannot be extended by this run (other schema or other run settings)."""
-
-
-# -- atomic writes ---------------------------------------------------------------------------------------
-def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        default_permissions(tmp)  # mkstemp makes it 0600; the mode an ordinary open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: os.PathLike, text: str) -> None:
-    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def safe_filename(text: str) -> str:

@@ -180,3 +180,48 @@ def test_the_report_names_every_thread_count_and_marks_a_mix(tmp_path):
     md = (out / "report.md").read_text()
     assert "on Some CPU (1, 2 CPU threads; batch 20;" in md
     assert "**Timings are not comparable across all cells:**" in md and "CPU threads: 1, 2" in md
+
+
+# --- cell identity, file names and run settings (mutation survivors of bench/results.py) ----------------------
+
+def test_cell_ids_are_stable_across_versions():
+    """A cell's id is the first 16 hex digits of the SHA-1 of its canonical JSON (keys sorted, values that JSON
+    cannot hold written as str): results files from earlier versions resume only while this stays so."""
+    import hashlib
+    import json
+    options = {"lower_order_final": False, "eta": 0.5, "path": Path("/x")}
+    blob = json.dumps({"model": "gmm2d", "solver": "dpmpp_2m", "options": {"eta": 0.5, "lower_order_final": False,
+                                                                        "path": "/x"},
+                       "steps": 10, "spacing": "logsnr", "t_start": 0.999}, sort_keys=True)
+    expected = hashlib.sha1(blob.encode()).hexdigest()[:16]
+    assert results_mod.cell_key("gmm2d", "dpmpp_2m", options, 10, "logsnr", 0.999) == expected
+    assert results_mod.cell_key("gmm2d", "dpmpp_2m", dict(reversed(list(options.items()))), 10.0, "logsnr",
+                                0.999) == expected
+    assert results_mod.cell_key("gmm2d", "dpmpp_2m", options, 10, "logsnr") != expected
+
+
+def test_safe_filenames_keep_letters_digits_dash_underscore_and_dot():
+    assert results_mod.safe_filename("ddim:eta=1.0 x/y") == "ddim-eta-1.0-x-y"
+    assert results_mod.safe_filename("a_b-c.d9") == "a_b-c.d9"
+    assert results_mod.safe_filename(3) == "3"
+
+
+def test_rows_from_before_a_setting_existed_read_as_its_default(tmp_path):
+    """An old file extended by a default run has empty cells in the newer setting's column: they were made
+    with the default, so a default run may extend it again and another value is refused, naming both."""
+    base = {k: "x" for k in results_mod.RUN_SETTING_COLUMNS}
+    rows = pd.DataFrame([{**base, "network": None, "rng": None}, {**base, "network": "eager", "rng": "torch"}])
+    results_mod.check_run_settings(rows, {**base, "network": "eager", "rng": "torch"}, tmp_path)
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"network: eager in the file vs compile now"):
+        results_mod.check_run_settings(rows, {**base, "network": "compile", "rng": "torch"}, tmp_path)
+    missing = pd.DataFrame([{k: "x" for k in results_mod.RUN_SETTING_COLUMNS if k != "rng"}])
+    results_mod.check_run_settings(missing, {**base, "network": "x", "rng": "torch"}, tmp_path)
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"rng: \(missing in the file\) vs 'philox'"):
+        results_mod.check_run_settings(missing, {**base, "network": "x", "rng": "philox"}, tmp_path)
+
+
+def test_thread_counts_come_from_the_column_or_the_old_device_name():
+    assert results_mod.row_threads({"threads": 4.0, "device_name": "cpu (2 threads)"}) == 4
+    assert results_mod.row_threads({"threads": None, "device_name": "AMD EPYC (2 threads)"}) == 2
+    assert results_mod.row_threads({"threads": float("nan"), "device_name": "NVIDIA H200"}) is None
+    assert results_mod.row_threads({}) is None
