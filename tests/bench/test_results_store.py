@@ -225,3 +225,88 @@ def test_thread_counts_come_from_the_column_or_the_old_device_name():
     assert results_mod.row_threads({"threads": None, "device_name": "AMD EPYC (2 threads)"}) == 2
     assert results_mod.row_threads({"threads": float("nan"), "device_name": "NVIDIA H200"}) is None
     assert results_mod.row_threads({}) is None
+
+
+def _write(tmp_path, text):
+    (tmp_path / results_mod.RESULTS_CSV).write_text(text, encoding="utf-8")
+
+
+def _header_and_row(**values):
+    cols = ["schema_version", "cell_key", "cell_id", "zeta", "alpha"]
+    row = {"schema_version": results_mod.SCHEMA_VERSION, "cell_key": "k1", "cell_id": "ddim-s1", "zeta": 1,
+           "alpha": 2, **values}
+    return ",".join(cols) + "\n" + ",".join(str(row[c]) for c in cols) + "\n"
+
+
+def test_load_results_reads_empty_header_only_and_cut_header_files(tmp_path):
+    _write(tmp_path, "")
+    assert results_mod.load_results(tmp_path).empty
+    _write(tmp_path, "schema_ver")                      # cut inside the header: no row at all
+    assert results_mod.load_results(tmp_path).empty
+    _write(tmp_path, _header_and_row().splitlines()[0] + "\n")
+    df = results_mod.load_results(tmp_path)
+    assert df.empty and list(df.columns)[:2] == ["schema_version", "cell_key"]
+    _write(tmp_path, "hello,world\n1,2\n")
+    with pytest.raises(results_mod.IncompatibleResultsError, match="no schema_version column"):
+        results_mod.load_results(tmp_path)
+    _write(tmp_path, _header_and_row(schema_version=results_mod.SCHEMA_VERSION + 1))
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"written with results schema version \d+; "
+                                                                    r"this bench writes version"):
+        results_mod.load_results(tmp_path)
+
+
+def test_a_cut_row_is_named_by_its_id_or_key_and_quiet_says_nothing(tmp_path, capsys):
+    full = _header_and_row()
+    head = full.splitlines()[0] + "\n"
+    for cut, name in ((full + "2,k2,ddim-s2,3", "ddim-s2"), (full + "2,k2", "k2"),
+                      (full + "2", "unknown: cut before its id")):
+        _write(tmp_path, cut)
+        assert len(results_mod.load_results(tmp_path, quiet=True)) == 1
+        assert capsys.readouterr().err == ""
+        assert len(results_mod.load_results(tmp_path)) == 1
+        err = capsys.readouterr().err
+        assert err == (f"bench: {tmp_path / results_mod.RESULTS_CSV}: the last row (cell {name}) is incomplete — "
+                       "the file ends inside it; it is not counted as done, is dropped at the next write, and "
+                       "bench.run redoes that cell\n")
+    _write(tmp_path, head + "2,k2,ddim-s2,3")
+    assert results_mod.load_results(tmp_path, quiet=True).empty
+
+
+def test_upsert_replaces_in_place_of_order_and_keeps_the_column_order():
+    df = pd.DataFrame([{"cell_key": "a", "zeta": 1, "alpha": 1}, {"cell_key": "b", "zeta": 2, "alpha": 2}])
+    out = results_mod.upsert_row(df, {"cell_key": "a", "zeta": 3, "alpha": 3, "beta": 0})
+    assert list(out["cell_key"]) == ["b", "a"] and list(out.index) == [0, 1]
+    assert list(out.columns) == ["cell_key", "zeta", "alpha", "beta"]
+    assert results_mod.upsert_row(pd.DataFrame(), {"cell_key": "c"}).to_dict("records") == [{"cell_key": "c"}]
+
+
+def test_recording_over_a_cut_row_says_nothing_and_drops_it(tmp_path, capsys):
+    """record_row re-reads the file under the lock quietly (bench.run has already named the cut row)."""
+    settings = {k: "x" for k in results_mod.RUN_SETTING_COLUMNS}
+
+    def row(key):
+        return {"schema_version": results_mod.SCHEMA_VERSION, "cell_key": key, "cell_id": f"id-{key}", **settings}
+
+    results_mod.record_row(tmp_path, row("k1"), settings)
+    path = tmp_path / results_mod.RESULTS_CSV
+    path.write_text(path.read_text() + f"{results_mod.SCHEMA_VERSION},k2,id-k2,x", encoding="utf-8")
+    capsys.readouterr()
+    df = results_mod.record_row(tmp_path, row("k3"), settings)
+    assert capsys.readouterr().err == ""
+    assert list(df["cell_key"]) == ["k1", "k3"]
+    assert list(results_mod.load_results(tmp_path)["cell_key"]) == ["k1", "k3"]
+
+
+def test_header_edge_cases_and_the_mismatch_message_name_the_file(tmp_path):
+    _write(tmp_path, "schema_version,cell_ke")            # cut inside the header, after its first name
+    assert results_mod.load_results(tmp_path).empty
+    _write(tmp_path, "hello,world\n")                     # a foreign header and no rows
+    with pytest.raises(results_mod.IncompatibleResultsError, match="no schema_version column"):
+        results_mod.load_results(tmp_path)
+    path = tmp_path / results_mod.RESULTS_CSV
+    path.unlink()
+    settings = {k: "x" for k in results_mod.RUN_SETTING_COLUMNS}
+    row = {"schema_version": results_mod.SCHEMA_VERSION, "cell_key": "k1", "cell_id": "id", **settings}
+    results_mod.record_row(tmp_path, row, settings)
+    with pytest.raises(results_mod.IncompatibleResultsError, match=rf"^{path} holds results made with other run"):
+        results_mod.record_row(tmp_path, {**row, "cell_key": "k2"}, {**settings, "seed": "y"})
