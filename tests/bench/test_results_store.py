@@ -310,3 +310,40 @@ def test_header_edge_cases_and_the_mismatch_message_name_the_file(tmp_path):
     results_mod.record_row(tmp_path, row, settings)
     with pytest.raises(results_mod.IncompatibleResultsError, match=rf"^{path} holds results made with other run"):
         results_mod.record_row(tmp_path, {**row, "cell_key": "k2"}, {**settings, "seed": "y"})
+
+
+def test_refusal_messages_list_every_difference_in_full(tmp_path):
+    """Two run settings differ (one of them over several values in the file), and both timing conditions:
+    each message lists every difference, joined as written, and what to do."""
+    base = {k: "x" for k in results_mod.RUN_SETTING_COLUMNS}
+    rows = pd.DataFrame([{**base, "seed": 1, "dtype": "float32", "threads": 1, "batch_size": 20},
+                         {**base, "seed": 2, "dtype": "float32", "threads": 2, "batch_size": 20}])
+    path = tmp_path / results_mod.RESULTS_CSV
+    with pytest.raises(results_mod.IncompatibleResultsError) as err:
+        results_mod.check_run_settings(rows, {**base, "seed": 3, "dtype": "float64"}, tmp_path)
+    assert str(err.value) == (f"{path} holds results made with other run settings (seed: 1, 2 in the file vs 3 now; "
+                              "dtype: float32 in the file vs float64 now). One results directory holds one study; "
+                              "it was not modified. Use another --out DIR (or move the old directory away).")
+    same = {**base, "seed": 1, "dtype": "float32"}
+    with pytest.raises(results_mod.IncompatibleResultsError) as err:
+        results_mod.check_run_settings(rows[:1], {**same, "threads": 4, "batch_size": 40}, tmp_path)
+    assert str(err.value) == (f"{path} holds cells timed under other conditions (--threads 1 in the file vs 4 now; "
+                              "--batch-size 20 in the file vs 40 now): wall-clock from different thread counts or "
+                              "batch sizes is not comparable, so one results directory does not mix them; it was "
+                              "not modified. Rerun with the same values (--threads 1 --batch-size 20) or use "
+                              "another --out DIR.")
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"\(--threads 1, 2 in the file vs 4 now\).*"
+                                                                   r"same values \(--threads \(one of 1, 2\)\)"):
+        results_mod.check_run_settings(rows.assign(seed=1), {**same, "threads": 4, "batch_size": 20}, tmp_path)
+
+
+def test_a_missing_setting_column_does_not_hide_a_later_difference(tmp_path):
+    """A file without the newer `network` column (read as its default) is still checked on every later
+    setting (rng) and on the timing conditions."""
+    base = {k: "x" for k in results_mod.RUN_SETTING_COLUMNS if k != "network"}
+    rows = pd.DataFrame([{**base, "rng": "torch", "threads": 1, "batch_size": 20}])
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"rng: torch in the file vs philox now"):
+        results_mod.check_run_settings(rows, {**base, "network": "eager", "rng": "philox"}, tmp_path)
+    with pytest.raises(results_mod.IncompatibleResultsError, match=r"--batch-size 20 in the file vs 40 now"):
+        results_mod.check_run_settings(rows, {**base, "network": "eager", "rng": "torch", "threads": None,
+                                              "batch_size": 40}, tmp_path)
