@@ -29,7 +29,7 @@ from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # n
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
            "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
-           "TIMING_PASS_COLUMNS",
+           "TIMING_PASS_COLUMNS", "new_row",
            "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename"]
 
 SCHEMA_VERSION = 1
@@ -58,6 +58,46 @@ def safe_filename(text: str) -> str:
     """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``-``
     (cell ids and figure names made from solver labels such as ``ddim:eta=1.0``)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
+
+
+# -- the row schema --------------------------------------------------------------------------------------
+def new_row(cell, *, model: str, model_kind: str, reference: str, changed_options: dict, run: dict,
+            settings: dict, metric_labels: dict, env: dict, command: str, started: str) -> dict:
+    """A results row for ``cell`` before it is measured: every column a row has, in the order written, with
+    the measured ones NaN (status "ok" until a failure is recorded).  The one place a row's columns are made.
+
+    Args:
+        cell: the planned cell (``key``, ``cell_id``, ``solver``, ``label``, ``options``, ``deterministic``,
+            ``steps``, ``spacing``, ``spacing_note``, ``grid``, ``nfe_declared``).
+        model, model_kind, reference: from the model card.
+        changed_options: the solver options that differ from its defaults.
+        run: ``num_samples``, ``batch_size``, ``seed``, ``device``, ``world_size``, ``reference_size``.
+        settings: the run settings (:data:`RUN_SETTING_COLUMNS` and the timing conditions).
+        metric_labels: metric key → label; one ``metric_<key>`` column each.
+        env, command, started: the provenance columns.
+    """
+    row = {"schema_version": SCHEMA_VERSION, "cell_key": cell.key, "cell_id": cell.cell_id, "status": "ok",
+           "error": "", "model": model, "model_kind": model_kind, "solver": cell.solver,
+           "solver_label": cell.label, "solver_options": json.dumps(cell.options, sort_keys=True, default=str),
+           "solver_options_changed": json.dumps(changed_options, sort_keys=True, default=str),
+           "deterministic": cell.deterministic, "steps": cell.steps, "spacing": cell.spacing,
+           "spacing_note": cell.spacing_note, "t_start": cell.grid[0], "t_last_level": cell.grid[-2],
+           "t_end": cell.grid[-1], "nfe": float("nan"), "nfe_declared": cell.nfe_declared,
+           "model_options": settings["model_options"],
+           "num_samples": run["num_samples"], "batch_size": run["batch_size"], "seed": run["seed"],
+           "dtype": settings["dtype"], "device": run["device"], "device_type": settings["device_type"],
+           "world_size": run["world_size"], "metrics": settings["metrics"], "reference": reference,
+           "reference_size": run["reference_size"], "network": settings["network"],
+           "rng": settings["rng"], "threads": settings["threads"],
+           "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
+           "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
+           "time_repeats": 0, "time_total_min_s": float("nan"), "time_total_max_s": float("nan"),
+           "time_passes_s": "[]", "metric_labels": json.dumps(metric_labels), "metric_notes": "{}"}
+    for k in metric_labels:
+        row[METRIC_PREFIX + k] = float("nan")
+    row.update(env)
+    row.update({"started_at": started, "command": command})
+    return row
 
 
 # -- cell identity -----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from . import metrics as M
 from .autobatch import parse_batch_size
 from .plan import (Cell, SolverSpec, UsageError, check_seed, default_spacing, default_t_start,  # noqa: F401
                    parse_assignment, parse_solvers, parse_steps, plan_cells)
-from .results import (METRIC_PREFIX, SCHEMA_VERSION, IncompatibleResultsError, atomic_write_bytes,
+from .results import (METRIC_PREFIX, IncompatibleResultsError, new_row, atomic_write_bytes,
                       atomic_write_text, check_run_settings, command_line, environment, load_results,
                       record_row, results_lock, row_timing, timing_columns)
 
@@ -892,30 +892,13 @@ def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
 
 def _base_row(cell: Cell, card, args, settings: dict, device: str, dist: Dist, env: dict, command: str,
               started: str, metric_keys: list[str]) -> dict:
-    row = {"schema_version": SCHEMA_VERSION, "cell_key": cell.key, "cell_id": cell.cell_id, "status": "ok",
-           "error": "", "model": card.name, "model_kind": card.kind, "solver": cell.solver,
-           "solver_label": cell.label, "solver_options": json.dumps(cell.options, sort_keys=True, default=str),
-           "solver_options_changed": json.dumps(_changed_options(cell.solver, cell.options), sort_keys=True,
-                                                default=str),
-           "deterministic": cell.deterministic, "steps": cell.steps, "spacing": cell.spacing,
-           "spacing_note": cell.spacing_note, "t_start": cell.grid[0], "t_last_level": cell.grid[-2],
-           "t_end": cell.grid[-1], "nfe": float("nan"), "nfe_declared": cell.nfe_declared,
-           "model_options": settings["model_options"],
-           "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
-           "dtype": settings["dtype"], "device": device, "device_type": settings["device_type"],
-           "world_size": dist.world, "metrics": settings["metrics"], "reference": card.reference,
-           "reference_size": args.reference_size, "network": settings["network"],
-           "rng": settings["rng"], "threads": settings["threads"],
-           "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
-           "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
-           "time_repeats": 0, "time_total_min_s": float("nan"), "time_total_max_s": float("nan"),
-           "time_passes_s": "[]",
-           "metric_labels": json.dumps({k: M.METRICS[k].label for k in metric_keys}), "metric_notes": "{}"}
-    for k in metric_keys:
-        row[METRIC_PREFIX + k] = float("nan")
-    row.update(env)
-    row.update({"started_at": started, "command": command})
-    return row
+    """The cell's row before it is measured (:func:`bench.results.new_row` owns the columns)."""
+    run = {"num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed, "device": device,
+           "world_size": dist.world, "reference_size": args.reference_size}
+    return new_row(cell, model=card.name, model_kind=card.kind, reference=card.reference,
+                   changed_options=_changed_options(cell.solver, cell.options), run=run, settings=settings,
+                   metric_labels={k: M.METRICS[k].label for k in metric_keys}, env=env, command=command,
+                   started=started)
 
 
 def _changed_options(solver: str, options: dict) -> dict:

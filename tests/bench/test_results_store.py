@@ -347,3 +347,25 @@ def test_a_missing_setting_column_does_not_hide_a_later_difference(tmp_path):
     with pytest.raises(results_mod.IncompatibleResultsError, match=r"--batch-size 20 in the file vs 40 now"):
         results_mod.check_run_settings(rows, {**base, "network": "eager", "rng": "torch", "threads": None,
                                               "batch_size": 40}, tmp_path)
+
+
+def test_a_new_row_has_every_column_with_the_measured_ones_unset():
+    """results.new_row is the one place a row's columns are made: identity and settings filled, every
+    measurement NaN (or 0 passes), one metric column per metric, provenance last."""
+    from types import SimpleNamespace
+    cell = SimpleNamespace(key="k", cell_id="ddim-s2", solver="ddim", label="ddim", options={"eta": 0.0},
+                           deterministic=True, steps=2, spacing="uniform", spacing_note="", grid=[1.0, 0.5, 0.0],
+                           nfe_declared=2)
+    settings = {"model_options": "{}", "dtype": "float64", "device_type": "cpu", "metrics": "fd_data",
+                "network": "eager", "rng": "torch", "threads": 2}
+    run = {"num_samples": 10, "batch_size": 5, "seed": 0, "device": "cpu", "world_size": 1, "reference_size": 10}
+    row = results_mod.new_row(cell, model="gmm2d", model_kind="analytic", reference="exact", changed_options={},
+                              run=run, settings=settings, metric_labels={"fd_data": "FD"},
+                              env={"hostname": "h"}, command="cmd", started="t0")
+    assert (row["schema_version"], row["cell_key"], row["status"], row["t_start"], row["t_last_level"],
+            row["t_end"]) == (results_mod.SCHEMA_VERSION, "k", "ok", 1.0, 0.5, 0.0)
+    assert row["threads"] == 2 and row["batch_size"] == 5 and row["solver_options"] == '{"eta": 0.0}'
+    for k in ("nfe", "time_total_s", "time_model_s", "time_solver_s", results_mod.METRIC_PREFIX + "fd_data"):
+        assert row[k] != row[k], f"{k} must start as NaN"
+    assert row["time_repeats"] == 0 and row["metric_labels"] == '{"fd_data": "FD"}'
+    assert list(row)[-3:] == ["hostname", "started_at", "command"]
