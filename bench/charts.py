@@ -60,10 +60,9 @@ def _y_limits(ys: np.ndarray, floor, usable_max) -> tuple[float, float, bool]:
     return lo - pad, hi + pad, False
 
 
-def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: set, top: float) -> list[str]:
+def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: set, top: float) -> None:
     """One line per solver through its in-scale cells; off-scale cells as ▲ at the top edge, labelled with
-    their value. Returns the names of the off-scale cells."""
-    notes = []
+    their value."""
     for lab, g in d.groupby("solver_label", sort=False):
         g = g.sort_values(x)
         colour = colours.get(str(lab))
@@ -78,8 +77,6 @@ def _plot_solvers(ax, d: pd.DataFrame, column: str, x: str, colours: dict, off: 
             ax.plot([r[x]], [top], marker="^", ms=8, color=colour, clip_on=False, zorder=6)
             ax.annotate(f"{lab} × {int(r['steps'])}: {float(r[column]):.2g} (off-scale)", (r[x], top),
                         textcoords="offset points", xytext=(6, -11), fontsize=7, color=colour)
-            notes.append(f"{lab} × {int(r['steps'])}")
-    return notes
 
 
 def _time_bars(ax, g: pd.DataFrame, column: str, colour) -> None:

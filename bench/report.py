@@ -24,7 +24,8 @@ from .report_doc import Doc, fmt
 from .report_sections import (ReportInput, charts_section, environment_section, metrics_section,
                               model_section, observations_section, published_section, results_section,
                               samples_section, setup_section)
-from .results import METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results
+from .results import (METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results,
+                      metric_columns)
 
 __all__ = ["build_report", "main", "observations"]
 
@@ -51,7 +52,7 @@ def _read_input(out_dir: Path) -> ReportInput:
     if (out_dir / "reference.json").exists():
         ref_info = json.loads((out_dir / "reference.json").read_text())
     df = df.sort_values(["solver_label", "steps"], kind="stable").reset_index(drop=True)
-    keys = [c[len(METRIC_PREFIX):] for c in df.columns if c.startswith(METRIC_PREFIX)]
+    keys = [c[len(METRIC_PREFIX):] for c in metric_columns(df)]
     labels = {}
     for s in df["metric_labels"].dropna():
         labels.update(json.loads(s))

@@ -4,7 +4,6 @@ observations, published numbers, samples, environment. Each writes its blocks in
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,8 @@ import pandas as pd
 from .charts import metric_chart, sample_panels
 from .report_analysis import MetricVerdict, observations, timing_summary
 from .report_doc import Doc, fmt, fmt_time, fmt_timed, plural
-from .results import METRIC_PREFIX, row_threads, row_timing, safe_filename
+from .results import (METRIC_PREFIX, RUN_SETTING_DEFAULTS, THREADS_SUFFIX, row_threads, row_timing,
+                      safe_filename)
 
 __all__ = ["ReportInput", "published_fid_rows", "setup_section", "model_section", "metrics_section", "results_section",
            "charts_section", "observations_section", "published_section", "samples_section",
@@ -70,8 +70,9 @@ class ReportInput:
             return z["data"], str(z["kind"])
 
 
-def _setting(row, name: str, default: str) -> str:
+def _setting(row, name: str) -> str:
     """A run setting of a results row; files written before the setting existed hold its default."""
+    default = RUN_SETTING_DEFAULTS[name]
     value = row.get(name, default)
     return value if isinstance(value, str) and value else default
 
@@ -81,7 +82,7 @@ def _timing_conditions(df: pd.DataFrame) -> tuple[list[int], list[int], list[str
     thread count that older files wrote into them."""
     threads = sorted({t for t in (row_threads(r) for r in df.to_dict("records")) if t is not None})
     batches = sorted({int(b) for b in df["batch_size"].dropna()})
-    devices = list(dict.fromkeys(re.sub(r"\s*\(\d+ threads\)\s*$", "", str(v)) for v in df["device_name"]))
+    devices = list(dict.fromkeys(THREADS_SUFFIX.sub("", str(v)) for v in df["device_name"]))
     return threads, batches, devices
 
 
@@ -95,7 +96,7 @@ def setup_section(doc: Doc, ri: ReportInput) -> None:
           f"{plural(ri.n, 'sample')} per cell, seed {int(first['seed'])}, {first['dtype']} on {', '.join(devices)} "
           f"({', '.join(map(str, threads)) or 'unrecorded'} CPU threads; "
           f"batch {', '.join(map(str, batches))}; network call: "
-          f"{_setting(first, 'network', 'eager')}; noise: {_setting(first, 'rng', 'torch')} generators) "
+          f"{_setting(first, 'network')}; noise: {_setting(first, 'rng')} generators) "
           f"({first['device']}{', ' + plural(world, 'process', 'processes') if world > 1 else ''})."
           " Every cell starts sample j from the same per-sample seed; timing excludes the warm-up batches and "
           "synchronises the device; NFE is the number of model calls the library counted per sample.")

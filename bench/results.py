@@ -152,13 +152,17 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
     _check_timing_settings(existing, settings, out_dir)
 
 
+# How provenance.environment() ends device_name on a CPU: "… (N threads)".
+THREADS_SUFFIX = re.compile(r"\s*\((\d+) threads\)\s*$")
+
+
 def row_threads(row) -> Optional[int]:
     """The CPU thread count a row was timed with: its ``threads`` column, or for files from before that column
     the "(N threads)" that :func:`environment` wrote into ``device_name``; None where neither says."""
     value = _normalise(row.get("threads"))
     if value is not None:
         return int(value)
-    found = re.search(r"\((\d+) threads\)\s*$", str(row.get("device_name") or ""))
+    found = THREADS_SUFFIX.search(str(row.get("device_name") or ""))
     return int(found.group(1)) if found else None
 
 

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{REPEAT_CAP} passes, extra ones only while together they take at most "
                         f"{REPEAT_BUDGET_S:g} s + {REPEAT_SHARE * 100:.0f} %% of the first pass — cheap cells get "
                         f"{REPEAT_CAP}, a cell whose pass takes over ~0.6 s keeps one. Measured on the default gmm2d "
-                        "sweep (2 shared CPU cores): the extra passes take about 5 s, some 20 %% of a ~30 s run")
+                        "sweep (2 CPU cores, idle): 14-16 s against 10 s with --repeats 1 (README.md, Benchmark harness)")
     p.add_argument("--seed", type=int, default=0,
                    help=f"run seed (default 0): sample j uses seed SEED·{SEED_STRIDE}+j in every cell")
     p.add_argument("--metric", default=None,
@@ -633,7 +633,8 @@ def _check_input(args: argparse.Namespace) -> Sweep:
         raise UsageError(str(e)) from None
     steps = parse_steps(args.steps)
     specs = parse_solvers(args.solvers, args.solver_opt)
-    _check_device(device)
+    if device != args.device:  # the device chosen by the process set-up (the asked one is checked above)
+        _check_device(device)
     _check_sizes(args, card, dist)
     metric_keys = _metric_keys(args, card)
     dtype_name = args.dtype or ("float64" if card.kind == "analytic" else "float32")

@@ -20,13 +20,13 @@ from solvers.schedules import Schedule
 __all__ = ["GaussianMixture", "gmm2d", "gaussian", "gmm_nd"]
 
 
-def _solver_time(schedule: Schedule, model_time: torch.Tensor, scale: float) -> torch.Tensor:
+def _solver_time(schedule: Schedule, model_time: torch.Tensor) -> torch.Tensor:
     """The solver time behind a network time input, kept inside the schedule's range.
 
     A float32 time input carries rounding (0.999 in float32 / 0.001 = 999.0000128 on a 1000-step schedule with
     ``time_scale=1/1000``), which must not take an exact network outside ``[t_zero, t_max]``.
     """
-    t = model_time.to(torch.float64).cpu() / scale
+    t = model_time.to(torch.float64).cpu() / schedule.time_scale
     return torch.clamp(t, min=schedule.t_zero, max=schedule.t_max)
 
 
@@ -100,10 +100,9 @@ class GaussianMixture:
         """``fn(x, model_time)`` predicting ``prediction`` exactly on ``schedule``."""
         if prediction not in solvers.PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(solvers.PREDICTIONS)}")
-        scale = schedule.time_scale
 
         def fn(x: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
-            t = _solver_time(schedule, model_time, scale)
+            t = _solver_time(schedule, model_time)
             a = schedule.alpha(t).to(x.device)
             s = schedule.sigma(t).to(x.device)
             x0 = self.denoise(x, a, s).to(torch.float64)
@@ -187,10 +186,9 @@ class GaussianMixture:
 
     def consistency_network(self, schedule: Schedule):
         """The exact consistency function f(x, t) = flow map to ``t_zero``, as ``fn(x, model_time)``."""
-        scale = schedule.time_scale
 
         def fn(x: torch.Tensor, model_time: torch.Tensor) -> torch.Tensor:
-            t = _solver_time(schedule, model_time, scale).tolist()
+            t = _solver_time(schedule, model_time).tolist()
             if len(set(t)) != 1:
                 raise ValueError("consistency_network expects one time per call")
             return self.flow_map(schedule, x, t[0], schedule.t_zero)

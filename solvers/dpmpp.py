@@ -21,6 +21,8 @@ from .base import (LogSNRSolver, LowerOrderFinal, StepContext, check_lower_order
 from .validation import check_real
 
 
+_PAPER_SPACING = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"  # the papers' grid, for every variant
+
 @dataclass(frozen=True)
 class DPMSolverPPMultistep(LogSNRSolver):
     """Shared step of DPM-Solver++(2M) and (3M); ``max_order`` is fixed by the subclass."""
@@ -91,7 +93,7 @@ class DPMSolverPP2M(DPMSolverPPMultistep):
     """
 
     name: ClassVar[str] = "dpmpp_2m"
-    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
+    default_spacing_note: ClassVar[str] = _PAPER_SPACING
     order: ClassVar[int] = 2
     max_order: ClassVar[int] = 2
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), Algorithm 2"
@@ -112,7 +114,7 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
     official_d2: bool = False
 
     name: ClassVar[str] = "dpmpp_3m"
-    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
+    default_spacing_note: ClassVar[str] = _PAPER_SPACING
     order: ClassVar[int] = 3
     max_order: ClassVar[int] = 3
     reference: ClassVar[str] = ("Lu et al. 2022b (DPM-Solver++), §4 and the official code's order-3 multistep "
@@ -140,7 +142,7 @@ class DPMSolverPP2S(LogSNRSolver):
     r: float = 0.5
 
     name: ClassVar[str] = "dpmpp_2s"
-    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
+    default_spacing_note: ClassVar[str] = _PAPER_SPACING
     order: ClassVar[int] = 2
     evals_per_step: ClassVar[int] = 2
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), Algorithm 1 (singlestep, order 2)"
@@ -193,7 +195,7 @@ class DPMSolverPP2MSDE(LogSNRSolver):
     lower_order_final: LowerOrderFinal = "auto"
 
     name: ClassVar[str] = "dpmpp_2m_sde"
-    default_spacing_note: ClassVar[str] = "DPM-Solver++: uniform in log-SNR (Lu et al. 2022)"
+    default_spacing_note: ClassVar[str] = _PAPER_SPACING
     order: ClassVar[int] = 1
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = "Lu et al. 2022b (DPM-Solver++), §5; k-diffusion sample_dpmpp_2m_sde"

@@ -327,9 +327,8 @@ def _nonfinite_rows(x: torch.Tensor, seed_list: list, on_nonfinite: str, solver_
     # A finite sum means every entry is finite (NaN and ±Inf propagate): one cheap reduction in the common
     # case; the per-row check only when something (or the sum itself) is not finite.
     if bool(torch.isfinite(x.sum())):
-        bad = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    else:
-        bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
+        return torch.zeros(batch, dtype=torch.bool, device=x.device) if on_nonfinite == "flag" else None
+    bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         if on_nonfinite == "raise":

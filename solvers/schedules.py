@@ -159,7 +159,7 @@ class _VariancePreserving(Schedule):
 
     def log_alpha(self, t: TimeLike) -> torch.Tensor:
         """log α(t), never above 0."""
-        return torch.clamp(self._raw_log_alpha(_t64(t)), max=0.0)
+        return self._raw_log_alpha(_t64(t)).clamp_max_(0.0)  # each _raw_log_alpha returns a new tensor
 
     def d_log_alpha(self, t: TimeLike) -> torch.Tensor:
         raise NotImplementedError
