@@ -1,6 +1,6 @@
 """Build the report of a results directory: ``report.md`` (figures beside it) and a self-contained
-``report.html`` (figures embedded as base64 PNG), from ``results.csv``, ``reference.json`` (noise floors and
-the model card) and the saved sample previews alone.
+``report.html`` (figures embedded as base64 PNG), from what ``bench.results`` stores in the folder alone:
+``results.csv``, the reference data (noise floors and the model card) and the saved sample previews.
 
 The report answers first ("Recommendation": the best cell per budget, the usable Pareto set, the diverged
 cells and why), then gives the evidence (setup, model, metrics, results, charts, observations, samples,
@@ -24,8 +24,8 @@ from .report_doc import Doc, fmt
 from .report_sections import (ReportInput, charts_section, environment_section, metrics_section,
                               model_section, observations_section, published_section, results_section,
                               samples_section, setup_section)
-from .results import (METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_results,
-                      metric_columns)
+from .results import (METRIC_PREFIX, RESULTS_CSV, IncompatibleResultsError, atomic_write_text, load_reference_info,
+                      load_results, metric_columns)
 
 __all__ = ["build_report", "main", "observations"]
 
@@ -48,9 +48,7 @@ def _read_input(out_dir: Path) -> ReportInput:
     df = load_results(out_dir)
     if df.empty:
         raise FileNotFoundError(f"{out_dir / RESULTS_CSV} has no rows yet")
-    ref_info = {}
-    if (out_dir / "reference.json").exists():
-        ref_info = json.loads((out_dir / "reference.json").read_text())
+    ref_info = load_reference_info(out_dir)
     df = df.sort_values(["solver_label", "steps"], kind="stable").reset_index(drop=True)
     keys = [c[len(METRIC_PREFIX):] for c in metric_columns(df)]
     labels = {}
@@ -105,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.report DIR``: rebuild the report of a results directory."""
     p = argparse.ArgumentParser(prog="python -m bench.report",
                                 description="Rebuild OUT/report.md and OUT/report.html (charts embedded) from "
-                                            "OUT/results.csv and the saved sample previews alone.")
+                                            "OUT/results.csv, OUT/reference.json (noise floors, the card) and the saved "
+                                            "sample previews alone.")
     p.add_argument("out", help="a results directory written by python -m bench.run")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ import pandas as pd
 from .charts import metric_chart, sample_panels
 from .report_analysis import MetricVerdict, observations, timing_summary
 from .report_doc import Doc, fmt, fmt_time, fmt_timed, plural
-from .results import (METRIC_PREFIX, RUN_SETTING_DEFAULTS, THREADS_SUFFIX, row_threads, row_timing,
+from .results import (METRIC_PREFIX, RUN_SETTING_DEFAULTS, THREADS_SUFFIX, load_preview, row_threads, row_timing,
                       safe_filename)
 
 __all__ = ["ReportInput", "published_fid_rows", "setup_section", "model_section", "metrics_section", "results_section",
@@ -63,11 +63,7 @@ class ReportInput:
 
     def load_preview(self, name: str):
         """(data, kind) of a saved preview, or (None, None)."""
-        path = self.out_dir / "previews" / f"{name}.npz"
-        if not path.exists():
-            return None, None
-        with np.load(path, allow_pickle=False) as z:
-            return z["data"], str(z["kind"])
+        return load_preview(self.out_dir, name)
 
 
 def _setting(row, name: str) -> str:

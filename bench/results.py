@@ -30,11 +30,14 @@ __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
            "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
            "TIMING_PASS_COLUMNS", "new_row",
-           "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename"]
+           "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename",
+           "REFERENCE_JSON", "write_reference_info", "load_reference_info", "save_preview", "load_preview"]
 
 SCHEMA_VERSION = 1
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
+REFERENCE_JSON = "reference.json"  # the sweep's reference data: metric labels, noise floors, notes, the card
+PREVIEWS = "previews"  # one .npz per cell (and "reference"): a few samples, for the report's panels
 LOCK_FILE = "results.lock"  # held while a process reads-modifies-writes results.csv (see results_lock)
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
@@ -392,3 +395,32 @@ def record_row(out_dir: os.PathLike, row: dict, settings: dict) -> pd.DataFrame:
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """The metric value columns (``metric.<key>``) of a results table, in order."""
     return [c for c in df.columns if c.startswith(METRIC_PREFIX)]
+
+
+def write_reference_info(out_dir: os.PathLike, info: dict) -> None:
+    """Write a sweep's reference data (``reference.json``, atomically): ``{"metrics": {key: {"label", "floor",
+    "note"}}, "card": {...}, "num_samples", "command", "written_at"}``.  A floor is ``[mean, sd]`` over fresh
+    draws of exact samples (or a bare number, sd unknown), None where the metric has none."""
+    atomic_write_text(Path(out_dir) / REFERENCE_JSON, json.dumps(info, indent=2, default=str))
+
+
+def load_reference_info(out_dir: os.PathLike) -> dict:
+    """The reference data written by :func:`write_reference_info` ({} where the sweep wrote none)."""
+    path = Path(out_dir) / REFERENCE_JSON
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_preview(out_dir: os.PathLike, name: str, array: np.ndarray, kind: str) -> None:
+    """Save a preview ``previews/NAME.npz`` (arrays ``data`` and ``kind``: "images" or "points"), atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, data=array, kind=np.array(kind))
+    atomic_write_bytes(Path(out_dir) / PREVIEWS / f"{name}.npz", buf.getvalue())
+
+
+def load_preview(out_dir: os.PathLike, name: str) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """(data, kind) of a saved preview, or (None, None) where there is none (read without pickle)."""
+    path = Path(out_dir) / PREVIEWS / f"{name}.npz"
+    if not path.exists():
+        return None, None
+    with np.load(path, allow_pickle=False) as z:
+        return z["data"], str(z["kind"])

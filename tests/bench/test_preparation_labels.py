@@ -10,7 +10,7 @@ import torch
 import torch_fidelity.utils as fidelity_utils
 
 import pretrained
-from bench import run as run_mod
+from bench import references, run as run_mod
 
 SMALL = ["--model", "gmm2d", "--num-samples", "200", "--batch-size", "200", "--solvers", "ddim", "--steps", "2",
          "--no-report", "--repeats", "1"]
@@ -59,11 +59,11 @@ def test_weights_loading_is_announced_for_trained_models(tmp_path, capsys, monke
 
 def test_the_feature_extraction_bar_gets_a_description_and_it_is_put_back():
     plain = fidelity_utils.tqdm
-    with run_mod._labelled_bars("reference statistics (mnist-test, resnet20)"):
+    with references.labelled_bars("reference statistics (mnist-test, resnet20)"):
         bar = fidelity_utils.tqdm(total=3, desc="Processing samples", leave=False, file=io.StringIO())
         assert bar.desc == "reference statistics (mnist-test, resnet20)"
         bar.close()
     assert fidelity_utils.tqdm is plain
-    with pytest.raises(RuntimeError), run_mod._labelled_bars("x"):
+    with pytest.raises(RuntimeError), references.labelled_bars("x"):
         raise RuntimeError("a failure inside")
     assert fidelity_utils.tqdm is plain

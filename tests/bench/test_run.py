@@ -19,7 +19,7 @@ import torch
 import pretrained
 import solvers
 from bench import report as report_mod
-from bench import run as run_mod
+from bench import plan, run as run_mod
 from pretrained.analytic import GaussianMixture, gmm2d
 from pretrained.cards import ModelCard
 from solvers import schedules
@@ -252,20 +252,20 @@ def test_results_of_other_run_settings_are_refused(tmp_path, capsys):
 
 
 def test_solver_options_and_default_spacings():
-    specs = run_mod.parse_solvers("ddim,ddim:eta=1.0,dpmpp", ["ddim.eta=0.5", "lower_order_final=False"])
+    specs = plan.parse_solvers("ddim,ddim:eta=1.0,dpmpp", ["ddim.eta=0.5", "lower_order_final=False"])
     assert [(s.label, s.name, s.options) for s in specs] == [
         ("ddim", "ddim", {"eta": 0.5}), ("ddim:eta=1.0", "ddim", {"eta": 1.0}),
         ("dpmpp", "dpmpp_2m", {"lower_order_final": False})]
     cifar = pretrained.get_card("ddpm_cifar")
     discrete = schedules.DiscreteVP.linear(1000)
     # DDIM's Table 1 grid on CIFAR-10; at 1000 steps it would repeat indices, and every index is used instead.
-    assert run_mod.default_spacing(cifar, discrete, "ddim", 10)[0] == "quadratic"
-    spacing = run_mod.default_spacing(cifar, discrete, "ddpm", 1000)[0]
+    assert plan.default_spacing(cifar, discrete, "ddim", 10)[0] == "quadratic"
+    spacing = plan.default_spacing(cifar, discrete, "ddpm", 1000)[0]
     assert solvers.make_grid(discrete, 1000, spacing=spacing)[:-1] == [float(i) for i in range(999, -1, -1)]
-    assert run_mod.default_spacing(pretrained.get_card("gmm2d"), discrete, "ddim", 1)[0] == "trailing"
-    assert run_mod.default_spacing(cifar, discrete, "dpmpp_2m", 10)[0] == "logsnr"
-    assert run_mod.default_spacing(cifar, discrete, "heun", 10)[0] == "karras"
-    assert run_mod.parse_steps("50,1,10,10") == [1, 10, 50]
+    assert plan.default_spacing(pretrained.get_card("gmm2d"), discrete, "ddim", 1)[0] == "trailing"
+    assert plan.default_spacing(cifar, discrete, "dpmpp_2m", 10)[0] == "logsnr"
+    assert plan.default_spacing(cifar, discrete, "heun", 10)[0] == "karras"
+    assert plan.parse_steps("50,1,10,10") == [1, 10, 50]
 
 
 # -- more than one process ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import run as run_mod
+from bench import config, run as run_mod
 from bench.results import RUN_SETTING_DEFAULTS, IncompatibleResultsError
 
 
@@ -145,11 +145,11 @@ def test_network_setting_names_every_fast_path():
         base = dict(autocast=None, channels_last=False, compile=None, cuda_graph=False)
         return argparse.Namespace(**{**base, **kw})
 
-    assert run_mod.network_setting(ns()) == "eager"
-    assert run_mod.network_setting(ns(autocast="bf16")) == "autocast=bf16"
-    assert run_mod.network_setting(ns(autocast="fp16", channels_last=True, compile="default", cuda_graph=True)) == \
+    assert config.network_setting(ns()) == "eager"
+    assert config.network_setting(ns(autocast="bf16")) == "autocast=bf16"
+    assert config.network_setting(ns(autocast="fp16", channels_last=True, compile="default", cuda_graph=True)) == \
         "autocast=fp16,channels_last,compile=default,cuda_graph"
-    assert run_mod.network_setting(ns(compile="max-autotune")) == "compile=max-autotune"
+    assert config.network_setting(ns(compile="max-autotune")) == "compile=max-autotune"
     p = run_mod.build_parser()
     assert p.parse_args(["--compile"]).compile == "default"
     assert p.parse_args(["--compile", "max-autotune"]).compile == "max-autotune"

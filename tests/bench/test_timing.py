@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import solvers
-from bench import run as run_mod
+from bench import sweep, run as run_mod
 from bench.report_doc import fmt_spread, fmt_timed
 from bench.results import relative_spread, row_timing, timing_columns
 
@@ -34,27 +34,27 @@ def _keep_torch_threads():
 
 # -- the rule ------------------------------------------------------------------------------------------------
 def test_an_asked_number_of_repeats_is_exactly_that_many_passes():
-    assert run_mod.more_passes([5.0], 3) and run_mod.more_passes([5.0, 5.0], 3)
-    assert not run_mod.more_passes([5.0, 5.0, 5.0], 3)
-    assert not run_mod.more_passes([0.001], 1)
+    assert sweep.more_passes([5.0], 3) and sweep.more_passes([5.0, 5.0], 3)
+    assert not sweep.more_passes([5.0, 5.0, 5.0], 3)
+    assert not sweep.more_passes([0.001], 1)
 
 
 def test_auto_repeats_cheap_cells_up_to_the_cap():
-    cap = run_mod.REPEAT_CAP
+    cap = sweep.REPEAT_CAP
     for n in range(1, cap):
-        assert run_mod.more_passes([0.01] * n, None), n
-    assert not run_mod.more_passes([0.01] * cap, None)
+        assert sweep.more_passes([0.01] * n, None), n
+    assert not sweep.more_passes([0.01] * cap, None)
 
 
 def test_auto_repeats_only_while_the_extra_passes_fit_the_budget():
-    budget = run_mod.REPEAT_BUDGET_S + run_mod.REPEAT_SHARE * 0.5  # a first pass of 0.5 s: 0.6 s of extra time
+    budget = sweep.REPEAT_BUDGET_S + sweep.REPEAT_SHARE * 0.5  # a first pass of 0.5 s: 0.6 s of extra time
     assert budget == pytest.approx(0.6)
-    assert run_mod.more_passes([0.5], None)                # one extra pass of ~0.5 s fits
-    assert not run_mod.more_passes([0.5, 0.5], None)       # a second would make 1.0 s
-    assert not run_mod.more_passes([1.0], None)            # one extra 1 s pass > 0.5 + 0.2 s
+    assert sweep.more_passes([0.5], None)                # one extra pass of ~0.5 s fits
+    assert not sweep.more_passes([0.5, 0.5], None)       # a second would make 1.0 s
+    assert not sweep.more_passes([1.0], None)            # one extra 1 s pass > 0.5 + 0.2 s
     # the next pass is estimated by the median so far, not by one slow pass
-    assert run_mod.more_passes([0.1, 0.1, 0.1, 0.1], None)      # 0.3 + 0.1 ≤ 0.52
-    assert not run_mod.more_passes([0.1, 0.3, 0.3, 0.1], None)  # 0.7 + 0.2 > 0.52
+    assert sweep.more_passes([0.1, 0.1, 0.1, 0.1], None)      # 0.3 + 0.1 ≤ 0.52
+    assert not sweep.more_passes([0.1, 0.3, 0.3, 0.1], None)  # 0.7 + 0.2 > 0.52
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "three", "1.5"])
@@ -161,11 +161,11 @@ def test_by_default_each_cell_is_repeated_by_the_rule(tmp_path):
     for _, r in df.iterrows():
         passes = json.loads(r["time_passes_s"])
         # every pass after the first was asked for by the rule, and the rule stopped at the last one
-        assert all(run_mod.more_passes(passes[:k], None) for k in range(1, len(passes)))
-        assert not run_mod.more_passes(passes, None)
+        assert all(sweep.more_passes(passes[:k], None) for k in range(1, len(passes)))
+        assert not sweep.more_passes(passes, None)
         # 200 two-dimensional samples in 1 or 2 steps take milliseconds (at most ~0.15 s on a busy machine):
         # far inside the 0.5 s budget, so each cell is repeated
-        assert 2 <= r["time_repeats"] == len(passes) <= run_mod.REPEAT_CAP
+        assert 2 <= r["time_repeats"] == len(passes) <= sweep.REPEAT_CAP
 
 
 def test_a_results_file_from_before_the_repeats_is_extended_and_reported(twice, tmp_path):

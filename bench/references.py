@@ -1,0 +1,206 @@
+"""Quality measurement of a sweep: feature extractors, reference statistics, noise floors, the exact ODE.
+
+Each metric (:data:`bench.metrics.METRICS`) names the per-sample features it needs (its ``source``) and
+computes its own value; :class:`Evaluator` makes those features for a cell's samples and the references they
+are compared with, once per sweep.  The reference data (labels, noise floors, notes, the card) is written with
+:func:`bench.results.write_reference_info`, beside the results.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .config import SweepConfig
+from .distributed import Dist
+from .plan import Cell
+from .results import save_preview, write_reference_info
+
+__all__ = ["Evaluator", "labelled_bars", "prepare_references", "write_reference", "FLOOR_DRAWS", "PREVIEW_IMAGES",
+           "PREVIEW_POINTS"]
+
+PREVIEW_IMAGES = 64
+PREVIEW_POINTS = 2000
+FLOOR_DRAWS = 10                 # draws averaged for a metric's noise floor
+
+
+class Evaluator:
+    """Makes per-rank features of a cell's samples and, on rank 0, the metric values from all of them.
+
+    Each metric (:data:`bench.metrics.METRICS`) names the per-sample features it needs (its ``source``) and
+    computes its own value and reference note; this class makes the features and the references.
+    """
+
+    def __init__(self, card, metric_keys: list[str], cfg: SweepConfig, device: str, dist: Dist, progress: bool,
+                 say: Optional[Callable[[str], None]] = None):
+        self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
+        self.say = say if say is not None and dist.main else (lambda text: None)  # long steps, labelled
+        self.specs = [M.METRICS[k] for k in metric_keys]
+        self.sources = {s.source for s in self.specs}
+        self.cfg = cfg
+        self.image = card.kind == "image"
+        self.extractors: dict = {}
+        self.reference: dict = {}
+        self.floors: dict = {}
+        self.notes: dict = {}
+        self._exact_cache: dict = {}
+
+    def prepare(self, n: int) -> None:
+        """Build the feature extractors (every rank) and the reference statistics (rank 0).
+
+        Raises:
+            OfflineFeatureExtractorError, ReferenceDataError: with the message to show.
+        """
+        if self.image:
+            self._prepare_images(n)
+            return
+        if self.dist.main and "data" in self.sources:
+            self._prepare_data(n)
+        for spec in self.specs:
+            if isinstance(spec, M.ExactODEError):
+                self.notes[spec.key] = spec.note
+
+    def _prepare_images(self, n: int) -> None:
+        from .features import create_extractor
+        for spec in self.specs:
+            weights = getattr(self.cfg, spec.weights_option)
+            self.say(f"loading the {spec.label} feature extractor ({spec.key})")
+            self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
+        if not self.dist.main:
+            return
+        from .datasets import default_cache_dir, reference_statistics
+        cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else default_cache_dir()
+        for spec in self.specs:
+            ext, layer, name = self.extractors[spec.key]
+            size = f"{self.cfg.reference_size:,}" if self.cfg.reference_size else "all"
+            self.say(f"reference statistics of {self.card.reference} ({size} images through {name}) and the "
+                     f"{spec.label} noise floor at n = {n:,}: read from the cache in {cache} when there, else "
+                     "computed once (minutes on a CPU) and cached there")
+            t0 = time.perf_counter()
+            with labelled_bars(f"reference statistics ({self.card.reference}, {name})"):
+                ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+                                           size=self.cfg.reference_size, cache_dir=self.cfg.cache_dir,
+                                           progress=self.progress, floor_n=n, floor_seed=self.cfg.seed)
+            self.say(f"reference statistics {'read from' if ref['cached'] else 'computed in '}"
+                     f"{'' if ref['cached'] else f'{time.perf_counter() - t0:.3g} s and cached at'} "
+                     f"{ref['cache_path']}")
+            self.reference[spec.source] = ref
+            self.floors[spec.key] = ref["floor"]
+            self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
+
+    def _prepare_data(self, n: int) -> None:
+        n_ref = self.cfg.reference_size or n
+        ref_seed = 1_000_000_007 + self.cfg.seed
+        ref = self.card.data_sampler(n_ref, ref_seed).to(torch.float64).reshape(n_ref, -1).numpy()
+        # The noise floor: what exact samples score, averaged over FLOOR_DRAWS fresh sets (one draw of a
+        # distance between finite samples varies by a factor of several).
+        self.say(f"noise floor of {', '.join(s.key for s in self.specs if s.source == 'data')}: {FLOOR_DRAWS} "
+                 f"fresh sets of {n:,} exact samples against {n_ref:,} reference samples (not cached)")
+        fresh = [self.card.data_sampler(n, ref_seed + 1 + i).to(torch.float64).reshape(n, -1).numpy()
+                 for i in range(FLOOR_DRAWS)]
+        self.reference["data"] = ref
+        self.reference["preview"] = ref[:PREVIEW_POINTS, :2].astype(np.float32)
+        for spec in self.specs:
+            if spec.source == "data":
+                draws = [spec.value(f, ref) for f in fresh]
+                self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+                self.notes[spec.key] = spec.reference_note(n, n_ref, FLOOR_DRAWS)
+
+    def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor) -> dict:
+        """This rank's features for every metric's source (arrays with one row per sample) and a preview."""
+        out: dict = {}
+        n = samples.shape[0]
+        if self.image:
+            from .features import UInt8Images, extract_features, to_uint8_rgb
+            images = to_uint8_rgb(self.card.to_images(samples))
+            for spec in self.specs:
+                ext, layer, _ = self.extractors[spec.key]
+                with labelled_bars(f"  {cell.label} {cell.steps} steps: {spec.key} features"):
+                    out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                        batch_size=self.cfg.batch_size, progress=self.progress)
+            out["preview"] = images[:PREVIEW_IMAGES].numpy()
+            return out
+        flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+        if "data" in self.sources:
+            out["data"] = flat
+        if "ode_error" in self.sources and cell.deterministic:
+            exact = self._exact(x_T, cell.grid[0], cell.grid[-1])
+            out["ode_error"] = ((flat - exact) ** 2).mean(axis=1)
+        out["preview"] = flat[:PREVIEW_POINTS, :2].astype(np.float32)
+        return out
+
+    def _exact(self, x_T: torch.Tensor, t_from: float, t_to: float) -> np.ndarray:
+        # x_T is the same in every cell (same seeds): solve the exact ODE once per (t_from, t_to).
+        key = (float(t_from), float(t_to))
+        if key not in self._exact_cache:
+            self.say(f"ode_error's reference: the exact probability-flow ODE from t = {t_from:.4g} to {t_to:.4g} for "
+                     f"{x_T.shape[0]:,} start points (once per grid start and end, kept in memory)")
+            x = self.card.exact_ode(x_T.detach().to(torch.float64).cpu(), t_from, t_to)
+            self._exact_cache[key] = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
+        return self._exact_cache[key]
+
+    def finalize(self, cell: Cell, parts: list[dict]) -> tuple[dict, dict]:
+        """Metric values (and notes) from every rank's features, concatenated in rank order."""
+        values, notes = {}, {}
+        for spec in self.specs:
+            feats = np.concatenate([p[spec.source] for p in parts], axis=0) \
+                if all(spec.source in p for p in parts) else None
+            values[spec.key], note = spec.compute(feats, self.reference.get(spec.source), cell.deterministic)
+            if note:
+                notes[spec.key] = note
+        return values, notes
+
+
+@contextlib.contextmanager
+def labelled_bars(desc: str) -> Iterator[None]:
+    """Give torch-fidelity's feature-extraction progress bar (hard-coded "Processing samples") the description
+    ``desc`` while the block runs."""
+    import torch_fidelity.utils as fidelity_utils
+    plain = fidelity_utils.tqdm
+
+    def labelled(*a, **kw):
+        return plain(*a, **{**kw, "desc": desc})
+
+    fidelity_utils.tqdm = labelled
+    try:
+        yield
+    finally:
+        fidelity_utils.tqdm = plain
+
+
+def prepare_references(evaluator: Evaluator, num_samples: int, dist: Dist) -> None:
+    """Feature extractors and reference statistics; a failure on any rank is raised on every rank."""
+    from .datasets import ReferenceDataError
+    from .features import OfflineFeatureExtractorError
+    failure = None
+    try:
+        evaluator.prepare(num_samples)
+    except (OfflineFeatureExtractorError, ReferenceDataError) as e:
+        failure = e
+    # Every rank learns of a failure on any rank (rank 0 alone reads the reference data).
+    failures = [f for f in dist.all_gather(None if failure is None else (type(failure).__name__, str(failure)))
+                if f is not None]
+    if failures:
+        if failure is not None:
+            raise failure
+        kind, text = failures[0]
+        raise (OfflineFeatureExtractorError if kind == "OfflineFeatureExtractorError" else ReferenceDataError)(text)
+
+
+def write_reference(out_dir: Path, evaluator: Evaluator, num_samples: int, command: str) -> None:
+    """The reference data of a sweep (metric labels, noise floors and notes, the card; see
+    :func:`bench.results.write_reference_info`) and the reference preview."""
+    if "preview" in evaluator.reference:
+        save_preview(out_dir, "reference", evaluator.reference["preview"], "points")
+    info = {"metrics": {k: {"label": M.METRICS[k].label, "floor": evaluator.floors.get(k),
+                            "note": evaluator.notes.get(k, "")} for k in evaluator.keys},
+            "card": {k: (list(v) if isinstance(v, tuple) else v) for k, v in evaluator.card.summary().items()},
+            "num_samples": num_samples, "command": command,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_reference_info(out_dir, info)

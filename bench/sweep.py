@@ -1,0 +1,464 @@
+"""One sweep, step by step: prepare (load the model, plan the cells, fast paths, what to resume, references),
+then for each cell sample → measure → record, then the report.
+
+A cell's samples come from the same per-sample seeds in every cell (``seed·1000003 + j``, whatever the batch
+size or the number of torchrun processes, each of which samples a contiguous block); one warm-up run of each
+batch shape is excluded from the timing; the timed pass is repeated as ``--repeats`` asks (the samples and the
+metrics are the first pass's).  Rank 0 measures, records the row (:func:`bench.results.record_row`) and
+writes the report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+import pretrained
+import solvers
+
+from . import metrics as M
+from .config import SweepConfig
+from .distributed import Dist
+from .plan import Cell, UsageError, check_seed, plan_cells
+from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
+from .results import (METRIC_PREFIX, IncompatibleResultsError, check_run_settings, environment, load_results,
+                      new_row, record_row, results_lock, row_timing, save_preview, timing_columns)
+
+__all__ = ["Sweep", "run_sweep", "load_and_plan", "apply_fast_paths", "sample_seeds", "more_passes",
+           "AllCellsFailedError", "SEED_STRIDE", "WARMUP_STEPS", "REPEAT_CAP", "REPEAT_BUDGET_S", "REPEAT_SHARE"]
+
+SEED_STRIDE = 1_000_003          # sample j of run seed s uses seed s·SEED_STRIDE + j
+WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
+# --repeats auto: at most REPEAT_CAP timed passes per cell, the extra ones only while together they take at most
+# REPEAT_BUDGET_S + REPEAT_SHARE × the first pass (see more_passes): cheap cells get a median of 5, a cell
+# whose pass takes over ~0.6 s keeps its one pass (--repeats N asks for N).
+REPEAT_CAP = 5
+REPEAT_BUDGET_S = 0.5
+REPEAT_SHARE = 0.2
+
+
+class AllCellsFailedError(RuntimeError):
+    """Every cell this run tried failed (each is recorded with its reason): nothing was measured."""
+
+
+@dataclass
+class Sweep:
+    """A sweep in progress: its frozen configuration and what the process resolved for it — the process's
+    place in the job, the device, the model card, then (once prepared) the model, the cells and the run
+    settings."""
+
+    cfg: SweepConfig
+    dist: Dist
+    device: str
+    progress: bool
+    card: Any
+    model: Any = None
+    cells: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.cfg.dtype)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.out_dir
+
+
+def sample_seeds(seed: int, start: int, stop: int) -> list[int]:
+    """The per-sample seeds of samples start … stop−1 (the same in every cell and every process split)."""
+    check_seed(seed)
+    return [seed * SEED_STRIDE + j for j in range(start, stop)]
+
+
+
+
+def _check_weights(model_options: dict) -> None:
+    """Refuse a --weights (or --model-opt weights=) path that does not exist, before loading anything."""
+    path = model_options.get("weights")
+    if isinstance(path, (str, os.PathLike)) and not Path(path).exists():
+        raise UsageError(f"--weights {path}: no such file or folder; give the model's weights file (or the "
+                         "folder holding it), or leave --weights out to use the card's lookup")
+
+
+
+# -- sampling one cell -------------------------------------------------------------------------------------
+def _batches(sweep: Sweep) -> list[tuple[int, int]]:
+    """This rank's batches of sample indices, (start, stop) each."""
+    start, stop = sweep.dist.slice(sweep.cfg.num_samples)
+    size = sweep.cfg.batch_size
+    return [(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+
+def _sample_kw(sweep: Sweep, cell: Cell) -> dict:
+    return dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=sweep.dtype,
+                on_nonfinite="raise", rng=sweep.cfg.rng, **cell.options)
+
+
+def _initial_noise(sweep: Sweep, cell: Cell, b0: int, b1: int) -> torch.Tensor:
+    """x_T of samples b0 … b1−1 at the cell's first grid time (the same in every cell)."""
+    return solvers.initial_noise((b1 - b0, *sweep.card.sample_shape), sample_seeds(sweep.cfg.seed, b0, b1),
+                                 schedule=sweep.model.schedule, t=cell.grid[0], dtype=sweep.dtype,
+                                 device=sweep.device, rng=sweep.cfg.rng)
+
+
+def _warm_up(sweep: Sweep, cell: Cell) -> float:
+    """Run each distinct batch shape (the full one and a shorter last one) through a short grid of the cell's
+    solver, so that lazy initialisation, kernel selection, allocator growth, torch.compile and CUDA-graph
+    capture are not charged to the timed passes. Returns its wall-clock (0 when this rank has no batch)."""
+    batches = _batches(sweep)
+    t0 = time.perf_counter()
+    for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
+        solvers.sample(sweep.model, _initial_noise(sweep, cell, b0, b1), steps=min(cell.steps, WARMUP_STEPS),
+                       seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
+    return time.perf_counter() - t0 if batches else 0.0
+
+
+def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Optional[torch.Tensor] = None) -> dict:
+    """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
+    ``keep``, the samples and x_T (on the CPU). ``x_T_all``: this rank's x_T from an earlier pass, reused
+    instead of drawing it again."""
+    shape = tuple(sweep.card.sample_shape)
+    outs, x_Ts = [], []
+    total = model_t = solver_t = 0.0
+    nfe = None
+    batches = _batches(sweep)
+    for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not sweep.progress):
+        if x_T_all is not None:
+            x_T = x_T_all[b0 - batches[0][0]:b1 - batches[0][0]].to(sweep.device)
+        else:
+            x_T = _initial_noise(sweep, cell, b0, b1)
+        res = solvers.sample(sweep.model, x_T, steps=cell.steps, seeds=sample_seeds(sweep.cfg.seed, b0, b1),
+                             **_sample_kw(sweep, cell))
+        if nfe is not None and res.nfe != nfe:
+            raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
+        nfe = res.nfe
+        total += res.time_total
+        model_t += res.time_model
+        solver_t += res.time_solver
+        if keep:
+            outs.append(res.samples.detach().cpu())
+            x_Ts.append(x_T.detach().cpu())
+    empty = torch.empty((0, *shape), dtype=sweep.dtype)
+    return {"samples": torch.cat(outs) if outs else empty, "x_T": torch.cat(x_Ts) if x_Ts else empty,
+            "nfe": nfe, "timing": (total, model_t, solver_t)}
+
+
+def _sample_cell(sweep: Sweep, cell: Cell) -> dict:
+    """Generate this rank's samples of a cell; returns samples, x_T, NFE and timing (warm-up excluded)."""
+    warmup = _warm_up(sweep, cell)
+    gen = _timed_pass(sweep, cell, keep=True, desc=f"  {cell.label} {cell.steps} steps")
+    gen["warmup"] = warmup
+    return gen
+
+
+def more_passes(totals: Sequence[float], repeats: Optional[int]) -> bool:
+    """Whether a cell timed ``totals`` (seconds per pass so far, the first one first) gets another timed pass.
+
+    With ``repeats`` (``--repeats N``): until there are N. Automatically (None): at most ``REPEAT_CAP``
+    passes, and another one only while the extra passes, the next one included (estimated as the median so
+    far), stay within ``REPEAT_BUDGET_S`` + ``REPEAT_SHARE`` × the first pass.
+    """
+    if repeats is not None:
+        return len(totals) < repeats
+    if len(totals) >= REPEAT_CAP:
+        return False
+    extra = sum(totals[1:]) + float(np.median(totals))
+    return extra <= REPEAT_BUDGET_S + REPEAT_SHARE * totals[0]
+
+
+def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[tuple], Optional[str]]:
+    """Every timed pass of a cell, each (total, model, solver) of the slowest rank: the first (``gen``, this
+    rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
+    from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
+    Returns the passes and the error of a failed repeat."""
+    dist = sweep.dist
+    passes: list[tuple] = []
+    mine, error = (gen["timing"] if gen is not None else None), None
+    while True:
+        everyone = dist.all_gather(mine)  # every rank takes the same decision from the same numbers
+        if any(p is None for p in everyone):
+            return passes, error
+        passes.append(max(everyone, key=lambda p: p[0]))
+        if not more_passes([p[0] for p in passes], sweep.cfg.repeats):
+            return passes, None
+        try:
+            mine = _timed_pass(sweep, cell, keep=False, x_T_all=gen["x_T"],
+                               desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}")
+            mine = mine["timing"]
+        except Exception as e:  # noqa: BLE001 — recorded as the cell's failure
+            mine, error = None, f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}"
+
+
+def _bar(iterable, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kw)
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+
+
+def load_and_plan(sweep: Sweep) -> None:
+    """Load the model (its weights checked first) and resolve every cell; refuse fast paths that cannot apply.
+
+    Raises:
+        UsageError: a missing weights file, options the loader does not take, a model that cannot be loaded, or
+            a fast path this device or solver cannot use.
+    """
+    cfg, card = sweep.cfg, sweep.card
+    options = cfg.model_kwargs
+    _check_weights(options)
+    if card.kind != "analytic":
+        from pretrained.checkpoints import cache_dir
+        where = (str(options["weights"]) if "weights" in options else
+                 f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
+                 "verified download)")
+        say(sweep, f"loading {card.name}'s weights from {where}")
+    try:
+        sweep.model = pretrained.load(card.name, device=sweep.device, **options)
+    except TypeError as e:
+        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"cannot load {card.name}: {e}") from None
+    sweep.cells = plan_cells(card, sweep.model, list(cfg.specs), list(cfg.steps), cfg.spacing)
+    if cfg.cuda_graph and torch.device(sweep.device).type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
+    variable_rows = [s.label for s in cfg.specs if s.name == "adaptive"]
+    if variable_rows and (cfg.cuda_graph or cfg.compile):
+        raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
+                         "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
+                         "without them")
+
+
+def apply_fast_paths(sweep: Sweep) -> None:
+    """Choose ``--batch-size auto`` (a new config with the chosen size) and wrap the network for autocast,
+    channels-last, compile or CUDA graphs."""
+    cfg = sweep.cfg
+    if cfg.batch_size == "auto":
+        from .autobatch import auto_batch_size
+        # probed without compilation or graphs, which would compile or capture every probed shape
+        probe = solvers.accelerate(sweep.model, autocast=cfg.autocast, channels_last=cfg.channels_last)
+        per_rank = -(-cfg.num_samples // sweep.dist.world)
+        chosen = auto_batch_size(probe, tuple(sweep.card.sample_shape), sweep.device, sweep.dtype, cap=per_rank)
+        sweep.cfg = cfg = replace(cfg, batch_size=chosen.batch_size)
+        if sweep.dist.main and not cfg.quiet:
+            print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
+    if cfg.network != "eager":  # a plain run calls the network directly, no wrapper on the hot path
+        try:
+            sweep.model = solvers.accelerate(sweep.model, autocast=cfg.autocast, channels_last=cfg.channels_last,
+                                             compile=cfg.compile or False, cuda_graph=cfg.cuda_graph)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def _run_settings(sweep: Sweep) -> dict:
+    cfg = sweep.cfg
+    return {"model": sweep.card.name, "num_samples": cfg.num_samples, "seed": cfg.seed,
+            "metrics": ",".join(cfg.metrics), "dtype": cfg.dtype,
+            "device_type": torch.device(sweep.device).type, "reference_size": cfg.reference_size,
+            "network": cfg.network, "rng": cfg.rng, "threads": torch.get_num_threads(),
+            "batch_size": cfg.batch_size, "model_options": cfg.model_options_json()}
+
+
+def _cells_to_run(sweep: Sweep) -> list[Cell]:
+    """The cells not yet in the results (all with --force), decided on rank 0 and shared; says so unless quiet.
+
+    Raises:
+        IncompatibleResultsError: the results folder was made with other run settings.
+    """
+    cfg, dist, cells = sweep.cfg, sweep.dist, sweep.cells
+    plan = None
+    if dist.main:
+        try:
+            existing = load_results(sweep.out_dir)
+            check_run_settings(existing, sweep.settings, sweep.out_dir)
+            done = {} if existing.empty else dict(zip(existing["cell_key"], existing["status"]))
+            todo = [c.key for c in cells if cfg.force or c.key not in done]
+            skipped_ok = sum(1 for c in cells if not cfg.force and done.get(c.key) == "ok")
+            skipped_failed = sum(1 for c in cells if not cfg.force and done.get(c.key) == "failed")
+            plan = {"todo": todo, "ok": skipped_ok, "failed": skipped_failed, "error": None}
+        except IncompatibleResultsError as e:
+            plan = {"error": str(e)}
+    plan = dist.broadcast(plan)
+    if plan["error"]:
+        raise IncompatibleResultsError(plan["error"])
+    todo = [c for c in cells if c.key in set(plan["todo"])]
+    if dist.main and not cfg.quiet:
+        msg = f"bench.run: {sweep.card.name}, {len(cells)} cells ({len(todo)} to run"
+        if plan["ok"] or plan["failed"]:
+            msg += f"; skipping {plan['ok']} done" + (f" and {plan['failed']} recorded as failed — --force redoes "
+                                                       "them" if plan["failed"] else "")
+        print(msg + f"), {cfg.num_samples} samples each on {sweep.device}"
+              + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {sweep.out_dir}", file=sys.stderr)
+    return todo
+
+
+def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int) -> Optional[str]:
+    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any."""
+    dist = sweep.dist
+    started = _now()
+    t_cell = time.perf_counter()
+    gen = None
+    try:
+        gen = _sample_cell(sweep, cell)
+        t_metric = time.perf_counter()
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]), "warmup": gen["warmup"],
+                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
+    except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
+        payload = {"error": f"{type(e).__name__}: {e}"}
+    # the repeats time the sampling only: the samples and the metrics are the first pass's
+    passes, repeat_error = _timed_passes(sweep, cell, gen if "error" not in payload else None)
+    if repeat_error:
+        payload = {"error": repeat_error}
+    parts = dist.gather(payload)
+    if not dist.main:
+        return None
+    errors = [p["error"] for p in parts if "error" in p]
+    row = _base_row(sweep, cell, env, command, started)
+    if not errors:
+        try:
+            _measure_into(row, sweep, evaluator, cell, parts, passes)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{type(e).__name__}: {e}")
+    failure = None
+    if errors:
+        row.update({"status": "failed", "error": errors[0]})
+        failure = f"{cell.label} × {cell.steps} steps: {errors[0]}"
+    row["finished_at"] = _now()
+    row["time_cell_s"] = time.perf_counter() - t_cell
+    # record_row re-reads the file under a lock: rows of a concurrent run are kept
+    record_row(sweep.out_dir, row, sweep.settings)
+    if not sweep.cfg.quiet:
+        _bar_write(_cell_line(row, sweep.cfg.metrics, {k: M.METRICS[k].label for k in sweep.cfg.metrics}))
+    _test_hook(total)
+    return failure
+
+
+def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict],
+                  passes: list[tuple]) -> None:
+    """The metric values, timings (medians over the timed ``passes``) and preview of a cell from every rank's
+    part, into ``row``."""
+    t_fin = time.perf_counter()
+    values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
+    row.update(timing_columns(passes))
+    row.update({"nfe": parts[0]["nfe"],
+                "time_per_sample_ms": 1000.0 * row["time_total_s"] * sweep.dist.world / sweep.cfg.num_samples,
+                "time_warmup_s": max(p["warmup"] for p in parts),
+                "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
+                "metric_notes": json.dumps(notes)})
+    for k in sweep.cfg.metrics:
+        row[METRIC_PREFIX + k] = values[k]
+    preview = np.concatenate([p["features"]["preview"] for p in parts])
+    save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
+                  "images" if evaluator.image else "points")
+
+
+def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
+    """The report (rank 0, unless --no-report), the ranks' last barrier, and the error when every cell failed."""
+    dist, out_dir = sweep.dist, sweep.out_dir
+    if dist.main and not sweep.cfg.no_report:
+        from .report import build_report
+        with results_lock(out_dir):  # a concurrent run's last report then includes every row
+            build_report(out_dir, quiet=sweep.cfg.quiet)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    if dist.main and todo and len(failed) == len(todo):
+        raise AllCellsFailedError(f"every cell of this run failed ({len(failed)} of {len(todo)}), so nothing was "
+                                  f"measured; first: {failed[0]}. The failures are recorded in "
+                                  f"{out_dir / 'results.csv'} (--force redoes them)")
+
+
+def _base_row(sweep: Sweep, cell: Cell, env: dict, command: str, started: str) -> dict:
+    """The cell's row before it is measured (:func:`bench.results.new_row` owns the columns)."""
+    cfg, card = sweep.cfg, sweep.card
+    run = {"num_samples": cfg.num_samples, "batch_size": cfg.batch_size, "seed": cfg.seed, "device": sweep.device,
+           "world_size": sweep.dist.world, "reference_size": cfg.reference_size}
+    return new_row(cell, model=card.name, model_kind=card.kind, reference=card.reference,
+                   changed_options=_changed_options(cell.solver, cell.options), run=run, settings=sweep.settings,
+                   metric_labels={k: M.METRICS[k].label for k in cfg.metrics}, env=env, command=command,
+                   started=started)
+
+
+def _changed_options(solver: str, options: dict) -> dict:
+    """The options that differ from the solver's defaults (what a reader needs to see next to its name)."""
+    defaults = solvers.get_solver(solver).options()
+    return {k: v for k, v in options.items() if defaults.get(k) != v}
+
+
+def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
+    head = f"{row['solver_label']:>14} {row['steps']:>5} steps"
+    if row["status"] != "ok":
+        return f"{head}: FAILED — {row['error']}"
+    vals = ", ".join(f"{labels[k]} {row[METRIC_PREFIX + k]:.4g}" for k in keys
+                     if not math.isnan(row[METRIC_PREFIX + k]))
+    from .report_doc import fmt_timed, plural
+    repeats = row_timing(row)[3]
+    return (f"{head}: NFE {int(row['nfe'])}, {fmt_timed(row, ' s')} ({plural(repeats, 'timed pass', 'timed passes')}; "
+            f"model {row['time_model_s']:.3g} s), {vals}")
+
+
+def say(sweep: Sweep, text: str) -> None:
+    """One line on stderr about a long step (rank 0, unless --quiet), above any progress bar."""
+    if sweep.dist.main and not sweep.cfg.quiet:
+        _bar_write(f"bench.run: {text}")
+
+
+def _bar_write(text: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(text, file=sys.stderr)
+
+
+_cells_written = 0
+
+
+def _test_hook(total: int) -> None:
+    # BENCH_CRASH_AFTER_CELLS=k makes the process die (as if killed) right after the k-th cell is written: the
+    # resume test uses it to interrupt a run at a known point without timing races.
+    global _cells_written
+    _cells_written += 1
+    limit = os.environ.get("BENCH_CRASH_AFTER_CELLS")
+    if limit and _cells_written >= int(limit):
+        os._exit(137)
+
+
+
+def run_sweep(sweep: Sweep, command: str) -> Path:
+    """Run a prepared sweep (:func:`load_and_plan`, :func:`apply_fast_paths`): decide what to resume, prepare
+    the references, then sample, measure and record each cell, and render the report; returns the folder.
+
+    Raises:
+        IncompatibleResultsError: the output directory holds results this run must not touch.
+        OfflineFeatureExtractorError, ReferenceDataError: a metric's feature extractor or data is unavailable.
+        AllCellsFailedError: every cell this run tried failed.
+    """
+    sweep.settings = _run_settings(sweep)
+    todo = _cells_to_run(sweep)
+    evaluator = Evaluator(sweep.card, list(sweep.cfg.metrics), sweep.cfg, sweep.device, sweep.dist, sweep.progress,
+                          say=lambda text: say(sweep, text))
+    if todo:
+        prepare_references(evaluator, sweep.cfg.num_samples, sweep.dist)
+    env = environment(sweep.device) if sweep.dist.main else {}
+    if sweep.dist.main:
+        sweep.out_dir.mkdir(parents=True, exist_ok=True)
+        if todo:
+            write_reference(sweep.out_dir, evaluator, sweep.cfg.num_samples, command)
+    failed: list[str] = []
+    for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
+        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo))
+        if failure:
+            failed.append(failure)
+    _finish(sweep, todo, failed)
+    return sweep.out_dir
