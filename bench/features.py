@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pretrained.checkpoints import ASSETS, CheckpointError, assets_dir, assets_hint, file_digest, \
     read_state_dict
+from pretrained.files import atomic_path
 
 __all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor", "extract_features",
            "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "FeatureWeightsError", "EXTRACTORS",
@@ -229,9 +230,7 @@ def _download_inception() -> Path:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     target = _inception_cache_file()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f"{target.name}.part{os.getpid()}")
-    try:
+    with atomic_path(target, suffix=".part") as part:
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, str(part), progress=False)
         except Exception as e:  # urllib/http/socket errors
@@ -242,9 +241,6 @@ def _download_inception() -> Path:
             raise FeatureWeightsError(f"the Inception-v3 download from {URL_INCEPTION_V3} has sha256 {digest}, not "
                                       f"the published {INCEPTION_SHA256}: refused and deleted, never unpickled. "
                                       "Retry, or pass a verified copy with --inception-weights PATH.")
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
     return target
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .files import default_permissions  # also re-exported: bench.results imports it from here
+from .files import atomic_path, default_permissions  # noqa: F401  (default_permissions re-exported)
 
 __all__ = [
     "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
@@ -263,11 +263,7 @@ def _given_or_local(source: WeightsSource, weights: Optional[PathLike]) -> Optio
 def _download_verified(source: WeightsSource, target: Path, check: Optional[Callable[[Path], None]]) -> None:
     """Download ``source.url`` to a temporary name beside ``target``, verify it (published checksums, then
     ``check``) and only then rename it to ``target``; on any failure nothing is left behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target, suffix=".part") as tmp:
         try:
             _download_url(source.url, tmp)
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -277,11 +273,6 @@ def _download_verified(source: WeightsSource, target: Path, check: Optional[Call
                     sha256=source.sha256, md5=source.md5)
         if check is not None:
             check(tmp)
-        default_permissions(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def resolve_hub_weights(source: HubSource, weights: Optional[PathLike] = None, *,

@@ -7,11 +7,13 @@ failure the temporary file is removed and the old file, if any, is left as it wa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "default_permissions"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "default_permissions"]
 
 
 def default_permissions(path: os.PathLike) -> None:
@@ -21,25 +23,37 @@ def default_permissions(path: os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write (or download) into; when the block ends
+    normally the file gets the mode an ordinary ``open`` would give it and is renamed onto ``path``.
+
+    A check that raises inside the block (a checksum, say) leaves nothing behind: on any exception the
+    temporary file is removed and ``path`` is unchanged.  The parent folder is created if needed; the
+    temporary name keeps ``suffix`` (writers that pick a format by extension need it, e.g. ``.gif``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        default_permissions(tmp)  # mkstemp makes it 0600; the mode an ordinary open() would give
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``).
 
     The parent folder is created if needed.  On failure nothing is left behind and ``path`` is unchanged.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        default_permissions(tmp)  # mkstemp makes it 0600; the mode an ordinary open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import pretrained
 import solvers
 from bench.results import atomic_write_bytes
+from pretrained.files import atomic_path
 
 
 def _label(schedule, t: float, phase: str) -> str:
@@ -118,9 +118,8 @@ def _render_gif(frames, labels, card, path: Path, fps: int) -> None:
     # Hold the first, middle (pure noise) and last frames a little longer.
     order = [0] * 5 + list(range(len(frames))) + [len(frames) - 1] * 10
     anim = FuncAnimation(fig, lambda k: update(order[k]), frames=len(order), blit=False)
-    tmp = path.with_name(path.name + ".tmp.gif")
-    anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=80)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".gif") as tmp:
+        anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=80)
     plt.close(fig)
 
 

@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from pretrained.files import atomic_write_bytes, atomic_write_text
+from pretrained.files import atomic_path, atomic_write_bytes, atomic_write_text
 from pretrained.train_gmm2d import save_atomic
 
 
@@ -39,6 +39,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(path, "not bytes")           # fails inside the write
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_path_renames_what_the_block_wrote_and_keeps_the_suffix(tmp_path, umask_022):
+    target = tmp_path / "cache" / "weights.pt"
+    with atomic_path(target, suffix=".part") as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".part") and not target.exists()
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and _mode(target) == umask_022
+    assert [p.name for p in target.parent.iterdir()] == ["weights.pt"]
+
+
+def test_atomic_path_leaves_nothing_when_the_check_in_the_block_fails(tmp_path):
+    target = tmp_path / "weights.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(ValueError, match="checksum"):
+        with atomic_path(target, suffix=".part") as tmp:
+            tmp.write_bytes(b"crafted")
+            raise ValueError("checksum mismatch")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.pt"]
 
 
 def test_toy_weights_are_saved_atomically(tmp_path, umask_022):
