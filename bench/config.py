@@ -16,6 +16,7 @@ from typing import Optional, Union
 from . import metrics as M
 from .autobatch import parse_batch_size
 from .plan import SolverSpec, UsageError, check_seed, parse_assignment, parse_solvers, parse_steps
+from .results import safe_filename
 
 __all__ = ["SweepConfig", "make_config", "parse_repeats", "network_setting"]
 
@@ -96,7 +97,7 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         metrics=tuple(_metric_keys(args.metric, card)), model_options=_model_options(args),
         num_samples=num_samples, batch_size=batch_size, reference_size=args.reference_size, seed=args.seed,
         repeats=parse_repeats(args.repeats), dtype=args.dtype or ("float64" if card.kind == "analytic" else "float32"),
-        out_dir=Path(args.out or Path("runs") / card.name), rng=args.rng, autocast=args.autocast,
+        out_dir=Path(args.out or Path("runs") / safe_filename(card.name)), rng=args.rng, autocast=args.autocast,
         channels_last=args.channels_last, compile=args.compile, cuda_graph=args.cuda_graph, force=args.force,
         quiet=args.quiet, no_report=args.no_report, cache_dir=args.cache_dir,
         inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights)

@@ -149,6 +149,15 @@ class MetricSpec:
             return float("nan"), "not defined for a stochastic solver"
         return self.value(features, reference), None
 
+    def unfit_reason(self, card) -> Optional[str]:
+        """Why the metric does not fit ``card`` (None when it does)."""
+        if card.kind not in self.kinds:
+            return (f"it is for {'/'.join(self.kinds)} models and {card.name} is a"
+                    f"{'n' if card.kind[0] in 'aeiou' else ''} {card.kind} model")
+        if self.needs_exact_ode and card.exact_ode is None:
+            return f"it needs an exact ODE solution, which {card.name} does not have"
+        return None
+
 
 @dataclass(frozen=True)
 class DataDistance(MetricSpec):
@@ -157,6 +166,11 @@ class DataDistance(MetricSpec):
 
     distance: Callable[[np.ndarray, np.ndarray], float] = None
     reference_detail: str = ""
+
+    def unfit_reason(self, card) -> Optional[str]:
+        if card.kind in self.kinds and card.data_sampler is None:
+            return f"it needs exact data samples, which {card.name} does not have"
+        return super().unfit_reason(card)
 
     def value(self, features, reference) -> float:
         return self.distance(features, reference)
@@ -179,11 +193,28 @@ class ExactODEError(MetricSpec):
 
 
 @dataclass(frozen=True)
+class ReferenceSolutionError(MetricSpec):
+    """RMS difference from a high-accuracy numerical solution of the same model's probability-flow ODE from
+    the same x_T (:mod:`bench.reference_solutions`): any model's solver error, with no data."""
+
+    source: str = "ref_error"
+
+    def value(self, features, reference) -> float:
+        return float(np.sqrt(np.mean(features)))
+
+
+@dataclass(frozen=True)
 class FeatureFrechet(MetricSpec):
     """Fréchet distance in the features of an image network against the card's reference statistics;
     ``weights_option`` is the run option naming the network's weights file."""
 
     weights_option: str = ""
+
+    def unfit_reason(self, card) -> Optional[str]:
+        if card.kind in self.kinds and card.reference in (None, "none"):
+            return (f"it needs reference data, and {card.name} names none (its card's reference is "
+                    f"{card.reference!r}); set reference = \"mnist-test\" or \"cifar10-train\" in the card")
+        return super().unfit_reason(card)
 
     def value(self, features, reference) -> float:
         mu, sigma = gaussian_statistics(features)
@@ -206,6 +237,11 @@ METRICS: dict[str, MetricSpec] = {m.key: m for m in (
     ExactODEError("ode_error", "ODE error (RMSE vs exact PF-ODE)", ("analytic",),
                   "RMS difference from the exact probability-flow ODE solution from the same x_T "
                   "(deterministic solvers only)", needs_exact_ode=True, deterministic_only=True),
+    ReferenceSolutionError("ref_error", "ODE error (RMSE vs reference solution)", ("analytic", "points", "image"),
+                           "RMS difference from a high-accuracy solution of the same model's probability-flow ODE "
+                           "from the same x_T (DPM-Solver++(3M), 2×250 log-SNR steps; its own error estimated "
+                           "and stated; cached in OUT/reference_solutions; deterministic solvers only)",
+                           deterministic_only=True),
     FeatureFrechet("fid", "FID (Inception-v3)", ("image",),
                    "Fréchet Inception Distance (torch-fidelity, Inception-v3 pool3, 2048-d) against the model "
                    "card's reference data; needs the Inception weights (downloaded once)",
@@ -231,8 +267,7 @@ def get_metric(key: str) -> MetricSpec:
 
 def metrics_for(card) -> list[str]:
     """The metrics that fit a model card."""
-    return [k for k, m in METRICS.items()
-            if card.kind in m.kinds and (not m.needs_exact_ode or card.exact_ode is not None)]
+    return [k for k, m in METRICS.items() if m.unfit_reason(card) is None]
 
 
 def default_metrics(card) -> list[str]:
@@ -241,10 +276,14 @@ def default_metrics(card) -> list[str]:
     Analytic and point models: every exact measure that fits.  Image models: FID when the card's reference
     is the standard FID reference (CIFAR-10 train: the paper protocol), otherwise FD with the offline
     ResNet-20 features — an Inception FID against another reference would not be the FID anyone publishes.
+    A model with no data and no exact solution (your own, with no reference): the error against a reference
+    solution of its own ODE.  ``ref_error`` is otherwise asked for by name (it costs a long solve).
     """
-    if card.kind == "image":
+    fits = metrics_for(card)
+    if card.kind == "image" and "fd_resnet20" in fits:
         return ["fid"] if card.reference == "cifar10-train" else ["fd_resnet20"]
-    return metrics_for(card)
+    chosen = [k for k in fits if k not in ("ref_error", "fid", "fd_resnet20")]
+    return chosen or ["ref_error"]
 
 
 def check_metrics(keys: list[str], card) -> list[str]:
@@ -255,14 +294,10 @@ def check_metrics(keys: list[str], card) -> list[str]:
     """
     out = []
     for k in keys:
-        spec = get_metric(k)
-        fits = metrics_for(card)
-        if k not in fits:
-            why = (f"it needs an exact ODE solution, which {card.name} does not have" if spec.needs_exact_ode
-                   and card.kind in spec.kinds else f"it is for {'/'.join(spec.kinds)} models and {card.name} "
-                   f"is a{'n' if card.kind[0] in 'aeiou' else ''} {card.kind} model")
+        why = get_metric(k).unfit_reason(card)
+        if why is not None:
             raise ValueError(f"metric {k!r} does not fit model {card.name!r}: {why}; "
-                             f"metrics for {card.name}: {', '.join(fits)}")
+                             f"metrics for {card.name}: {', '.join(metrics_for(card))}")
         if k not in out:
             out.append(k)
     return out

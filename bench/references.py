@@ -20,6 +20,7 @@ from . import metrics as M
 from .config import SweepConfig
 from .distributed import Dist
 from .plan import Cell
+from .reference_solutions import REF_SOLVER, REF_STEPS, ReferenceSolutions
 from .results import save_preview, write_reference_info
 
 __all__ = ["Evaluator", "labelled_bars", "prepare_references", "write_reference", "FLOOR_DRAWS", "PREVIEW_IMAGES",
@@ -38,10 +39,12 @@ class Evaluator:
     """
 
     def __init__(self, card, metric_keys: list[str], cfg: SweepConfig, device: str, dist: Dist, progress: bool,
-                 say: Optional[Callable[[str], None]] = None):
+                 say: Optional[Callable[[str], None]] = None, model=None):
         self.card, self.keys, self.device, self.dist, self.progress = card, metric_keys, device, dist, progress
         self.say = say if say is not None and dist.main else (lambda text: None)  # long steps, labelled
+        self.model = model  # the sweep's model: ref_error solves its ODE
         self.specs = [M.METRICS[k] for k in metric_keys]
+        self.frechet = [s for s in self.specs if isinstance(s, M.FeatureFrechet)]
         self.sources = {s.source for s in self.specs}
         self.cfg = cfg
         self.image = card.kind == "image"
@@ -50,6 +53,7 @@ class Evaluator:
         self.floors: dict = {}
         self.notes: dict = {}
         self._exact_cache: dict = {}
+        self.solutions: Optional[ReferenceSolutions] = None
 
     def prepare(self, n: int) -> None:
         """Build the feature extractors (every rank) and the reference statistics (rank 0).
@@ -57,18 +61,26 @@ class Evaluator:
         Raises:
             OfflineFeatureExtractorError, ReferenceDataError: with the message to show.
         """
-        if self.image:
+        if self.frechet:
             self._prepare_images(n)
-            return
         if self.dist.main and "data" in self.sources:
             self._prepare_data(n)
         for spec in self.specs:
             if isinstance(spec, M.ExactODEError):
                 self.notes[spec.key] = spec.note
+            if isinstance(spec, M.ReferenceSolutionError):
+                self.notes[spec.key] = (f"RMSE over coordinates vs {REF_SOLVER} with {REF_STEPS} log-SNR steps "
+                                        "from the same x_T (its own error, estimated from a half-step solve, is "
+                                        "stated per cell)")
+                self.solutions = ReferenceSolutions(
+                    self.model, self.cfg.out_dir, {"model": self.cfg.model, "options": self.cfg.model_options_json(),
+                                                   "dtype": self.cfg.dtype, "network": self.cfg.network,
+                                                   "device": torch.device(self.device).type},
+                    self.cfg.batch_size, say=self.say)
 
     def _prepare_images(self, n: int) -> None:
         from .features import create_extractor
-        for spec in self.specs:
+        for spec in self.frechet:
             weights = getattr(self.cfg, spec.weights_option)
             self.say(f"loading the {spec.label} feature extractor ({spec.key})")
             self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
@@ -76,7 +88,7 @@ class Evaluator:
             return
         from .datasets import default_cache_dir, reference_statistics
         cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else default_cache_dir()
-        for spec in self.specs:
+        for spec in self.frechet:
             ext, layer, name = self.extractors[spec.key]
             size = f"{self.cfg.reference_size:,}" if self.cfg.reference_size else "all"
             self.say(f"reference statistics of {self.card.reference} ({size} images through {name}) and the "
@@ -119,14 +131,19 @@ class Evaluator:
         if self.image:
             from .features import UInt8Images, extract_features, to_uint8_rgb
             images = to_uint8_rgb(self.card.to_images(samples))
-            for spec in self.specs:
+            for spec in self.frechet:
                 ext, layer, _ = self.extractors[spec.key]
                 with labelled_bars(f"  {cell.label} {cell.steps} steps: {spec.key} features"):
                     out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
                                                         batch_size=self.cfg.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
-            return out
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+        if self.solutions is not None and cell.deterministic:
+            solution, error = self.solutions.solve(x_T, cell.grid)
+            out["ref_error"] = ((flat - solution) ** 2).mean(axis=1)
+            out["ref_error_own"] = (error ** 2).mean(axis=1)
+        if self.image:
+            return out
         if "data" in self.sources:
             out["data"] = flat
         if "ode_error" in self.sources and cell.deterministic:
@@ -152,6 +169,9 @@ class Evaluator:
             feats = np.concatenate([p[spec.source] for p in parts], axis=0) \
                 if all(spec.source in p for p in parts) else None
             values[spec.key], note = spec.compute(feats, self.reference.get(spec.source), cell.deterministic)
+            if isinstance(spec, M.ReferenceSolutionError) and feats is not None:
+                own = float(np.sqrt(np.mean(np.concatenate([p["ref_error_own"] for p in parts]))))
+                note = f"the reference solution's own RMS error ≈ {own:.2g} (from its half-step solve)"
             if note:
                 notes[spec.key] = note
         return values, notes

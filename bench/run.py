@@ -27,6 +27,8 @@ import solvers
 from . import metrics as M
 from .config import SweepConfig, make_config
 from .distributed import init_dist
+from pretrained.user_models import parse_shape
+
 from .plan import UsageError
 from .results import IncompatibleResultsError, command_line
 from .sweep import (REPEAT_BUDGET_S, REPEAT_CAP, REPEAT_SHARE, SEED_STRIDE, AllCellsFailedError, Sweep,
@@ -47,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "charts and OUT/report.{md,html}. With no arguments: a quick sweep on the analytic "
                     "gmm2d model.")
     p.add_argument("--model", default=DEFAULTS["model"],
-                   help=f"model card name (default: {DEFAULTS['model']}); one of: {', '.join(pretrained.available_models())}")
+                   help=f"the model (default: {DEFAULTS['model']}): a zoo name — "
+                        f"{', '.join(pretrained.available_models())} — or your own: my_pkg.my_module:ATTR (a "
+                        "solvers.DiffusionModel, a ModelCard, or a callable returning one) or path/to/card.toml "
+                        "(README: 'Benchmark your own model'). A model with no reference data is scored against "
+                        "a reference solution of its own ODE (--metric ref_error)")
+    p.add_argument("--shape", default=None, metavar="C,H,W",
+                   help="the sample shape of --model my_pkg.my_module:ATTR when the object does not carry one "
+                        "(a sample_shape attribute), e.g. 3,32,32 or 2")
     p.add_argument("--solvers", default=DEFAULTS["solvers"],
                    help="comma-separated solver names (library names or aliases), each optionally with "
                         "options as NAME:OPT=VAL[:OPT=VAL], e.g. 'ddim,ddim:eta=1.0,dpmpp' (default: "
@@ -172,9 +181,10 @@ def set_up(args: argparse.Namespace) -> Sweep:
     # lines (unless --quiet) are the progress there.
     progress = not args.quiet and dist.main and sys.stderr.isatty()
     try:
-        card = pretrained.get_card(args.model)
+        shape = None if args.shape is None else parse_shape(args.shape)
+        card = pretrained.resolve_card(args.model, shape=shape)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--model {args.model}: {e}" if not str(e).startswith("unknown model") else str(e)) from None
     cfg: SweepConfig = make_config(args, card, dist.world)
     if device != args.device:  # the device chosen by the process set-up (the asked one is checked above)
         _check_device(device)

@@ -228,7 +228,7 @@ def load_and_plan(sweep: Sweep) -> None:
                  "verified download)")
         say(sweep, f"loading {card.name}'s weights from {where}")
     try:
-        sweep.model = pretrained.load(card.name, device=sweep.device, **options)
+        sweep.model = pretrained.load(card, device=sweep.device, **options)
     except TypeError as e:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
     except (ValueError, ImportError) as e:
@@ -404,6 +404,9 @@ def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
         return f"{head}: FAILED — {row['error']}"
     vals = ", ".join(f"{labels[k]} {row[METRIC_PREFIX + k]:.4g}" for k in keys
                      if not math.isnan(row[METRIC_PREFIX + k]))
+    if not vals:
+        vals = "; ".join(f"{labels[k]}: {n}" for k, n in json.loads(row.get("metric_notes") or "{}").items()) \
+            or "no metric value"
     from .report_doc import fmt_timed, plural
     repeats = row_timing(row)[3]
     return (f"{head}: NFE {int(row['nfe'])}, {fmt_timed(row, ' s')} ({plural(repeats, 'timed pass', 'timed passes')}; "
@@ -447,7 +450,7 @@ def run_sweep(sweep: Sweep, command: str) -> Path:
     sweep.settings = _run_settings(sweep)
     todo = _cells_to_run(sweep)
     evaluator = Evaluator(sweep.card, list(sweep.cfg.metrics), sweep.cfg, sweep.device, sweep.dist, sweep.progress,
-                          say=lambda text: say(sweep, text))
+                          say=lambda text: say(sweep, text), model=sweep.model)
     if todo:
         prepare_references(evaluator, sweep.cfg.num_samples, sweep.dist)
     env = environment(sweep.device) if sweep.dist.main else {}

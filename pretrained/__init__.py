@@ -4,6 +4,7 @@
     pretrained.available_models()
     model = pretrained.load("gmm2d")          # a solvers.DiffusionModel
     card = pretrained.get_card("gmm2d")       # schedule, shape, reference data, provenance
+    card = pretrained.resolve_card("my_pkg.my_module:model")   # or "path/to/card.toml": your own model
 
 Cards: the exact analytic models (``gmm2d``, ``gmm``, ``gaussian``), the real networks ``ddpm_mnist``,
 ``ddpm_cifar`` (EMA) and ``ddpm_cifar_hub`` (non-EMA), the consistency model ``cd_imagenet64_l2``, and the
@@ -15,6 +16,7 @@ from .cards import CARDS, ModelCard, available_models, get_card, load, register_
 from .checkpoints import CheckpointError, WeightsNotFoundError
 from . import zoo_analytic  # noqa: F401  (registers the analytic cards)
 from . import ddpm_mnist, zoo_cifar, consistency, toy  # noqa: F401  (register the other cards)
+from .user_models import resolve_card
 
 __all__ = ["CARDS", "ModelCard", "available_models", "get_card", "load", "register_card", "CheckpointError",
-           "WeightsNotFoundError"]
+           "WeightsNotFoundError", "resolve_card"]

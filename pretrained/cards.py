@@ -143,9 +143,10 @@ def get_card(name: str) -> ModelCard:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}") from None
 
 
-def load(name: str, **kwargs) -> solvers.DiffusionModel:
-    """Load a model by name: ``pretrained.load("gmm2d")`` → a ready :class:`solvers.DiffusionModel`.
+def load(name: "str | ModelCard", **kwargs) -> solvers.DiffusionModel:
+    """Load a model by name (or from its card): ``pretrained.load("gmm2d")`` → a ready
+    :class:`solvers.DiffusionModel`.
 
     Keyword arguments go to the card's loader (``device``, ``weights`` path, ``dtype``, …).
     """
-    return get_card(name).loader(**kwargs)
+    return (name if isinstance(name, ModelCard) else get_card(name)).loader(**kwargs)

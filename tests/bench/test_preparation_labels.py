@@ -43,8 +43,8 @@ def test_quiet_says_nothing_about_preparation(tmp_path, capsys):
 def test_weights_loading_is_announced_for_trained_models(tmp_path, capsys, monkeypatch):
     calls = []
 
-    def fake_load(name, **kw):
-        calls.append(name)
+    def fake_load(card, **kw):
+        calls.append(card.name)  # bench.run loads by card (a card may come from a file or an import path)
         raise ValueError("stop here")  # the announcement comes before the loading
 
     monkeypatch.setattr(pretrained, "load", fake_load)

@@ -171,7 +171,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "unknown model 'nope'; available models: .*gmm2d"),
     (["--solvers", "ddim,nope"], "unknown solver 'nope'; valid: .*dpmpp_2m"),
-    (["--metric", "nope"], "unknown metric 'nope'; valid metrics: fd_data, swd, ode_error, fid, fd_resnet20"),
+    (["--metric", "nope"], "unknown metric 'nope'; valid metrics: fd_data, swd, ode_error, ref_error, fid, fd_resnet20"),
     (["--metric", "fid"], "does not fit model 'gmm2d'.*metrics for gmm2d: fd_data, swd, ode_error"),
     (["--model", "gmm", "--metric", "fd_resnet20"], "does not fit model 'gmm'"),
     (["--steps", "0,10"], "positive integers .*'0' is not one"),

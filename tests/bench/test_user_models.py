@@ -1,0 +1,270 @@
+"""Your own model in the harness: ``--model my_pkg.my_module:ATTR`` (with ``--shape``), ``--model card.toml``,
+and quality without data — the error against a high-accuracy reference solution of the model's own ODE
+(``ref_error``), cached in the results folder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pretrained
+from bench import run as run_mod
+from bench.reference_solutions import CACHE_FOLDER
+from pretrained.user_models import parse_shape, resolve_card
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--num-samples", "64", "--batch-size", "64", "--steps", "5,20", "--solvers", "ddim,dpmpp_3m"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench(out: Path, *args: str) -> int:
+    return run_mod.main(["--quiet", "--out", str(out), *args])
+
+
+def results(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "results.csv").sort_values(["solver", "steps"]).reset_index(drop=True)
+
+
+# -- --model pkg.module:ATTR ------------------------------------------------------------------------------------
+def test_an_imported_model_is_scored_against_its_own_reference_solution(tmp_path):
+    """The example module's model is an exact 2-D mixture, so the reference-solution error can be checked against
+    the exact ODE: the same sweep with ode_error on the zoo's analytic machinery must agree to the reference's
+    own (stated) error."""
+    out = tmp_path / "mine"
+    assert bench(out, "--model", "examples.my_model:model", "--metric", "ref_error", *SMALL) == 0
+    mine = results(out)
+    assert (mine["status"] == "ok").all() and list(mine["model"].unique()) == ["examples.my_model:model"]
+    card = pretrained.resolve_card("examples.my_model:model")
+    assert card.kind == "points" and tuple(card.sample_shape) == (2,)
+    errors = mine["metric.ref_error"].to_numpy()
+    assert np.all(np.isfinite(errors)) and np.all(errors > 0)
+    # more steps, smaller error, for each solver (a reference solution that did not resolve the ODE would not
+    # show 5 → 20 steps improving a third-order method by more than 4×)
+    for solver, g in mine.groupby("solver"):
+        e5, e20 = g.sort_values("steps")["metric.ref_error"]
+        assert e20 < e5 / 4, (solver, e5, e20)
+    notes = [json.loads(n)["ref_error"] for n in mine["metric_notes"]]
+    own = [float(n.split("≈ ")[1].split(" ")[0]) for n in notes]
+    assert all(o < 1e-3 for o in own) and all(o < e / 50 for o, e in zip(own, errors))
+
+
+def test_ref_error_agrees_with_the_exact_ode_error_on_an_exact_model(tmp_path):
+    """On gmm2d both metrics measure the distance to the ODE's end point from the same x_T: one exactly, one
+    through the reference solution, so they must agree to within the reference's own error (≈ 3e-5 here)."""
+    out = tmp_path / "both"
+    assert bench(out, "--model", "gmm2d", "--metric", "ode_error,ref_error", *SMALL) == 0
+    df = results(out)
+    assert np.allclose(df["metric.ref_error"], df["metric.ode_error"], rtol=0, atol=1e-3), \
+        df[["solver", "steps", "metric.ode_error", "metric.ref_error"]]
+
+
+def test_reference_solutions_are_cached_and_reused(tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert bench(out, "--model", "examples.my_model:model", "--metric", "ref_error", *SMALL) == 0
+    files = sorted((out / CACHE_FOLDER).glob("*.npz"))
+    assert files, "the reference solutions are kept in the results folder"
+    stamps = [f.stat().st_mtime_ns for f in files]
+    first = results(out)["metric.ref_error"].to_numpy()
+    capsys.readouterr()
+    assert run_mod.main(["--out", str(out), "--force", "--model", "examples.my_model:model", "--metric",
+                         "ref_error", *SMALL]) == 0
+    assert "ref_error's reference" not in capsys.readouterr().err  # nothing solved again
+    assert [f.stat().st_mtime_ns for f in sorted((out / CACHE_FOLDER).glob("*.npz"))] == stamps
+    np.testing.assert_allclose(results(out)["metric.ref_error"].to_numpy(), first, rtol=1e-12)
+
+
+def test_a_stochastic_solver_gets_a_stated_reason_not_a_number(tmp_path):
+    out = tmp_path / "ddpm"
+    assert bench(out, "--model", "examples.my_model:model", "--num-samples", "16", "--steps", "5",
+                 "--solvers", "ddpm") == 0
+    row = results(out).iloc[0]
+    assert np.isnan(row["metric.ref_error"])
+    assert json.loads(row["metric_notes"])["ref_error"] == "not defined for a stochastic solver"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no_such_pkg.mod:model"], "cannot import 'no_such_pkg.mod'"),
+    (["--model", "examples.my_model:nope"], "examples.my_model has no attribute 'nope'"),
+    (["--model", "examples.my_model:__doc__"], "is a str, not a model"),
+    (["--model", "gmm2d", "--shape", "2"], "--shape is for your own model; gmm2d is a zoo model"),
+    (["--model", "examples.my_model:model", "--shape", "3"], "its sample_shape is (2,); --shape 3 disagrees"),
+    (["--model", "examples.my_model:model", "--shape", "0,2"], "positive sizes"),
+    (["--model", "examples.my_model:model", "--metric", "fd_resnet20"], "does not fit"),
+    (["--model", "examples.my_model:model", "--metric", "fd_data"], "needs exact data samples"),
+])
+def test_bad_model_specs_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "bad"
+    assert bench(out, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.run: error: ") and err.count("\n") == 1, err
+    assert any(m in err for m in message.split("|")), err
+    assert not out.exists()
+
+
+def test_an_object_without_a_shape_asks_for_shape(tmp_path, monkeypatch, capsys):
+    import examples.my_model as mod
+    model = mod.make_model()
+    del model.sample_shape
+    monkeypatch.setattr(mod, "bare", model, raising=False)
+    assert bench(tmp_path / "o", "--model", "examples.my_model:bare", "--metric", "ref_error") == 2
+    assert "pass --shape C,H,W" in capsys.readouterr().err
+    assert bench(tmp_path / "o", "--model", "examples.my_model:bare", "--shape", "2", "--metric", "ref_error",
+                 "--num-samples", "8", "--steps", "3", "--solvers", "ddim") == 0
+
+
+def test_parse_shape():
+    assert parse_shape("3, 32,32") == (3, 32, 32) and parse_shape([2]) == (2,)
+    for bad in ("", "a,b", "3,-1", "0"):
+        with pytest.raises(ValueError, match="positive sizes"):
+            parse_shape(bad)
+
+
+# -- --model card.toml ------------------------------------------------------------------------------------------
+class TinyEps(torch.nn.Module):
+    """A tiny ε-network for the card-file tests: fixed random weights, time-dependent output."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.width = width
+
+    def forward(self, x, t):
+        return 0.1 * torch.tanh(self.lin(x)) * (1 + t[:, None] / 1000)
+
+
+def _card(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "card.toml"
+    path.write_text(body)
+    return path
+
+
+def _weights(tmp_path: Path) -> tuple[Path, str]:
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(TinyEps().state_dict(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+FACTORY_CARD = """
+name = "tiny"
+sample_shape = [2]
+prediction = "eps"
+[network]
+factory = "tests.bench.test_user_models:TinyEps"
+kwargs = {{ width = 4 }}
+weights = "tiny.pt"
+sha256 = "{sha}"
+[schedule]
+name = "discrete_vp"
+"""
+
+
+def test_a_card_file_builds_the_network_with_its_weights_and_schedule(tmp_path):
+    weights, sha = _weights(tmp_path)
+    card = resolve_card(str(_card(tmp_path, FACTORY_CARD.format(sha=sha))))
+    assert card.name == "tiny" and card.kind == "points" and card.reference == "none"
+    model = pretrained.load(card)
+    assert model.prediction == "eps" and model.schedule.num_train_timesteps == 1000
+    torch.testing.assert_close(model.fn.lin.weight, torch.load(weights, weights_only=True)["lin.weight"])
+    out = tmp_path / "run"
+    assert bench(out, "--model", str(tmp_path / "card.toml"), "--num-samples", "16", "--steps", "3",
+                 "--solvers", "ddim") == 0
+    row = results(out).iloc[0]
+    assert row["model"] == "tiny" and row["status"] == "ok" and np.isfinite(row["metric.ref_error"])
+
+
+def test_a_card_file_refuses_weights_whose_sha256_differs_before_reading_them(tmp_path):
+    weights, _ = _weights(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    weights.write_bytes(pickle.dumps(Crafted()))
+    card = resolve_card(str(_card(tmp_path, FACTORY_CARD.format(sha="0" * 64))))
+    with pytest.raises(pretrained.CheckpointError, match="sha256"):
+        pretrained.load(card)
+    assert not marker.exists()
+
+
+def test_a_card_file_reads_weights_only(tmp_path):
+    weights, _ = _weights(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    weights.write_bytes(pickle.dumps(Crafted()))
+    body = FACTORY_CARD.replace('sha256 = "{sha}"\n', "").format()
+    with pytest.raises(pretrained.CheckpointError, match="weights-only"):
+        pretrained.load(resolve_card(str(_card(tmp_path, body))))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sample_shape = [2]\nprediction = 'eps'\ncolour = 1\n[network]\nfactory = 'a:b'\n[schedule]\nname='vp_linear'",
+     "unknown key(s) colour in the top level"),
+    ("sample_shape = [2]\nprediction = 'eps'\n[network]\nfactory = 'a:b'\nweight = 'x'\n[schedule]\nname='vp_linear'",
+     "unknown key(s) weight in [network]"),
+    ("prediction = 'eps'\n[network]\nfactory = 'a:b'\n[schedule]\nname='vp_linear'", "sample_shape is required"),
+    ("sample_shape = [2]\nprediction = 'eps'\n[network]\nfactory = 'a:b'\ndiffusers = 'x'\n[schedule]\nname='vp'",
+     "exactly one of factory, diffusers, loader"),
+    ("sample_shape = [2]\nprediction = 'eps'\n[network]\nfactory = 'a:b'", "a [schedule] table is required"),
+    ("sample_shape = [2]\n[network]\nfactory = 'a:b'\n[schedule]\nname='vp_linear'", "prediction is required"),
+    ("sample_shape = [2\n", "is not valid TOML"),
+])
+def test_bad_card_files_are_refused_with_the_reason(tmp_path, body, message):
+    with pytest.raises(ValueError) as e:
+        resolve_card(str(_card(tmp_path, body)))
+    assert message in str(e.value)
+
+
+def test_a_missing_card_file_is_named(tmp_path, capsys):
+    assert bench(tmp_path / "o", "--model", str(tmp_path / "nope.toml")) == 2
+    assert "no such card file" in capsys.readouterr().err
+
+
+# -- the examples ---------------------------------------------------------------------------------------------
+def test_the_diffusers_unet_example_card_runs_end_to_end(tmp_path, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet")
+    monkeypatch.setenv("UNET_DIR", str(tmp_path / "unet"))
+    out = tmp_path / "run"
+    assert bench(out, "--model", str(ROOT / "examples" / "diffusers_unet_card.toml"), "--num-samples", "4",
+                 "--steps", "3", "--solvers", "ddim,dpmpp_2m") == 0
+    df = results(out)
+    assert (df["status"] == "ok").all() and (df["model"] == "my_diffusers_unet").all()
+    assert np.isfinite(df["metric.ref_error"]).all()
+    with np.load(out / "previews" / f"{df['cell_id'].iloc[0]}.npz") as z:
+        assert z["data"].shape[-2:] == (16, 16) and str(z["kind"]) == "images"
+
+
+def test_the_ddpm_mnist_example_card_loads_the_zoo_network(tmp_path):
+    weights = pretrained.checkpoints.ASSETS / "ddpm_mnist" / "ddpm_mnist.pth"
+    if not weights.exists():
+        pytest.skip(f"the offline assets are absent ({weights}): the example card points there")
+    card = resolve_card(str(ROOT / "examples" / "ddpm_mnist_card.toml"))
+    assert card.reference == "mnist-test" and tuple(card.sample_shape) == (1, 28, 28)
+    mine, zoo = pretrained.load(card), pretrained.load("ddpm_mnist")
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0, 20.0])
+    torch.testing.assert_close(mine.fn(x, t), zoo.fn(x, t))
