@@ -124,8 +124,10 @@ class Evaluator:
                 self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
                 self.notes[spec.key] = spec.reference_note(n, n_ref, FLOOR_DRAWS)
 
-    def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor) -> dict:
-        """This rank's features for every metric's source (arrays with one row per sample) and a preview."""
+    def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor,
+              latents: Optional[torch.Tensor] = None) -> dict:
+        """This rank's features for every metric's source (arrays with one row per sample) and a preview.
+        ``latents``: for a latent model, the ODE's own state before decoding (what ref_error compares)."""
         out: dict = {}
         n = samples.shape[0]
         if self.image:
@@ -140,7 +142,8 @@ class Evaluator:
         flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
         if self.solutions is not None and cell.deterministic:
             solution, error = self.solutions.solve(x_T, cell.grid)
-            out["ref_error"] = ((flat - solution) ** 2).mean(axis=1)
+            state = flat if latents is None else latents.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+            out["ref_error"] = ((state - solution) ** 2).mean(axis=1)
             out["ref_error_own"] = (error ** 2).mean(axis=1)
         if self.image:
             return out

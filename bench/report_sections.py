@@ -101,8 +101,22 @@ def setup_section(doc: Doc, ri: ReportInput) -> None:
               f"(CPU threads: {', '.join(map(str, threads))}; batch sizes: {', '.join(map(str, batches))}; see "
               "the threads and batch_size columns of results.csv). Compare wall-clock only between cells made "
               "with the same values; bench.run no longer adds cells made under other values to one folder.")
+    decode = _decode_seconds(df)
+    if decode is not None:
+        decoder = ri.card.get("decoder_name") or "the card's decoder"
+        doc.p(f"**Latent model:** the samples are latents decoded by {decoder}; each cell's time includes the "
+              f"decoding, timed apart in the *decode s* column (median {fmt_time(float(decode.median()))} s per "
+              "cell); sampling alone is model s + solver s.")
     doc.p("Produced by:")
     doc.code("\n".join(dict.fromkeys(df["command"].dropna().astype(str))))
+
+
+def _decode_seconds(df: pd.DataFrame) -> Optional[pd.Series]:
+    """The decoding times of the ok cells of a latent model (None when the cells decoded nothing)."""
+    if "time_decode_s" not in df:
+        return None
+    d = pd.to_numeric(df.loc[df["status"] == "ok", "time_decode_s"], errors="coerce").dropna()
+    return d if len(d) and float(d.max()) > 0 else None
 
 
 def model_section(doc: Doc, ri: ReportInput) -> None:
@@ -133,14 +147,15 @@ def results_section(doc: Doc, ri: ReportInput) -> None:
     """Every cell as a table row (wall-clock to 3 significant digits), failed cells, the time grids."""
     df, keys = ri.df, ri.keys
     doc.h(2, "Results")
-    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "passes", "model s", "solver s",
-              "ms/sample"] + [ri.labels.get(k, k) for k in keys] + ["status"]
+    decoded = _decode_seconds(df) is not None
+    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "passes", "model s", "solver s"] \
+        + (["decode s"] if decoded else []) + ["ms/sample"] + [ri.labels.get(k, k) for k in keys] + ["status"]
     rows, off = [], ri.off_scale
     for i, r in df.iterrows():
         changed = json.loads(r["solver_options_changed"]) if isinstance(r.get("solver_options_changed"), str) else {}
         opts = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
-        times = [fmt_timed(r), row_timing(r)[3]] + [fmt_time(r[c]) for c in ("time_model_s", "time_solver_s",
-                                                                              "time_per_sample_ms")]
+        columns = ("time_model_s", "time_solver_s") + (("time_decode_s",) if decoded else ()) + ("time_per_sample_ms",)
+        times = [fmt_timed(r), row_timing(r)[3]] + [fmt_time(r[c]) for c in columns]
         rows.append([r["solver_label"], opts, int(r["steps"]), r["spacing"], r["nfe"], *times]
                     + [r[METRIC_PREFIX + k] for k in keys] + [r["status"] + (" (diverged)" if i in off else "")])
     how, unstable = timing_summary(df)

@@ -93,6 +93,7 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
            "reference_size": run["reference_size"], "network": settings["network"],
            "rng": settings["rng"], "threads": settings["threads"],
            "time_total_s": float("nan"), "time_model_s": float("nan"), "time_solver_s": float("nan"),
+           "time_decode_s": float("nan"),
            "time_per_sample_ms": float("nan"), "time_warmup_s": float("nan"), "time_metrics_s": float("nan"),
            "time_repeats": 0, "time_total_min_s": float("nan"), "time_total_max_s": float("nan"),
            "time_passes_s": "[]", "metric_labels": json.dumps(metric_labels), "metric_notes": "{}"}
@@ -193,12 +194,13 @@ def _check_timing_settings(existing: pd.DataFrame, settings: dict, out_dir: os.P
 
 
 # -- timing over repeated passes -------------------------------------------------------------------------------
-def timing_columns(passes: list[tuple[float, float, float]]) -> dict:
-    """The timing columns of a row from its timed passes, each (total, model, solver) seconds.
+def timing_columns(passes: list[tuple[float, ...]]) -> dict:
+    """The timing columns of a row from its timed passes, each (total, model, solver[, decode]) seconds.
 
-    ``time_total_s``, ``time_model_s`` and ``time_solver_s`` are those of the median pass by total (the mean of
-    the two middle passes for an even count), so that model + solver = total as in every pass; the spread is the
-    fastest and slowest total, and every total is kept.
+    ``time_total_s``, ``time_model_s``, ``time_solver_s`` and ``time_decode_s`` are those of the median pass by
+    total (the mean of the two middle passes for an even count), so that model + solver (+ decode, for a latent
+    model's decoder; 0 without one) = total as in every pass; the spread is the fastest and slowest total, and
+    every total is kept.
 
     Raises:
         ValueError: no pass.
@@ -206,10 +208,10 @@ def timing_columns(passes: list[tuple[float, float, float]]) -> dict:
     if not passes:
         raise ValueError("a timed cell needs at least one pass")
     totals = [float(p[0]) for p in passes]
-    ranked = sorted((tuple(float(v) for v in p) for p in passes), key=lambda p: p[0])
+    ranked = sorted((tuple(float(v) for v in (*p, 0.0)[:4]) for p in passes), key=lambda p: p[0])
     middle = ranked[(len(ranked) - 1) // 2: len(ranked) // 2 + 1]
-    total, model, solver = (float(np.mean([p[i] for p in middle])) for i in range(3))
-    return {"time_total_s": total, "time_model_s": model, "time_solver_s": solver,
+    total, model, solver, decode = (float(np.mean([p[i] for p in middle])) for i in range(4))
+    return {"time_total_s": total, "time_model_s": model, "time_solver_s": solver, "time_decode_s": decode,
             "time_repeats": len(passes), "time_total_min_s": min(totals), "time_total_max_s": max(totals),
             "time_passes_s": json.dumps([round(t, 9) for t in totals])}
 

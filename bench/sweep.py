@@ -62,6 +62,7 @@ class Sweep:
     progress: bool
     card: Any
     model: Any = None
+    decoder: Any = None  # the card's decoder (latent models): latents → data, timed apart from sampling
     cells: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
@@ -118,18 +119,36 @@ def _warm_up(sweep: Sweep, cell: Cell) -> float:
     batches = _batches(sweep)
     t0 = time.perf_counter()
     for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
-        solvers.sample(sweep.model, _initial_noise(sweep, cell, b0, b1), steps=min(cell.steps, WARMUP_STEPS),
-                       seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
+        res = solvers.sample(sweep.model, _initial_noise(sweep, cell, b0, b1), steps=min(cell.steps, WARMUP_STEPS),
+                             seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
+        _decode(sweep, res.samples)
     return time.perf_counter() - t0 if batches else 0.0
+
+
+def _decode(sweep: Sweep, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(decoded samples, seconds) through the card's decoder, the device synchronised around it; the latents
+    themselves and 0 s for a model without one."""
+    if sweep.decoder is None:
+        return latents, 0.0
+    cuda = torch.device(sweep.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(sweep.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = sweep.decoder(latents)
+    if cuda:
+        torch.cuda.synchronize(sweep.device)
+    return out, time.perf_counter() - t0
 
 
 def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Optional[torch.Tensor] = None) -> dict:
     """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
-    ``keep``, the samples and x_T (on the CPU). ``x_T_all``: this rank's x_T from an earlier pass, reused
-    instead of drawing it again."""
+    ``keep``, the samples (decoded, for a latent model), the latents and x_T (on the CPU). ``x_T_all``: this
+    rank's x_T from an earlier pass, reused instead of drawing it again.  The timing is (total, model, solver,
+    decode) seconds, total = sampling + decoding."""
     shape = tuple(sweep.card.sample_shape)
-    outs, x_Ts = [], []
-    total = model_t = solver_t = 0.0
+    outs, latents, x_Ts = [], [], []
+    total = model_t = solver_t = decode_t = 0.0
     nfe = None
     batches = _batches(sweep)
     for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not sweep.progress):
@@ -142,15 +161,18 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
         if nfe is not None and res.nfe != nfe:
             raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
         nfe = res.nfe
-        total += res.time_total
+        decoded, seconds = _decode(sweep, res.samples)
+        total += res.time_total + seconds
         model_t += res.time_model
         solver_t += res.time_solver
+        decode_t += seconds
         if keep:
-            outs.append(res.samples.detach().cpu())
+            outs.append(decoded.detach().cpu())
+            latents.append(res.samples.detach().cpu())
             x_Ts.append(x_T.detach().cpu())
     empty = torch.empty((0, *shape), dtype=sweep.dtype)
-    return {"samples": torch.cat(outs) if outs else empty, "x_T": torch.cat(x_Ts) if x_Ts else empty,
-            "nfe": nfe, "timing": (total, model_t, solver_t)}
+    return {"samples": torch.cat(outs) if outs else empty, "latents": torch.cat(latents) if latents else empty,
+            "x_T": torch.cat(x_Ts) if x_Ts else empty, "nfe": nfe, "timing": (total, model_t, solver_t, decode_t)}
 
 
 def _sample_cell(sweep: Sweep, cell: Cell) -> dict:
@@ -177,7 +199,7 @@ def more_passes(totals: Sequence[float], repeats: Optional[int]) -> bool:
 
 
 def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[tuple], Optional[str]]:
-    """Every timed pass of a cell, each (total, model, solver) of the slowest rank: the first (``gen``, this
+    """Every timed pass of a cell, each (total, model, solver, decode) of the slowest rank: the first (``gen``, this
     rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
     from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
     Returns the passes and the error of a failed repeat."""
@@ -233,6 +255,11 @@ def load_and_plan(sweep: Sweep) -> None:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
+    if card.decoder is not None:
+        try:
+            sweep.decoder = card.decoder(device=sweep.device)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"cannot load {card.name}'s decoder: {e}") from None
     sweep.cells = plan_cells(card, sweep.model, list(cfg.specs), list(cfg.steps), cfg.spacing)
     if cfg.cuda_graph and torch.device(sweep.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
@@ -315,7 +342,8 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     try:
         gen = _sample_cell(sweep, cell)
         t_metric = time.perf_counter()
-        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"]), "warmup": gen["warmup"],
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"]),
+                   "warmup": gen["warmup"],
                    "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}"}

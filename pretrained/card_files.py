@@ -24,9 +24,15 @@ is in :data:`TOML_KEYS`; an unknown key is an error (a typo is never silently ig
 
     [model]                                # solvers.DiffusionModel options
     clip_x0 = [-1.0, 1.0]
+
+    [decoder]                              # a latent model's decoder: factory or diffusers (an AutoencoderKL)
+    diffusers = "vae"                      # samples = decoder.decode(latents / scale).sample
+    scale = 0.18215
+    data_shape = [3, 64, 64]               # required: the decoded samples' shape (sample_shape is the latents')
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import string
@@ -39,15 +45,16 @@ import solvers
 
 from .cards import ModelCard
 from .checkpoints import assets_dir, read_state_dict, verify_file
-from .user_models import NO_REFERENCE, import_object, user_card
+from .user_models import NO_REFERENCE, import_object, to_images_in_range as _to_images, user_card
 
 __all__ = ["card_from_toml", "read_card_file", "TOML_KEYS"]
 
 TOML_KEYS = {
     "": ("name", "description", "sample_shape", "prediction", "data_range", "reference", "default_num_samples",
-         "default_batch_size", "notes", "network", "schedule", "model"),
+         "default_batch_size", "notes", "network", "schedule", "model", "decoder"),
     "network": ("factory", "diffusers", "loader", "kwargs", "weights", "sha256", "dtype"),
     "model": ("clip_x0", "dynamic_threshold"),
+    "decoder": ("factory", "diffusers", "kwargs", "weights", "sha256", "scale", "data_shape", "name"),
 }
 NETWORK_KINDS = ("factory", "diffusers", "loader")
 
@@ -87,7 +94,7 @@ def read_card_file(path: os.PathLike) -> dict:
                          "'Benchmark your own model')")
     data = _load_toml(path)
     _check_keys(path, data, "")
-    for section in ("network", "model"):
+    for section in ("network", "model", "decoder"):
         if not isinstance(data.get(section, {}), dict):
             raise ValueError(f"{path}: {section} must be a table ([{section}])")
         _check_keys(path, data.get(section, {}), section)
@@ -97,6 +104,10 @@ def read_card_file(path: os.PathLike) -> dict:
     if len(kinds) != 1:
         raise ValueError(f"{path}: [network] needs exactly one of {', '.join(NETWORK_KINDS)}, got "
                          f"{', '.join(kinds) or 'none'}")
+    dec = data.get("decoder")
+    if dec is not None and (len([k for k in ("factory", "diffusers") if k in dec]) != 1 or "data_shape" not in dec):
+        raise ValueError(f"{path}: [decoder] needs exactly one of factory, diffusers and the decoded sample shape "
+                         "data_shape = [C, H, W]")
     if kinds[0] != "loader":
         if "schedule" not in data:
             raise ValueError(f"{path}: a [schedule] table is required (name = … with its parameters, or "
@@ -128,6 +139,19 @@ def card_from_toml(path: os.PathLike, *, shape: Optional[Sequence[int]] = None) 
     if shape is not None and tuple(shape) != tuple(data["sample_shape"]):
         raise ValueError(f"{path} gives sample_shape {list(data['sample_shape'])}; --shape "
                          f"{','.join(map(str, shape))} disagrees (leave --shape out)")
+    card = _card(path, data)
+    dec = data.get("decoder")
+    if dec is None:
+        return card
+    data_shape = tuple(int(v) for v in dec["data_shape"])
+    image = len(data_shape) == 3
+    return dataclasses.replace(card, decoder=lambda device="cpu": _decoder(path, dec, device),
+                               decoder_name=dec.get("name", dec.get("diffusers", dec.get("factory"))),
+                               data_shape=data_shape, kind="image" if image else "points",
+                               to_images=card.to_images or (_to_images(card.data_range) if image else None))
+
+
+def _card(path: Path, data: dict) -> ModelCard:
     sched = data.get("schedule", {})
     schedule_name = (f"diffusers {sched['scheduler_config']}" if "scheduler_config" in sched else
                      ", ".join(f"{k}={v}" for k, v in sched.items()) or "given by the loader")
@@ -196,6 +220,11 @@ class _DiffusersOutput(torch.nn.Module):
 
 
 def _diffusers_network(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
+    return _DiffusersOutput(_diffusers_module(path, net, kwargs))
+
+
+def _diffusers_module(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
+    """The diffusers model saved in the folder ``net["diffusers"]`` (its class named by its config.json)."""
     try:
         import diffusers
     except ImportError:
@@ -210,4 +239,28 @@ def _diffusers_network(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
         raise ValueError(f"{path}: {folder}/config.json names class {cls_name!r}, which diffusers does not have")
     # from_pretrained reads safetensors, or torch files with weights_only=True (diffusers' load_state_dict)
     # low_cpu_mem_usage=False: the default asks for the optional package accelerate, and says so on stderr
-    return _DiffusersOutput(cls.from_pretrained(str(folder), **{"low_cpu_mem_usage": False, **kwargs}))
+    return cls.from_pretrained(str(folder), **{"low_cpu_mem_usage": False, **kwargs})
+
+
+class _Decoder(torch.nn.Module):
+    """latents → samples: ``module.decode(latents / scale)`` (its ``.sample`` for a diffusers autoencoder), or
+    ``module(latents / scale)`` for a plain module."""
+
+    def __init__(self, module: torch.nn.Module, scale: float):
+        super().__init__()
+        self.module, self.scale = module, float(scale)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scale
+        out = self.module.decode(z) if hasattr(self.module, "decode") else self.module(z)
+        return getattr(out, "sample", out)
+
+
+def _decoder(path: Path, dec: dict, device: str) -> torch.nn.Module:
+    """The card's decoder on ``device`` (weights read weights-only, sha256 checked first where given)."""
+    kwargs = dict(dec.get("kwargs", {}))
+    if "diffusers" in dec:
+        module = _diffusers_module(path, dec, kwargs)
+    else:
+        module = _factory_network(path, dec, kwargs)
+    return _Decoder(module, dec.get("scale", 1.0)).to(device).eval()

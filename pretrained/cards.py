@@ -79,6 +79,10 @@ class ModelCard:
         published_fids: the published FIDs with the sampler setting each was measured with (what a run's
             cells are compared against; see :meth:`published_fid_rows`).
         notes: anything else a user must know (e.g. "these are the NON-EMA weights").
+        decoder: for a latent model, ``decoder(device=...) -> fn(latents) -> samples`` (e.g. a VAE decoder);
+            ``sample_shape`` is then the latents' shape and ``data_shape`` the decoded samples' (what
+            ``to_images``, ``data_range`` and the metrics see).  The benchmark times decoding apart.
+        decoder_name: what the decoder is, for reports.
     """
 
     name: str
@@ -105,6 +109,9 @@ class ModelCard:
     published_fids: tuple = ()
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    decoder: Optional[Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = None
+    decoder_name: str = ""
+    data_shape: Optional[tuple] = None
 
     def published_fid_rows(self) -> list[dict[str, Any]]:
         """The published FIDs to set beside a run's cells, as plain dicts with the keys setting, solver, steps,
@@ -115,7 +122,8 @@ class ModelCard:
     def summary(self) -> dict[str, Any]:
         """The card's plain-data fields (for reports)."""
         keep = ("name", "kind", "description", "sample_shape", "prediction", "schedule_name", "data_range",
-                "reference", "source_url", "sha256", "md5", "licence", "weights_note", "published", "notes")
+                "reference", "source_url", "sha256", "md5", "licence", "weights_note", "published", "notes",
+                "decoder_name", "data_shape")
         return {k: getattr(self, k) for k in keep}
 
 

@@ -26,7 +26,8 @@ import solvers
 
 from .cards import CARDS, ModelCard, available_models
 
-__all__ = ["resolve_card", "card_from_object", "user_card", "import_object", "parse_shape", "NO_REFERENCE"]
+__all__ = ["resolve_card", "card_from_object", "user_card", "import_object", "parse_shape", "to_images_in_range",
+           "NO_REFERENCE"]
 
 NO_REFERENCE = "none"  # a card's reference when it has no data: scored against its own reference solution
 
@@ -96,8 +97,9 @@ def parse_shape(text: Any) -> tuple[int, ...]:
     return shape
 
 
-def _to_images(data_range: tuple[float, float]) -> Callable[[torch.Tensor], torch.Tensor]:
-    lo, hi = data_range
+def to_images_in_range(data_range: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Samples in ``data_range`` → float images in [0, 1] (clamped)."""
+    lo, hi = (float(v) for v in data_range)
     return lambda x: ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
@@ -113,7 +115,7 @@ def user_card(name: str, loader: Callable[..., solvers.DiffusionModel], shape: S
     image = len(shape) == 3
     return ModelCard(name=name, kind="image" if image else "points", loader=loader, sample_shape=shape,
                      description=description or f"your model {name}", prediction=prediction,
-                     schedule_name=schedule_name, data_range=(lo, hi), to_images=_to_images((lo, hi)) if image else None,
+                     schedule_name=schedule_name, data_range=(lo, hi), to_images=to_images_in_range((lo, hi)) if image else None,
                      reference=reference, default_num_samples=default_num_samples,
                      default_batch_size=default_batch_size, notes=notes)
 

@@ -268,3 +268,50 @@ def test_the_ddpm_mnist_example_card_loads_the_zoo_network(tmp_path):
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0, 20.0])
     torch.testing.assert_close(mine.fn(x, t), zoo.fn(x, t))
+
+
+# -- latent models: a decoder on the card, timed apart ----------------------------------------------------------
+LATENT_CARD = """
+name = "tiny_ldm"
+sample_shape = [4, 8, 8]
+prediction = "eps"
+[network]
+diffusers = "unet"
+[schedule]
+name = "discrete_vp"
+[decoder]
+diffusers = "vae"
+scale = 0.5
+data_shape = [1, 16, 16]
+name = "a tiny random AutoencoderKL"
+"""
+
+
+def test_a_latent_card_decodes_the_samples_and_times_the_decoding_apart(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                          norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "unet")
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+                            norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).save_pretrained(tmp_path / "vae")
+    card = resolve_card(str(_card(tmp_path, LATENT_CARD)))
+    assert card.kind == "image" and card.data_shape == (1, 16, 16) and card.decoder_name.startswith("a tiny")
+    out = tmp_path / "run"
+    assert bench(out, "--model", str(tmp_path / "card.toml"), "--num-samples", "4", "--steps", "3",
+                 "--solvers", "ddim", "--repeats", "2") == 0
+    row = results(out).iloc[0]
+    assert row["status"] == "ok" and row["time_decode_s"] > 0 and np.isfinite(row["metric.ref_error"])
+    parts = row["time_model_s"] + row["time_solver_s"] + row["time_decode_s"]
+    assert row["time_total_s"] == pytest.approx(parts, rel=1e-9)
+    with np.load(out / "previews" / f"{row['cell_id']}.npz") as z:
+        assert z["data"].shape[-2:] == (16, 16)  # decoded images, not the 8×8 latents
+    report = (out / "report.md").read_text()
+    assert "**Latent model:** the samples are latents decoded by a tiny random AutoencoderKL" in report
+    assert "| decode s |" in report
+
+
+def test_a_decoder_table_needs_its_data_shape(tmp_path):
+    with pytest.raises(ValueError, match="data_shape"):
+        resolve_card(str(_card(tmp_path, LATENT_CARD.replace("data_shape = [1, 16, 16]\n", ""))))
