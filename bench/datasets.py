@@ -4,6 +4,9 @@
   ``../shared/assets/mnist/`` (torchvision's MNIST class wants the training set too).
 * ``cifar10-train``: torch-fidelity's registered input of that name (torchvision downloads CIFAR-10 once);
   offline, :func:`reference_dataset` says so.
+* your own data (``--reference``): a folder of images (PNG, JPEG, BMP, WebP; all one size), whose statistics
+  are cached under a hash of the files' contents, or an ``.npz`` of precomputed statistics (arrays ``mu`` and
+  ``sigma``, e.g. from pytorch-fid or torch-fidelity, made with the same feature extractor; read without pickle).
 
 Reference statistics (mean and covariance of the features) are cached as ``.npz`` files whose name holds
 the dataset, the number of images, the feature extractor and layer, and the versions of torch-fidelity and
@@ -30,12 +33,14 @@ from .metrics import gaussian_statistics
 from .results import atomic_write_bytes
 
 __all__ = ["read_idx_images", "mnist_test_images", "reference_dataset", "reference_statistics",
-           "default_cache_dir", "ReferenceDataError", "REFERENCE_DATASETS", "MNIST_DIR"]
+           "default_cache_dir", "ReferenceDataError", "REFERENCE_DATASETS", "MNIST_DIR", "folder_images",
+           "folder_digest", "check_reference", "IMAGE_SUFFIXES"]
 
 MNIST_DIR = ASSETS / "mnist"
 REFERENCE_DATASETS = ("mnist-test", "cifar10-train")
 # Full sizes, known up front so that cached statistics are found without opening (or downloading) the data.
 REFERENCE_SIZES = {"mnist-test": 10_000, "cifar10-train": 50_000}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FLOOR_DRAWS = 10
 
 
@@ -78,13 +83,71 @@ def mnist_test_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1).contiguous()
 
 
+def check_reference(reference: str) -> None:
+    """Refuse a reference that is neither a known data set nor an existing image folder or ``.npz`` file.
+
+    Raises:
+        ValueError: naming what was given and what would be right.
+    """
+    if reference in REFERENCE_SIZES:
+        return
+    path = Path(reference)
+    if path.is_dir():
+        if not _image_files(path):
+            raise ValueError(f"reference folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return
+    if path.suffix == ".npz" and path.is_file():
+        return
+    raise ValueError(f"reference {reference!r} is not a data set ({', '.join(REFERENCE_DATASETS)}), an image folder "
+                     "or a statistics .npz file (arrays mu and sigma)")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_images(folder: os.PathLike) -> torch.Tensor:
+    """Every image under ``folder`` (sorted by path) as uint8 (N, 3, H, W); grey and RGBA become RGB.
+
+    Raises:
+        ReferenceDataError: no images, an unreadable file, or images of different sizes.
+    """
+    from PIL import Image
+    files = _image_files(Path(folder))
+    if not files:
+        raise ReferenceDataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise ReferenceDataError(f"cannot read the reference image {f} ({e})") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise ReferenceDataError(f"reference images differ in size: {files[0].name} is {arrays[0].shape[1]}×"
+                                     f"{arrays[0].shape[0]}, {f.name} is {arrays[-1].shape[1]}×{arrays[-1].shape[0]}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def folder_digest(folder: os.PathLike) -> str:
+    """sha256 over the image files of ``folder``: their relative paths and contents, in sorted order."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in _image_files(Path(folder)):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def reference_dataset(name: str, datasets_root: Optional[os.PathLike] = None) -> torch.utils.data.Dataset:
-    """The reference images ``name`` as a Dataset of uint8 (3, H, W) tensors.
+    """The reference images ``name`` (a data set name or an image folder) as a Dataset of uint8 (3, H, W).
 
     Raises:
         ValueError: unknown name.
         ReferenceDataError: the data cannot be read or downloaded.
     """
+    if Path(name).is_dir():
+        return UInt8Images(folder_images(name))
     if name == "mnist-test":
         return UInt8Images(mnist_test_images())
     if name == "cifar10-train":
@@ -134,14 +197,18 @@ def reference_statistics(dataset: str, extractor, layer: str, extractor_name: st
     """
     from .metrics import frechet_distance
 
-    if dataset not in REFERENCE_SIZES:
-        raise ValueError(f"unknown reference data set {dataset!r}; valid: {', '.join(REFERENCE_DATASETS)}")
+    check_reference(dataset)
+    if dataset.endswith(".npz") and Path(dataset).is_file():
+        return _given_statistics(Path(dataset))
     ds = None
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    n = REFERENCE_SIZES[dataset] if size is None else int(size)
-    if not 2 <= n <= REFERENCE_SIZES[dataset]:
-        raise ValueError(f"reference size must be between 2 and {REFERENCE_SIZES[dataset]} for {dataset}, got {n}")
-    path = cache_dir / _cache_name(dataset, n, extractor_name, layer)
+    folder = Path(dataset).is_dir()
+    total = len(_image_files(Path(dataset))) if folder else REFERENCE_SIZES[dataset]
+    n = total if size is None else int(size)
+    if not 2 <= n <= total:
+        raise ValueError(f"reference size must be between 2 and {total} for {dataset}, got {n}")
+    tag = f"folder{folder_digest(dataset)[:24]}" if folder else dataset
+    path = cache_dir / _cache_name(tag, n, extractor_name, layer)
     floor_key = f"floor_n{floor_n}_seed{floor_seed}_draws{FLOOR_DRAWS}" if floor_n else None
     floors: dict = {}
     if path.exists():
@@ -172,3 +239,18 @@ def reference_statistics(dataset: str, extractor, layer: str, extractor_name: st
     atomic_write_bytes(path, buf.getvalue())
     return {"mu": mu, "sigma": sigma, "n": n, "cache_path": str(path), "cached": False,
             "floor": floors.get(floor_key) if floor_key else None}
+
+
+def _given_statistics(path: Path) -> dict:
+    """Precomputed reference statistics from an ``.npz`` (arrays ``mu``, ``sigma``; optional ``n``), read
+    without pickle; no noise floor (the images are not at hand)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+            n = int(z["n"]) if "n" in z.files else 0
+    except (OSError, ValueError, KeyError) as e:
+        raise ReferenceDataError(f"{path}: not a statistics file with arrays mu and sigma ({type(e).__name__}: "
+                                 f"{e}); pickled arrays are refused") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ReferenceDataError(f"{path}: mu must be (d,) and sigma (d, d); got {mu.shape} and {sigma.shape}")
+    return {"mu": mu, "sigma": sigma, "n": n, "cache_path": str(path), "cached": True, "floor": None}
