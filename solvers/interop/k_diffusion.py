@@ -140,8 +140,12 @@ def k_diffusion_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 def __getattr__(attr: str):
     """``sample_NAME`` for any registered fixed-grid solver or alias, including ones registered later."""
-    if attr.startswith("sample_") and attr[7:] in available_solvers():
-        return k_diffusion_sampler(attr[7:])
+    name = attr[len("sample_"):]
+    if attr.startswith("sample_") and name in available_solvers():
+        if solver_class(name).adaptive:
+            raise AttributeError(f"no {attr}: {name!r} chooses its own steps, while a k-diffusion sampler walks "
+                                 "the given sigmas")
+        return k_diffusion_sampler(name)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
