@@ -132,6 +132,25 @@ def _network_and_scheduler(unet_or_pipeline, scheduler):
     return net, config_dict(scheduler)
 
 
+def _check_guidance(guidance_scale, positives: dict, negatives: dict) -> None:
+    """Guidance needs a finite scale and each conditioning input with its unconditional counterpart, alike."""
+    has_negative = any(v is not None for v in negatives.values())
+    if guidance_scale is None:
+        if has_negative:
+            raise ValueError("negative_* conditioning is only used with classifier-free guidance: give guidance_scale")
+        return
+    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    missing = [k for k in positives if (positives[k] is None) != (negatives[k] is None)]
+    if missing or not has_negative:
+        raise ValueError(f"classifier-free guidance needs each conditioning input with its unconditional "
+                         f"counterpart (negative_{missing[0] if missing else 'encoder_hidden_states'} is "
+                         f"missing or extra)")
+    for k in positives:
+        _check_rows(f"negative_{k}", negatives[k], k, positives[k])
+
+
 def _check_rows(name: str, value, other_name: str, other) -> None:
     if value is not None and other is not None and torch.is_tensor(value) and torch.is_tensor(other) \
             and value.shape != other.shape:
@@ -169,20 +188,7 @@ def from_diffusers(unet_or_pipeline, scheduler=None, *, encoder_hidden_states: O
     net, cfg = _network_and_scheduler(unet_or_pipeline, scheduler)
     negatives = {"encoder_hidden_states": negative_encoder_hidden_states, "class_labels": negative_class_labels}
     positives = {"encoder_hidden_states": encoder_hidden_states, "class_labels": class_labels}
-    has_negative = any(v is not None for v in negatives.values())
-    if guidance_scale is None and has_negative:
-        raise ValueError("negative_* conditioning is only used with classifier-free guidance: give guidance_scale")
-    if guidance_scale is not None:
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
-                or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        missing = [k for k in positives if (positives[k] is None) != (negatives[k] is None)]
-        if missing or not has_negative:
-            raise ValueError(f"classifier-free guidance needs each conditioning input with its unconditional "
-                             f"counterpart (negative_{missing[0] if missing else 'encoder_hidden_states'} is "
-                             f"missing or extra)")
-        for k in positives:
-            _check_rows(f"negative_{k}", negatives[k], k, positives[k])
+    _check_guidance(guidance_scale, positives, negatives)
     if input_dtype is None:
         input_dtype = getattr(net, "dtype", None) if isinstance(getattr(net, "dtype", None), torch.dtype) else None
     keys = [k for k, v in positives.items() if v is not None]

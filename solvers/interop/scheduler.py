@@ -24,7 +24,7 @@ import torch
 from ..base import StepContext, points_at
 from ..grids import make_grid, validate_grid
 from ..registry import get_solver, solver_class
-from .diffusers import config_dict, model_from_config, schedule_from_config
+from .diffusers import config_dict, model_from_config
 
 __all__ = ["SolverScheduler", "SolverSchedulerOutput", "diffusers_grid"]
 

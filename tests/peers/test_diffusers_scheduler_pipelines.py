@@ -108,7 +108,8 @@ def _drive(sched, net, x_T, generator=None, **step_kwargs):
 
 
 # -- identity: the replayed solver is solvers.sample -------------------------------------------------------
-@pytest.mark.parametrize("name, options", [(n, {}) for n in FIXED_GRID] + [("heun", {"s_churn": 2.0, "s_tmax": 10.0})])
+@pytest.mark.parametrize("name, options", [(n, {"steps_per_level": 2} if n == "langevin" else {}) for n in FIXED_GRID]
+                         + [("heun", {"s_churn": 2.0, "s_tmax": 10.0})])
 def test_every_fixed_grid_solver_in_the_scheduler_is_solvers_sample(unet, name, options):
     """Driven like a pipeline, the scheduler gives solvers.sample's samples on its grid, with the noise of
     per-sample generators (``SeedStreams(...).generators``, the streams solvers.sample draws from); its
@@ -122,7 +123,7 @@ def test_every_fixed_grid_solver_in_the_scheduler_is_solvers_sample(unet, name, 
     ref = solvers.sample(from_diffusers(unet, sched), x_T, name, timesteps=sched.grid, steps=None, seeds=SEEDS,
                          **options)
     assert len(sched.timesteps) == ref.nfe
-    assert sched.order == (2 if name in ("heun", "dpmpp_2s", "pc") else 5 if name == "langevin" else 1)
+    assert sched.order == (2 if name in ("heun", "dpmpp_2s", "pc", "langevin") else 1)
     assert (ours - ref.samples).abs().max().item() <= 1e-6
 
 
@@ -322,9 +323,10 @@ def test_stable_diffusion_parity_with_euler_discrete(sd, spacing):
 # -- reading diffusers configs and networks ---------------------------------------------------------------
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_schedule_from_config_has_diffusers_alphas_cumprod(beta_schedule):
+    """Ours in float64, diffusers' a float32 cumulative product over 1000 steps: equal to 1e-4 relative."""
     ref = diffusers.DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012)
     ours = schedule_from_config(ref.config)
-    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod.double(), rtol=1e-5, atol=0)
+    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod.double(), rtol=1e-4, atol=0)
 
 
 def test_config_settings_reach_the_model():
@@ -380,3 +382,24 @@ def test_interop_imports_without_diffusers():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "5"
+
+
+def test_from_diffusers_passes_class_labels_and_guidance_through():
+    """A class-conditional UNet2DModel: the model's network is out_u + w·(out_c − out_u) of the network's
+    own calls with the labels and the null labels, in one batched call (two rows per sample)."""
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=4).eval()
+    labels, null = torch.tensor([1, 2]), torch.tensor([0, 0])
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((2,), 500.0)
+    with torch.no_grad():
+        guided = from_diffusers(net, diffusers.DDPMScheduler(), class_labels=labels, negative_class_labels=null,
+                                guidance_scale=3.0)
+        plain = from_diffusers(net, diffusers.DDPMScheduler(), class_labels=labels)
+        c, u = net(x, t, class_labels=labels).sample, net(x, t, class_labels=null).sample
+        assert guided.rows_per_sample == 2 and plain.rows_per_sample == 1
+        assert torch.allclose(guided.fn(x, t), u + 3.0 * (c - u), atol=1e-5, rtol=0)
+        assert torch.allclose(plain.fn(x, t), c, atol=1e-6, rtol=0)
+        assert (c - u).abs().max().item() > 1e-3  # the labels matter
