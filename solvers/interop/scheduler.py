@@ -157,7 +157,7 @@ class _Run:
     """One sampling run between ``set_timesteps`` and the last ``step``: the solver, its context and state."""
 
     def __init__(self, solver, model, replay: _Replay, grid: list):
-        self.solver, self.model, self.replay, self.grid = solver, model, replay, grid
+        self.solver, self._model, self.replay, self.grid = solver, model, replay, grid
         self.noise = _PipelineNoise()
         self.points = points_at(model.schedule, model, grid)
         solver.check(self.points)
@@ -175,7 +175,7 @@ class _Run:
         """From a run on zeros: the network time of every evaluation, the evaluations of each step, and
         whether a step changes its state before its first evaluation (Heun's churn)."""
         self.replay.probe, self.replay.times, self.noise.zero = True, [], True
-        ctx = StepContext(self.model, self.points, self.noise)
+        ctx = StepContext(self._model, self.points, self.noise)
         state, x, per_step, moves = self.solver.init_state(ctx), torch.zeros(1, 1, dtype=torch.float64), [], []
         try:
             for i in range(ctx.steps):
@@ -244,6 +244,11 @@ class SolverScheduler:
     the noise from the clipped x0, which is diffusers' ``use_clipped_model_output=True``; other arguments
     with no meaning here are accepted with a warning.
 
+    Attributes:
+        solver: the configured :class:`~solvers.Solver`; ``grid``: the solver-time grid of the last
+            ``set_timesteps`` (``solvers.sample(model, x_T, solver, timesteps=grid)`` gives the same samples);
+        timesteps: the network time of every evaluation; order: evaluations per solver step.
+
     Raises (at construction):
         ValueError: an adaptive solver (its steps are chosen at run time, so the pipeline cannot be given
             the timesteps in advance), an unknown solver, or a config this library cannot read.
@@ -263,7 +268,7 @@ class SolverScheduler:
         except TypeError as e:
             raise TypeError(f"{e}; grid options: {', '.join(GRID_OPTIONS)}") from None
         self._replay = _Replay()
-        self.model = model_from_config(self._replay, cfg)
+        self._model = model_from_config(self._replay, cfg)
         self.config = _Config({**cfg, "solver": self.solver.name, "solver_options": self.solver.options(),
                                **self.grid_options})
         self.timesteps: Optional[torch.Tensor] = None
@@ -279,13 +284,13 @@ class SolverScheduler:
         return cls(solver, config=config, **options)
 
     def __len__(self) -> int:
-        return self.model.schedule.num_train_timesteps
+        return self._model.schedule.num_train_timesteps
 
     @property
     def init_noise_sigma(self) -> float:
         """The standard deviation of the starting noise (1 on the variance-preserving schedules of diffusers)."""
-        t = self.grid[0] if self.grid is not None else self.model.schedule.t_max
-        return float(self.model.schedule.prior_std(t))
+        t = self.grid[0] if self.grid is not None else self._model.schedule.t_max
+        return float(self._model.schedule.prior_std(t))
 
     def set_timesteps(self, num_inference_steps: int, device=None, **kwargs) -> None:
         """Build the grid of ``num_inference_steps`` solver steps and the list of evaluation times.
@@ -298,14 +303,14 @@ class SolverScheduler:
         if given:
             raise ValueError(f"SolverScheduler.set_timesteps does not take {', '.join(given)}; choose the grid "
                              f"with the options {', '.join(GRID_OPTIONS)} of from_config")
-        schedule = self.model.schedule
+        schedule = self._model.schedule
         if self.grid_options:
             opts = {"spacing": self.config.get("timestep_spacing", "leading"), **self.grid_options}
             offset = int(self.config.get("steps_offset", 0) or 0)
             grid = make_grid(schedule, num_inference_steps, steps_offset=offset, **opts)
         else:
             grid = diffusers_grid(self.config, schedule, num_inference_steps)
-        run = _Run(self.solver, self.model, self._replay, grid)
+        run = _Run(self.solver, self._model, self._replay, grid)
         times = torch.tensor(run.model_times, dtype=torch.float64)
         integral = bool((times == times.round()).all())
         self.timesteps = times.to(torch.long if integral else torch.float32).to(device)
