@@ -1,0 +1,216 @@
+"""k-diffusion's conventions: ``from_k_diffusion`` and the ``sample_NAME(model, x, sigmas, …)`` signature.
+
+The denoiser is exact and cheap: a Gaussian mixture in R^8 (``pretrained.analytic.gmm_nd``) whose
+E[x0 | x0 + σ·ε = x] is known in closed form.  Everything is float64, sigmas included (k-diffusion does its
+σ arithmetic in the sigmas' dtype), so ours and k-diffusion's samplers agree to float64 rounding.
+
+k-diffusion's samplers come from its ``sampling.py`` loaded by file path (its package ``__init__`` imports
+far more than the samplers need); the comparisons skip, saying how to install it, when it is absent.  Noise:
+k-diffusion's ancestral/SDE samplers take a ``noise_sampler``, given here our per-sample streams (one draw per
+step, as ours); its Heun churn draws ``torch.randn_like`` every step, which the test routes to the same
+streams.  Samplers of k-diffusion that are not ours are not compared: ``sample_dpmpp_3m_sde`` (η = 0) warms up
+with a φ₂-weighted second-order step where our ``dpmpp_3m`` uses DPM-Solver++(2M)'s, and it has no
+lower-order final steps; ``sample_lms``, ``sample_dpm_2``, ``sample_dpmpp_sde`` have no counterpart here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import solvers
+from pretrained.analytic import gmm_nd
+from solvers.interop import from_k_diffusion
+from solvers.interop import k_diffusion as K
+from solvers.noise import STREAM_SOLVER, SeedStreams
+
+MIXTURE = gmm_nd(dim=8, n_components=3, spread=1.5, std=0.4, seed=1)
+SEEDS = [10, 11, 12]
+TOL = 1e-10
+INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline (the test extra)"
+FIXED_GRID = [n for n in solvers.available_solvers(aliases=False) if not solvers.solver_class(n).adaptive]
+
+
+class Denoiser:
+    """D(x, σ) of the mixture, recording every σ it is called at; ``scale`` (an extra argument) multiplies x0."""
+
+    def __init__(self):
+        self.levels: list[float] = []
+
+    def __call__(self, x, sigma, scale=1.0):
+        s = sigma.reshape(-1)
+        assert bool((s == s[0]).all()) and s.numel() == x.shape[0]
+        self.levels.append(float(s[0]))
+        return MIXTURE.denoise(x, 1.0, float(s[0])) * scale
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k-diffusion's sampling module, loaded by path under a stub package (its __init__ is not run)."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"k-diffusion is not installed: {INSTALL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    package = types.ModuleType("_kdiff")
+    package.__path__ = [str(folder)]
+    sys.modules["_kdiff"] = package
+    try:
+        for name in ("utils", "sampling"):
+            sub = importlib.util.spec_from_file_location(f"_kdiff.{name}", folder / f"{name}.py")
+            module = importlib.util.module_from_spec(sub)
+            sys.modules[f"_kdiff.{name}"] = module
+            sub.loader.exec_module(module)
+    except ImportError as e:
+        pytest.skip(f"k-diffusion's sampling module cannot be loaded ({e}): {INSTALL}")
+    return sys.modules["_kdiff.sampling"]
+
+
+def _setup(kd, steps=8):
+    sigmas = kd.get_sigmas_karras(steps, 0.002, 80.0).double()
+    x = torch.randn(len(SEEDS), 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    return sigmas, x
+
+
+def _noise_sampler():
+    streams = SeedStreams(SEEDS, STREAM_SOLVER)
+    return lambda sigma, sigma_next: streams.randn((8,), dtype=torch.float64)
+
+
+class _TorchWithOurNoise:
+    """``torch`` for k-diffusion's module, with ``randn_like`` drawing from our per-sample streams."""
+
+    def __init__(self):
+        self._streams = SeedStreams(SEEDS, STREAM_SOLVER)
+
+    def randn_like(self, x):
+        return self._streams.randn(x.shape[1:], dtype=x.dtype)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# name: (our solver, our options, k-diffusion sampler, its options, whether it needs our noise)
+PAIRS = {
+    "euler": ("euler", {}, "sample_euler", {}, None),
+    "heun": ("heun", {}, "sample_heun", {}, None),
+    "heun_churn": ("heun", {"s_churn": 1.0}, "sample_heun", {"s_churn": 1.0}, "randn_like"),
+    "dpmpp_2m": ("dpmpp_2m", {}, "sample_dpmpp_2m", {}, None),
+    "dpmpp_2s": ("dpmpp_2s", {}, "sample_dpmpp_2s_ancestral", {"eta": 0.0}, None),
+    "ddim_eta1": ("ddim", {"eta": 1.0}, "sample_euler_ancestral", {"eta": 1.0}, "noise_sampler"),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {}, "sample_dpmpp_2m_sde", {"eta": 1.0}, "noise_sampler"),
+}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_sampler_matches_k_diffusion(kd, pair, monkeypatch):
+    """sample_NAME from solvers.interop.k_diffusion vs k-diffusion's own sampler on the same denoiser,
+    sigmas and noise: the same samples, the same σ levels of every model call, the same callback dicts."""
+    ours_name, ours_opts, theirs_name, theirs_opts, noise = PAIRS[pair]
+    sigmas, x = _setup(kd)
+    if noise == "noise_sampler":
+        theirs_opts = {**theirs_opts, "noise_sampler": _noise_sampler()}
+    if noise == "randn_like":
+        monkeypatch.setattr(kd, "torch", _TorchWithOurNoise())
+    their_den, their_calls = Denoiser(), []
+    theirs = getattr(kd, theirs_name)(their_den, x.clone(), sigmas, callback=their_calls.append, disable=True,
+                                      **theirs_opts)
+    our_den, our_calls = Denoiser(), []
+    ours = getattr(K, f"sample_{ours_name}")(our_den, x.clone(), sigmas, callback=our_calls.append, disable=True,
+                                             seeds=SEEDS, **ours_opts)
+    assert our_den.levels == pytest.approx(their_den.levels, rel=1e-12)
+    assert [sorted(c) for c in our_calls] == [sorted(c) for c in their_calls]
+    for a, b in zip(our_calls, their_calls):
+        assert a["i"] == b["i"] and float(a["sigma"]) == float(b["sigma"])
+        assert float(a["sigma_hat"]) == pytest.approx(float(b["sigma_hat"]), rel=1e-12)
+        assert (a["x"] - b["x"]).abs().max().item() < TOL and (a["denoised"] - b["denoised"]).abs().max().item() < TOL
+    err = (ours - theirs).abs().max().item()
+    print(f"{pair}: max |ours − k-diffusion| = {err:.2e}")  # shown with pytest -rP
+    assert err < TOL
+
+
+@pytest.mark.parametrize("name", FIXED_GRID)
+def test_every_fixed_grid_solver_has_the_signature_and_is_solvers_sample(name):
+    """sample_NAME exists for every registered fixed-grid solver and is solvers.sample on the same denoiser
+    (wrapped by from_k_diffusion), grid and seeds."""
+    sampler = getattr(K, f"sample_{name}")
+    sigmas = [80.0, 20.0, 5.0, 1.0, 0.2, 0.0]
+    x = solvers.initial_noise((len(SEEDS), 8), SEEDS, dtype=torch.float64) * 80.0
+    ours = sampler(Denoiser(), x, torch.tensor(sigmas, dtype=torch.float64), disable=True, seeds=SEEDS)
+    ref = solvers.sample(from_k_diffusion(Denoiser(), 0.002, 80.0), x, name, timesteps=sigmas, steps=None,
+                         seeds=SEEDS)
+    assert ours.shape == x.shape
+    assert (ours - ref.samples).abs().max().item() < TOL
+
+
+def test_extra_args_reach_the_denoiser():
+    sigmas = torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.ones(len(SEEDS), 8, dtype=torch.float64)
+    plain = K.sample_euler(Denoiser(), x, sigmas, disable=True)
+    half = K.sample_euler(Denoiser(), x, sigmas, extra_args={"scale": 0.5}, disable=True)
+    # The last step to σ = 0 returns D(x, σ_1) · scale; the first already differs.
+    assert (half - plain).abs().max().item() > 1e-3
+    model = from_k_diffusion(Denoiser(), 0.002, 80.0, extra_args={"scale": 0.5})
+    ref = solvers.sample(model, x, "euler", timesteps=sigmas, steps=None)
+    assert (ref.samples - half).abs().max().item() < TOL
+
+
+def test_stochastic_samplers_draw_their_seeds_from_torch_global_generator():
+    """k-diffusion code seeds torch's global generator: the same seed gives the same samples, another seed
+    others; deterministic samplers draw nothing from it."""
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.ones(len(SEEDS), 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = K.sample_dpmpp_2m_sde(Denoiser(), x, sigmas, disable=True)
+    torch.manual_seed(0)
+    b = K.sample_dpmpp_2m_sde(Denoiser(), x, sigmas, disable=True)
+    torch.manual_seed(1)
+    c = K.sample_dpmpp_2m_sde(Denoiser(), x, sigmas, disable=True)
+    assert (a - b).abs().max().item() == 0.0 and (a - c).abs().max().item() > 1e-3
+    state = torch.get_rng_state()
+    K.sample_dpmpp_3m(Denoiser(), x, sigmas, disable=True)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_k_diffusion_options_pass_only_at_their_neutral_values():
+    sigmas = torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.ones(2, 8, dtype=torch.float64)
+    neutral = K.sample_euler(Denoiser(), x, sigmas, disable=True, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                             s_noise=1.0, noise_sampler=None)
+    assert (neutral - K.sample_euler(Denoiser(), x, sigmas, disable=True)).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="s_churn=1.0 asks for something euler does not do"):
+        K.sample_euler(Denoiser(), x, sigmas, disable=True, s_churn=1.0)
+    with pytest.raises(ValueError, match="noise_sampler is not supported.*seeds="):
+        K.sample_ddim(Denoiser(), x, sigmas, disable=True, eta=1.0, noise_sampler=lambda s, t: x)
+    with pytest.raises(TypeError, match="has no option"):
+        K.sample_dpmpp_2m(Denoiser(), x, sigmas, disable=True, order=3)
+
+
+@pytest.mark.parametrize("sigmas", [[1.0], [1.0, 2.0, 0.0], [5.0, 1.0, -0.1], [math.nan, 0.0]])
+def test_bad_sigmas_are_refused_before_any_model_call(sigmas):
+    den = Denoiser()
+    with pytest.raises(ValueError, match="strictly decreasing noise levels ending at >= 0"):
+        K.sample_euler(den, torch.ones(2, 8), torch.tensor(sigmas), disable=True)
+    assert den.levels == []
+
+
+def test_adaptive_and_unknown_samplers_are_refused():
+    with pytest.raises(ValueError, match="chooses its own steps"):
+        K.k_diffusion_sampler("adaptive")
+    assert not hasattr(K, "sample_adaptive")
+    with pytest.raises(AttributeError):
+        K.sample_nonexistent  # noqa: B018
+    assert K.sample_em.__name__ == "sample_em"  # aliases resolve too
+
+
+def test_from_k_diffusion_checks_its_arguments():
+    with pytest.raises(TypeError, match="callable"):
+        from_k_diffusion(3, 0.002, 80.0)
+    with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
+        from_k_diffusion(Denoiser(), 80.0, 0.002)
+    model = from_k_diffusion(Denoiser(), 0.002, 80.0)
+    assert (model.prediction, model.schedule.sigma_min, model.schedule.sigma_max) == ("x0", 0.002, 80.0)
