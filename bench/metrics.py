@@ -223,6 +223,8 @@ class FeatureFrechet(MetricSpec):
     @staticmethod
     def reference_note(reference_name: str, n_ref: int, n: int, draws: int) -> str:
         """How the reference statistics and the noise floor were made (for reports)."""
+        if not n_ref:
+            return f"vs the precomputed statistics {reference_name} (no noise floor: the images are not at hand)"
         return (f"vs {reference_name} (n_ref = {n_ref:,}); the noise floor is {n:,} reference images (random "
                 f"subsets) against the whole reference (mean ± sd of {draws} draws)")
 

@@ -42,7 +42,7 @@ LOCK_FILE = "results.lock"  # held while a process reads-modifies-writes results
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
 RUN_SETTING_COLUMNS = ("model", "model_options", "num_samples", "seed", "metrics", "dtype", "device_type",
-                       "reference_size", "network", "rng")
+                       "reference", "reference_size", "network", "rng")
 # Settings added after the first results files were written: a file without the column was made with this value.
 RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
 # The conditions that change wall-clock without changing the samples: rows timed under other values are not

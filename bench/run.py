@@ -14,6 +14,7 @@ done, ``--force`` redoes them.  At the end the report (``OUT/report.md``, ``OUT/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated metrics (default per model: analytic → fd_data,swd,ode_error; "
                         "ddpm_cifar → fid; other image models → fd_resnet20); valid: "
                         + "; ".join(f"{k}: {m.description}" for k, m in M.METRICS.items()))
+    p.add_argument("--reference", default=None, metavar="DIR|STATS.npz",
+                   help="image models: your own reference data instead of the card's — a folder of images (PNG, "
+                        "JPEG, …; one size; statistics cached by content hash) or an .npz of precomputed "
+                        "statistics (arrays mu, sigma, from the same feature extractor). FD/FID is then measured "
+                        "against it (with Inception features that is not the published FID protocol unless it is "
+                        "the standard reference)")
     p.add_argument("--reference-size", type=int, default=None,
                    help="image models: use only the first N reference images (default: all, e.g. 50,000 for "
                         "cifar10-train); analytic models: number of exact data samples (default: --num-samples)")
@@ -185,12 +192,27 @@ def set_up(args: argparse.Namespace) -> Sweep:
         card = pretrained.resolve_card(args.model, shape=shape)
     except ValueError as e:
         raise UsageError(f"--model {args.model}: {e}" if not str(e).startswith("unknown model") else str(e)) from None
+    if args.reference is not None:
+        card = _with_reference(card, args.reference)
     cfg: SweepConfig = make_config(args, card, dist.world)
     if device != args.device:  # the device chosen by the process set-up (the asked one is checked above)
         _check_device(device)
     if dist.main:
         _check_out_dir(cfg.out_dir)
     return Sweep(cfg=cfg, dist=dist, device=device, progress=progress, card=card)
+
+
+def _with_reference(card, reference: str):
+    """The card with ``--reference`` as its reference data (image models; checked before anything loads)."""
+    from .datasets import check_reference
+    if card.kind != "image" and card.data_shape is None:
+        raise UsageError(f"--reference is reference images for an image model; {card.name} is a {card.kind} model "
+                         "(its quality is measured against exact data or a reference solution)")
+    try:
+        check_reference(reference)
+    except ValueError as e:
+        raise UsageError(f"--reference: {e}") from None
+    return dataclasses.replace(card, reference=reference)
 
 
 def _check_device(device: str) -> None:

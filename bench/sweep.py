@@ -294,7 +294,7 @@ def apply_fast_paths(sweep: Sweep) -> None:
 def _run_settings(sweep: Sweep) -> dict:
     cfg = sweep.cfg
     return {"model": sweep.card.name, "num_samples": cfg.num_samples, "seed": cfg.seed,
-            "metrics": ",".join(cfg.metrics), "dtype": cfg.dtype,
+            "metrics": ",".join(cfg.metrics), "dtype": cfg.dtype, "reference": sweep.card.reference,
             "device_type": torch.device(sweep.device).type, "reference_size": cfg.reference_size,
             "network": cfg.network, "rng": cfg.rng, "threads": torch.get_num_threads(),
             "batch_size": cfg.batch_size, "model_options": cfg.model_options_json()}

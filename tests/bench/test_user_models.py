@@ -315,3 +315,57 @@ def test_a_latent_card_decodes_the_samples_and_times_the_decoding_apart(tmp_path
 def test_a_decoder_table_needs_its_data_shape(tmp_path):
     with pytest.raises(ValueError, match="data_shape"):
         resolve_card(str(_card(tmp_path, LATENT_CARD.replace("data_shape = [1, 16, 16]\n", ""))))
+
+
+# -- --reference: your own data ----------------------------------------------------------------------------------
+def _unet_card_run(tmp_path, monkeypatch, *extra):
+    diffusers = pytest.importorskip("diffusers")
+    if not (pretrained.checkpoints.ASSETS / "resnet20_cifar").exists():
+        pytest.skip(f"the offline assets are absent ({pretrained.checkpoints.ASSETS}): fd_resnet20 needs ResNet-20")
+    if not (tmp_path / "unet").exists():
+        torch.manual_seed(0)
+        diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                              block_out_channels=(8, 16), norm_num_groups=4,
+                              down_block_types=("DownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "unet")
+    monkeypatch.setenv("UNET_DIR", str(tmp_path / "unet"))
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    return bench(tmp_path / "run", "--model", str(ROOT / "examples" / "diffusers_unet_card.toml"), "--num-samples",
+                 "8", "--steps", "2", "--solvers", "ddim", "--force", *extra)
+
+
+def test_your_own_image_folder_and_its_statistics_file_give_the_same_fd(tmp_path, monkeypatch):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / "sub" / f"{i}.png")
+    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(tmp_path / "data"), "--metric",
+                          "fd_resnet20,ref_error") == 0
+    first = results(tmp_path / "run").iloc[0]
+    assert first["reference"] == str(tmp_path / "data") and np.isfinite(first["metric.fd_resnet20"])
+    stats = list((tmp_path / "cache").glob("refstats-folder*.npz"))
+    assert len(stats) == 1, "the folder's statistics are cached under a hash of its contents"
+    # the cached statistics given back as --reference stats.npz: the same distance (another results folder,
+    # as the reference is a run setting)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").rename(tmp_path / "run_folder")
+    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(stats[0]), "--metric", "fd_resnet20") == 0
+    again = results(tmp_path / "run").iloc[0]
+    assert again["metric.fd_resnet20"] == pytest.approx(first["metric.fd_resnet20"], rel=1e-9)
+
+
+def test_a_pickled_statistics_file_is_refused_unread(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "stats.npz"
+    np.savez(bad, mu=np.array([object()], dtype=object), sigma=np.zeros((1, 1)))
+    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(bad), "--metric", "fd_resnet20") == 1
+    assert "pickled arrays are refused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gmm2d", "--reference", "."], "--reference is reference images for an image model"),
+    (["--model", "ddpm_mnist", "--reference", "nope/"], "is not a data set (mnist-test, cifar10-train), an image folder"),
+])
+def test_bad_references_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    assert bench(tmp_path / "o", *argv) == 2
+    assert message in capsys.readouterr().err
