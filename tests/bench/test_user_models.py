@@ -369,3 +369,16 @@ def test_a_pickled_statistics_file_is_refused_unread(tmp_path, monkeypatch, caps
 def test_bad_references_are_refused_before_any_work(tmp_path, capsys, argv, message):
     assert bench(tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_card_file_takes_a_diffusers_scheduler_config(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            prediction_type="v_prediction", clip_sample=True).save_config(tmp_path / "sched")
+    weights, sha = _weights(tmp_path)
+    body = FACTORY_CARD.format(sha=sha).replace('prediction = "eps"\n', "").replace(
+        'name = "discrete_vp"', 'scheduler_config = "sched/scheduler_config.json"')
+    model = pretrained.load(resolve_card(str(_card(tmp_path, body))))
+    reference = diffusers.DDPMScheduler.from_pretrained(tmp_path / "sched")
+    assert model.prediction == "v" and model.clip_x0 == (-1.0, 1.0)
+    torch.testing.assert_close(model.schedule.alphas_cumprod, reference.alphas_cumprod.double(), rtol=1e-4, atol=0)
