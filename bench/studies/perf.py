@@ -168,15 +168,14 @@ def import_kdiffusion():
     """``(k_diffusion.sampling, k_diffusion.external)``, or ImportError saying how to get them.
 
     k-diffusion is not a dependency of this project (its package imports wandb, clean-fid, CLIP, kornia, …);
-    the overhead benchmark compares with it when it is installed.
+    the overhead benchmark compares with it when it is installed (its modules are loaded by path, see
+    :func:`solvers.interop.k_diffusion.load_peer`).
     """
+    from solvers.interop.k_diffusion import load_peer
     try:
-        import k_diffusion.external as external
-        import k_diffusion.sampling as sampling
+        sampling, external = load_peer("sampling", "external")
     except ImportError as e:
-        raise ImportError(f"--peers k-diffusion needs the k-diffusion package ({type(e).__name__}: {e}); install it "
-                          "beside this project, e.g. in a virtual environment made with --system-site-packages: "
-                          "pip install k-diffusion") from e
+        raise ImportError(f"--peers k-diffusion: {e}") from e
     return sampling, external
 
 

@@ -23,7 +23,49 @@ from ..model import DiffusionModel
 from ..registry import SOLVERS, available_solvers, get_solver, solver_class
 from ..schedules import EDM
 
-__all__ = ["from_k_diffusion", "k_diffusion_sampler"]
+__all__ = ["from_k_diffusion", "k_diffusion_sampler", "load_peer", "PEER_INSTALL"]
+
+PEER_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline"
+PEER_PACKAGE = "_k_diffusion_peer"
+
+def load_peer(*names: str):
+    """k-diffusion's own modules (default ``sampling``), for comparisons: loaded by path under a stub package,
+    so its package ``__init__`` — which imports wandb, clean-fid, CLIP, … — is not run.  ``sampling`` and
+    ``external`` need only torch, scipy, torchsde, torchdiffeq and tqdm.
+
+    Returns:
+        the module, or a tuple of them for several names (e.g. ``load_peer("sampling", "external")``).
+
+    Raises:
+        ImportError: k-diffusion (or a dependency of the module) is not installed; the message says how to get it.
+    """
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    names = names or ("sampling",)
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"k-diffusion is not installed: {PEER_INSTALL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    package = sys.modules.setdefault(PEER_PACKAGE, types.ModuleType(PEER_PACKAGE))
+    package.__path__ = [str(folder)]
+    for name in ("utils", *names):
+        full = f"{PEER_PACKAGE}.{name}"
+        if full not in sys.modules:
+            sub = importlib.util.spec_from_file_location(full, folder / f"{name}.py")
+            module = importlib.util.module_from_spec(sub)
+            sys.modules[full] = module
+            try:
+                sub.loader.exec_module(module)
+            except ImportError as e:
+                del sys.modules[full]
+                raise ImportError(f"k-diffusion's {name} module cannot be loaded ({e}): {PEER_INSTALL}") from e
+            setattr(package, name, module)
+    mods = tuple(sys.modules[f"{PEER_PACKAGE}.{n}"] for n in names)
+    return mods[0] if len(mods) == 1 else mods
+
 
 # k-diffusion options our solvers may lack, with the value at which they ask for nothing.
 _NEUTRAL_OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0, "noise_sampler": None}

@@ -14,11 +14,7 @@ lower-order final steps; ``sample_lms``, ``sample_dpm_2``, ``sample_dpmpp_sde`` 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +28,6 @@ from solvers.noise import STREAM_SOLVER, SeedStreams
 MIXTURE = gmm_nd(dim=8, n_components=3, spread=1.5, std=0.4, seed=1)
 SEEDS = [10, 11, 12]
 TOL = 1e-10
-INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline (the test extra)"
 FIXED_GRID = [n for n in solvers.available_solvers(aliases=False) if not solvers.solver_class(n).adaptive]
 
 
@@ -51,23 +46,11 @@ class Denoiser:
 
 @pytest.fixture(scope="module")
 def kd():
-    """k-diffusion's sampling module, loaded by path under a stub package (its __init__ is not run)."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"k-diffusion is not installed: {INSTALL}")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    package = types.ModuleType("_kdiff")
-    package.__path__ = [str(folder)]
-    sys.modules["_kdiff"] = package
+    """k-diffusion's sampling module, loaded by path (its package __init__ is not run)."""
     try:
-        for name in ("utils", "sampling"):
-            sub = importlib.util.spec_from_file_location(f"_kdiff.{name}", folder / f"{name}.py")
-            module = importlib.util.module_from_spec(sub)
-            sys.modules[f"_kdiff.{name}"] = module
-            sub.loader.exec_module(module)
+        return K.load_peer("sampling")
     except ImportError as e:
-        pytest.skip(f"k-diffusion's sampling module cannot be loaded ({e}): {INSTALL}")
-    return sys.modules["_kdiff.sampling"]
+        pytest.skip(str(e))
 
 
 def _setup(kd, steps=8):
