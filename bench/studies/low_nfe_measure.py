@@ -135,20 +135,32 @@ def multistep_table(n: int = 256) -> list[str]:
     return rows
 
 
+def _held_out_errors(model, mix, held, solver: str, grid) -> tuple[float, float]:
+    """(RMS error over every entry, median of the per-sample RMS errors) of ``solver`` on ``grid``.
+
+    The median is shown beside the RMS because one held-out sample near the boundary between two modes (where
+    the flow separates neighbouring starts) can hold most of the RMS: on the 64-D mixture, seeds 1000–1255,
+    one sample's error is 0.96 at 20 steps, the next 0.034.
+    """
+    out, exact = solvers.sample(model, held, solver, timesteps=list(grid)).samples, _exact(mix, held, grid)
+    per_sample = (out - exact).reshape(len(held), -1).pow(2).mean(dim=1).sqrt()
+    return _rms(out, exact), float(per_sample.median())
+
+
 def optimized_table() -> list[str]:
-    """Held-out RMS error of default vs optimised grids (dpmpp_2m, dpmpp_3m, unipc at 5/10/20 steps)."""
-    rows = ["| problem | solver | steps | default grid | optimized grid | ratio | optimiser calls |",
-            "|---|---|---|---|---|---|---|"]
+    """Held-out error of default vs optimised grids (dpmpp_2m, dpmpp_3m, unipc at 5/10/20 steps)."""
+    rows = ["| problem | solver | steps | RMS default → optimized | median per-sample default → optimized | "
+            "optimiser calls (calibration 64) |", "|---|---|---|---|---|---|"]
     for name in PROBLEMS:
         mix = _mixture(name)
         model, cal, held = mix.as_model(VP), _noise(mix, range(64)), _noise(mix, range(1000, 1256))
         for solver in ("dpmpp_2m", "dpmpp_3m", "unipc"):
             for steps in (5, 10, 20):
                 opt = solvers.optimize_timesteps(model, cal, solver=solver, steps=steps)
-                errs = [_rms(solvers.sample(model, held, solver, timesteps=list(g)).samples, _exact(mix, held, g))
-                        for g in (opt.default_timesteps, opt.timesteps)]
-                rows.append(f"| {name} | {solver} | {steps} | {errs[0]:.2e} | {errs[1]:.2e} | "
-                            f"{errs[1] / errs[0]:.2f} | {opt.nfe} |")
+                (r0, m0), (r1, m1) = (_held_out_errors(model, mix, held, solver, g)
+                                      for g in (opt.default_timesteps, opt.timesteps))
+                rows.append(f"| {name} | {solver} | {steps} | {r0:.2e} → {r1:.2e} ({r1 / r0:.2f}×) | "
+                            f"{m0:.2e} → {m1:.2e} ({m1 / m0:.2f}×) | {opt.nfe} |")
     return rows
 
 
