@@ -17,6 +17,7 @@ from .grids import SPACINGS, make_grid, validate_grid
 from .inversion import invert
 from .loop import NonFiniteError, SampleResult, StepInfo, sample
 from .model import PREDICTIONS, DiffusionModel, classifier_free_guidance
+from .optimize import OptimizedGrid, optimize_timesteps
 from .noise import initial_noise
 from .registry import ALIASES, available_solvers, get_solver, register, solver_class
 from . import builtin  # noqa: F401  (registers the built-in solvers)
@@ -27,5 +28,5 @@ __all__ = [
     "schedules", "grids", "DiffusionModel", "classifier_free_guidance", "PREDICTIONS", "sample", "invert",
     "SampleResult", "StepInfo", "NonFiniteError", "initial_noise", "available_solvers", "get_solver",
     "solver_class", "register", "ALIASES", "make_grid", "validate_grid", "SPACINGS", "Solver",
-    "StepContext", "Point", "accelerate", "FastNetwork", "__version__",
+    "StepContext", "Point", "accelerate", "FastNetwork", "optimize_timesteps", "OptimizedGrid", "__version__",
 ]

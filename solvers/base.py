@@ -263,10 +263,11 @@ def check_lower_order_final(name: str, value) -> None:
         raise ValueError(f"{name}: lower_order_final must be True, False or 'auto', got {value!r}")
 
 
-def resolve_lower_order_final(value: LowerOrderFinal, steps: int) -> bool:
-    """``"auto"`` → True below 15 steps (diffusers' threshold); booleans pass through."""
+def resolve_lower_order_final(value: LowerOrderFinal, steps: int, below: int = 15) -> bool:
+    """``"auto"`` → True below ``below`` steps (default 15, diffusers' threshold; a solver may measure its own);
+    booleans pass through."""
     if value == "auto":
-        return steps < 15
+        return steps < below
     if isinstance(value, bool):
         return value
     raise ValueError(f"lower_order_final must be True, False or 'auto', got {value!r}")

@@ -72,19 +72,23 @@ def test_matches_the_mixture_ode_solution_with_per_sample_steps():
     assert res.nfe == max(per_sample)
 
 
-def test_interior_grid_points_are_outputs_not_steps():
-    """The steps depend on the ends of the grid only: a 9-point grid gives the same samples and per-sample
-    NFE as [T0, T1]; the states handed to the callback at the interior points are the interpolated
-    trajectory, within the tolerance of the exact flow."""
+@pytest.mark.parametrize("method, extra_calls", [("bs3", 0), ("dpm23", 1)])
+def test_interior_grid_points_are_outputs_not_steps(method, extra_calls):
+    """The steps depend on the ends of the grid only: a 9-point grid gives the same samples as [T0, T1], and
+    the same per-sample NFE up to dpm23's one model call at the end (its last stage is not at the new point:
+    the model output there is made only to interpolate an interior output time before it); the states handed
+    to the callback at the interior points are the interpolated trajectory, within the tolerance of the exact
+    flow."""
     model = GAUSS.as_model(VP)
     x_T = _x_T(8)
     tol = 1e-6
-    one = solvers.sample(model, x_T, "adaptive", steps=None, timesteps=[T0, T1], rtol=tol, atol=tol)
+    one = solvers.sample(model, x_T, "adaptive", steps=None, timesteps=[T0, T1], rtol=tol, atol=tol, method=method)
     seen = []
     many = solvers.sample(model, x_T, "adaptive", steps=8, spacing="logsnr", t_start=T0, t_end=T1,
-                          denoise_to_zero=False, rtol=tol, atol=tol,
+                          denoise_to_zero=False, rtol=tol, atol=tol, method=method,
                           callback=lambda info: seen.append((info.t_next, info.x.clone())))
-    assert torch.equal(one.samples, many.samples) and one.nfe_per_sample == many.nfe_per_sample
+    assert torch.equal(one.samples, many.samples)
+    assert all(0 <= m - o <= extra_calls for m, o in zip(many.nfe_per_sample, one.nfe_per_sample))
     assert len(seen) == 8 and many.orders == [3] * 8
     for t, x in seen:
         assert (x - GAUSS.flow_map(VP, x_T, T0, t)).abs().max().item() < 10 * tol
@@ -133,7 +137,7 @@ def test_too_few_steps_is_an_error_naming_the_samples():
     ({"rtol": -1e-3}, "rtol must be a finite number >= 0"),
     ({"atol": float("nan")}, "atol must be a finite number >= 0"),
     ({"rtol": 0, "atol": 0}, "rtol and atol cannot both be 0"),
-    ({"method": "rk4"}, "method must be one of bs3, dopri5"),
+    ({"method": "rk4"}, "method must be one of auto, bs3, dopri5, dpm23"),
     ({"h_init": 0.0}, "h_init must be a positive number or None"),
     ({"max_steps": 0}, "max_steps must be a positive integer"),
 ])

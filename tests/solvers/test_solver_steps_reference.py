@@ -186,7 +186,7 @@ def test_dpmpp_final_step_to_the_data_returns_the_denoised_prediction():
     s, grid = GRIDS["vp_linear"]
     grid = grid + [s.t_zero]
     x = x_T(s, grid[0])
-    for solver, ref in (("dpmpp_2m", dpmpp_2m_reference), ("dpmpp_3m", dpmpp_3m_reference(2.0)),
+    for solver, ref in (("dpmpp_2m", dpmpp_2m_reference), ("dpmpp_3m", dpmpp_3m_reference(1.0)),  # default weight
                         ("dpmpp_2s", dpmpp_2s_reference(0.5))):
         res = library(s, x, grid, solver, lower_order_final=False) if solver != "dpmpp_2s" else \
             library(s, x, grid, solver)
