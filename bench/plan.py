@@ -138,9 +138,16 @@ def _option_names(name: str) -> list[str]:
 
 
 # -- the plan -------------------------------------------------------------------------------------------------
+OPTIMIZED = "optimized"  # --spacing optimized: a grid from solvers.optimize_timesteps, calibrated per cell
+SPACING_CHOICES = tuple(solvers.SPACINGS) + (OPTIMIZED,)
+
+
 @dataclass
 class Cell:
-    """One (solver, steps) point of the sweep, fully resolved before anything runs."""
+    """One (solver, steps) point of the sweep, fully resolved before anything runs.
+
+    With ``--spacing optimized`` the cell's ``grid`` is its starting grid (``base_spacing``, the solver's
+    default) until the sweep calibrates it (:func:`bench.sweep` replaces it by the optimised one)."""
 
     label: str
     solver: str
@@ -153,6 +160,8 @@ class Cell:
     nfe_declared: int
     deterministic: bool
     key: str
+    base_spacing: Optional[str] = None
+    calibration: Optional[dict] = None  # the optimisation's record (grids, errors, cost), once calibrated
 
     @property
     def cell_id(self) -> str:
@@ -214,8 +223,10 @@ def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: 
         except (TypeError, ValueError) as e:
             raise UsageError(f"solver {spec.label!r} on {card.name}: {e}") from None
         options = slv.options()
+        if spacing == OPTIMIZED:
+            _check_optimizable(spec, slv)
         for n in steps:
-            if spacing is None:
+            if spacing is None or spacing == OPTIMIZED:
                 sp, note = default_spacing(card, model.schedule, spec.name, n)
             else:
                 sp, note = spacing, "--spacing"
@@ -225,8 +236,19 @@ def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: 
                 slv.check(solvers.base.points_at(model.schedule, model, grid))
             except ValueError as e:
                 raise UsageError(f"cell {spec.label} × {n} steps ({sp} spacing) does not fit {card.name}: {e}") from None
+            base = sp if spacing == OPTIMIZED else None
+            if base is not None:
+                sp, note = OPTIMIZED, f"optimized for this model from the {base} grid ({note})"
             cells.append(Cell(label=spec.label, solver=spec.name, options=options, steps=n, spacing=sp,
                               spacing_note=note, t_start=t_start, grid=grid, nfe_declared=slv.nfe(grid, model.schedule.t_zero),
                               deterministic=not slv.is_stochastic,
-                              key=cell_key(card.name, spec.name, options, n, sp, t_start)))
+                              key=cell_key(card.name, spec.name, options, n, sp, t_start), base_spacing=base))
     return cells
+
+
+def _check_optimizable(spec: SolverSpec, slv) -> None:
+    """--spacing optimized needs a deterministic fixed-grid solver (the error it minimises must not be random)."""
+    if spec.name == "adaptive" or slv.is_stochastic:
+        why = "chooses its own steps" if spec.name == "adaptive" else "draws noise with these options"
+        raise UsageError(f"--spacing optimized: {spec.label} {why}, so there is no fixed grid to optimise; give "
+                         "deterministic solvers (e.g. ddim, dpmpp_2m, dpmpp_3m, unipc, heun) or another --spacing")

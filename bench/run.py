@@ -30,7 +30,7 @@ from .config import SweepConfig, make_config
 from .distributed import init_dist
 from pretrained.user_models import parse_shape
 
-from .plan import UsageError
+from .plan import SPACING_CHOICES, UsageError
 from .results import IncompatibleResultsError, command_line
 from .sweep import (REPEAT_BUDGET_S, REPEAT_CAP, REPEAT_SHARE, SEED_STRIDE, AllCellsFailedError, Sweep,
                     apply_fast_paths, load_and_plan, run_sweep)
@@ -69,10 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver-opt", action="append", default=[], metavar="[SOLVER.]OPT=VAL",
                    help="a solver option passed through (repeatable), e.g. eta=0.5 (every listed solver that has "
                         "it) or ddpm.variance=large (that solver only)")
-    p.add_argument("--spacing", default=None, choices=solvers.SPACINGS,
+    p.add_argument("--spacing", default=None, choices=SPACING_CHOICES,
                    help="time grid spacing for every solver (default: per solver, following its paper: "
                         "ddim/ddpm 'quadratic' on CIFAR-10 DDPM and 'trailing' on other discrete models, "
-                        "'uniform' on continuous ones; dpmpp 'logsnr'; heun/euler 'karras')")
+                        "'uniform' on continuous ones; dpmpp 'logsnr'; heun/euler 'karras'). 'optimized': each "
+                        "cell's grid found by solvers.optimize_timesteps for this model, solver and step count "
+                        "from the solver's default grid, on 64 calibration samples whose seeds are disjoint from "
+                        "the evaluated ones (~200 sampling runs of that batch per cell; cached in "
+                        "OUT/optimized_grids/; deterministic solvers only)")
     p.add_argument("--model-opt", action="append", default=[], metavar="OPT=VAL",
                    help="an option for the model's loader (repeatable), e.g. clip_x0=(-1,1) for ddpm_cifar "
                         "(Ho et al. clip the predicted x0)")

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,15 +29,17 @@ import solvers
 from . import metrics as M
 from .config import SweepConfig
 from .distributed import Dist
-from .plan import Cell, UsageError, check_seed, plan_cells
+from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells
 from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
-from .results import (METRIC_PREFIX, IncompatibleResultsError, check_run_settings, environment, load_results,
-                      new_row, record_row, results_lock, row_timing, save_preview, timing_columns)
+from .results import (METRIC_PREFIX, IncompatibleResultsError, atomic_write_text, check_run_settings, environment,
+                      load_results, new_row, record_row, results_lock, row_timing, save_preview, timing_columns)
 
 __all__ = ["Sweep", "run_sweep", "load_and_plan", "apply_fast_paths", "sample_seeds", "more_passes",
            "AllCellsFailedError", "SEED_STRIDE", "WARMUP_STEPS", "REPEAT_CAP", "REPEAT_BUDGET_S", "REPEAT_SHARE"]
 
 SEED_STRIDE = 1_000_003          # sample j of run seed s uses seed s·SEED_STRIDE + j
+CALIBRATION_SAMPLES = 64         # --spacing optimized: the calibration batch (seeds from the top of the block)
+CALIBRATION_FOLDER = "optimized_grids"
 WARMUP_STEPS = 3                 # enough for second-order and multistep code paths to run once
 # --repeats auto: at most REPEAT_CAP timed passes per cell, the extra ones only while together they take at most
 # REPEAT_BUDGET_S + REPEAT_SHARE × the first pass (see more_passes): cheap cells get a median of 5, a cell
@@ -100,9 +103,15 @@ def _batches(sweep: Sweep) -> list[tuple[int, int]]:
     return [(i, min(i + size, stop)) for i in range(start, stop, size)]
 
 
-def _sample_kw(sweep: Sweep, cell: Cell) -> dict:
-    return dict(solver=cell.solver, spacing=cell.spacing, t_start=cell.t_start, dtype=sweep.dtype,
-                on_nonfinite="raise", rng=sweep.cfg.rng, **cell.options)
+def _sample_kw(sweep: Sweep, cell: Cell, warm_up: bool = False) -> dict:
+    """solvers.sample's arguments for a cell: its spacing, or its calibrated grid (the warm-up's short run of an
+    optimised cell uses the grid it started from)."""
+    if cell.spacing == OPTIMIZED and not warm_up:
+        grid = dict(timesteps=cell.grid)
+    else:
+        grid = dict(spacing=cell.base_spacing or cell.spacing, t_start=cell.t_start)
+    return dict(solver=cell.solver, dtype=sweep.dtype, on_nonfinite="raise", rng=sweep.cfg.rng, **grid,
+                **cell.options)
 
 
 def _initial_noise(sweep: Sweep, cell: Cell, b0: int, b1: int) -> torch.Tensor:
@@ -120,7 +129,7 @@ def _warm_up(sweep: Sweep, cell: Cell) -> float:
     t0 = time.perf_counter()
     for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
         res = solvers.sample(sweep.model, _initial_noise(sweep, cell, b0, b1), steps=min(cell.steps, WARMUP_STEPS),
-                             seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
+                             seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell, warm_up=True))
         _decode(sweep, res.samples)
     return time.perf_counter() - t0 if batches else 0.0
 
@@ -173,6 +182,52 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
     empty = torch.empty((0, *shape), dtype=sweep.dtype)
     return {"samples": torch.cat(outs) if outs else empty, "latents": torch.cat(latents) if latents else empty,
             "x_T": torch.cat(x_Ts) if x_Ts else empty, "nfe": nfe, "timing": (total, model_t, solver_t, decode_t)}
+
+
+def calibration_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of an optimised grid's calibration batch: the top of the run seed's block,
+    seed·SEED_STRIDE + SEED_STRIDE − 1 − j, disjoint from every evaluation sample's (j < 1,000,003 − n)."""
+    check_seed(seed)
+    return [seed * SEED_STRIDE + SEED_STRIDE - 1 - j for j in range(n)]
+
+
+def _calibrated(sweep: Sweep, cell: Cell) -> Cell:
+    """The cell with its optimised grid (``--spacing optimized``): computed on rank 0 — or read from
+    ``OUT/optimized_grids/KEY.json`` — and shared; other cells as they are."""
+    if cell.spacing != OPTIMIZED:
+        return cell
+    record = None
+    if sweep.dist.main:
+        try:
+            record = _calibration_record(sweep, cell)
+        except Exception as e:  # noqa: BLE001 — the cell's failure, on every rank
+            record = {"error": f"calibrating its grid: {type(e).__name__}: {e}"}
+    record = sweep.dist.broadcast(record)
+    if "error" in record:
+        raise RuntimeError(record["error"])
+    return dataclasses.replace(cell, grid=[float(t) for t in record["optimized"]], calibration=record)
+
+
+def _calibration_record(sweep: Sweep, cell: Cell) -> dict:
+    path = sweep.out_dir / CALIBRATION_FOLDER / f"{cell.key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    n = min(CALIBRATION_SAMPLES, sweep.cfg.num_samples)
+    seeds = calibration_seeds(sweep.cfg.seed, n)
+    say(sweep, f"optimizing the {cell.label} × {cell.steps}-step grid on {n} calibration samples (seeds "
+               f"disjoint from the evaluation's; ~200 sampling runs of that batch; cached in {path})")
+    t0 = time.perf_counter()
+    x = solvers.initial_noise((n, *sweep.card.sample_shape), seeds, schedule=sweep.model.schedule, t=cell.grid[0],
+                              dtype=sweep.dtype, device=sweep.device, rng=sweep.cfg.rng)
+    opt = solvers.optimize_timesteps(sweep.model, x, solver=cell.solver, steps=cell.steps, t_start=cell.t_start,
+                                     spacing=cell.base_spacing, **cell.options)
+    record = {"from": cell.base_spacing, "default": list(opt.default_timesteps), "optimized": list(opt.timesteps),
+              "error_before": opt.error_before, "error_after": opt.error_after, "nfe": opt.nfe,
+              "reference_error": opt.reference_error, "calibration_samples": n,
+              "calibration_seeds": f"{seeds[-1]}…{seeds[0]}", "method": opt.method,
+              "seconds": time.perf_counter() - t0}
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return record
 
 
 def _sample_cell(sweep: Sweep, cell: Cell) -> dict:
@@ -340,6 +395,7 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     t_cell = time.perf_counter()
     gen = None
     try:
+        cell = _calibrated(sweep, cell)
         gen = _sample_cell(sweep, cell)
         t_metric = time.perf_counter()
         payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"]),

@@ -57,7 +57,7 @@ def test_two_concurrent_runs_into_one_folder_keep_every_row(tmp_path):
 def test_record_row_keeps_rows_another_process_wrote_since_this_one_read(tmp_path):
     out = tmp_path / "merge"
     settings = {"model": "gmm2d", "num_samples": 40, "seed": 0, "metrics": "fd_data", "dtype": "float64",
-                "device_type": "cpu", "reference_size": None, "network": "eager", "rng": "torch",
+                "reference": "exact", "device_type": "cpu", "reference_size": None, "network": "eager", "rng": "torch",
                 "model_options": "{}", "threads": 1, "batch_size": 40}
 
     def row(key: str) -> dict:
