@@ -17,10 +17,7 @@ a few minutes on two CPU cores).
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
 import torch
 
@@ -56,19 +53,12 @@ def _rms(a, b) -> float:
 
 
 def load_k_diffusion_sampling():
-    """k-diffusion's ``sampling`` module loaded by file path, or ``None`` when k-diffusion is not installed."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
+    """k-diffusion's ``sampling`` module (loaded by path), or ``None`` when k-diffusion is not installed."""
+    from solvers.interop.k_diffusion import load_peer
+    try:
+        return load_peer("sampling")
+    except ImportError:
         return None
-    root = Path(list(spec.submodule_search_locations)[0])
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = [str(root)]
-    sys.modules.setdefault("k_diffusion", pkg)
-    sub = importlib.util.spec_from_file_location("k_diffusion.sampling", root / "sampling.py")
-    module = importlib.util.module_from_spec(sub)
-    sys.modules[sub.name] = module
-    sub.loader.exec_module(module)
-    return module
 
 
 def _kd_adaptive(sampling, mix, x_T, rtol: float) -> tuple[float, torch.Tensor]:
