@@ -131,3 +131,12 @@ class CallRecorder:
 def make_recorder():
     """Build a :class:`CallRecorder` around a network."""
     return CallRecorder
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """bench.run's --threads (and the studies' --threads) set torch's thread count for the whole process: give
+    it back after each test, so one test's setting never slows or changes another."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -8,20 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from bench import run as run_mod
 from bench.sweep import CALIBRATION_FOLDER, calibration_seeds, sample_seeds
 
 SWEEP = ["--model", "gmm2d", "--num-samples", "128", "--batch-size", "128", "--steps", "5", "--solvers",
          "dpmpp_2m", "--metric", "ode_error"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _row(out: Path) -> pd.Series:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 import torch_fidelity.utils as fidelity_utils
 
 import pretrained
@@ -14,13 +13,6 @@ from bench import references, run as run_mod
 
 SMALL = ["--model", "gmm2d", "--num-samples", "200", "--batch-size", "200", "--solvers", "ddim", "--steps", "2",
          "--no-report", "--repeats", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_analytic_preparation_is_announced_before_the_cells(tmp_path, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from bench import report as report_mod
 from bench import results as results_mod
@@ -16,14 +15,6 @@ from bench import run as run_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--model", "gmm2d", "--num-samples", "40", "--metric", "fd_data", "--no-report", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """bench.run's --threads sets torch's thread count for the whole process: give it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env() -> dict:

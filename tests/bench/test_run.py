@@ -50,14 +50,6 @@ def _env():
     return env
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """bench.run's --threads sets torch's thread count for the whole process: give it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the sweep end to end --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:

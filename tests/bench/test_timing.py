@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import solvers
 from bench import sweep, run as run_mod
@@ -23,13 +22,6 @@ NEW_COLUMNS = ["time_repeats", "time_total_min_s", "time_total_max_s", "time_pas
 
 def bench(out: Path, *args: str) -> int:
     return run_mod.main(["--quiet", "--out", str(out), *args])
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- the rule ------------------------------------------------------------------------------------------------

@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--num-samples", "64", "--batch-size", "64", "--steps", "5,20", "--solvers", "ddim,dpmpp_3m"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def bench(out: Path, *args: str) -> int:
     return run_mod.main(["--quiet", "--out", str(out), *args])
 
@@ -185,15 +178,25 @@ def test_a_card_file_builds_the_network_with_its_weights_and_schedule(tmp_path):
     assert row["model"] == "tiny" and row["status"] == "ok" and np.isfinite(row["metric.ref_error"])
 
 
-def test_a_card_file_refuses_weights_whose_sha256_differs_before_reading_them(tmp_path):
+class _Crafted:
+    """A pickle that, unpickled unrestricted, creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted_weights(tmp_path: Path) -> Path:
+    """The card's weights file replaced by a pickle that would run code; returns the marker it would create."""
     weights, _ = _weights(tmp_path)
-    marker = tmp_path / "ran"
+    weights.write_bytes(pickle.dumps(_Crafted(tmp_path / "ran")))
+    return tmp_path / "ran"
 
-    class Crafted:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
 
-    weights.write_bytes(pickle.dumps(Crafted()))
+def test_a_card_file_refuses_weights_whose_sha256_differs_before_reading_them(tmp_path):
+    marker = _crafted_weights(tmp_path)
     card = resolve_card(str(_card(tmp_path, FACTORY_CARD.format(sha="0" * 64))))
     with pytest.raises(pretrained.CheckpointError, match="sha256"):
         pretrained.load(card)
@@ -201,14 +204,7 @@ def test_a_card_file_refuses_weights_whose_sha256_differs_before_reading_them(tm
 
 
 def test_a_card_file_reads_weights_only(tmp_path):
-    weights, _ = _weights(tmp_path)
-    marker = tmp_path / "ran"
-
-    class Crafted:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    weights.write_bytes(pickle.dumps(Crafted()))
+    marker = _crafted_weights(tmp_path)
     body = FACTORY_CARD.replace('sha256 = "{sha}"\n', "").format()
     with pytest.raises(pretrained.CheckpointError, match="weights-only"):
         pretrained.load(resolve_card(str(_card(tmp_path, body))))

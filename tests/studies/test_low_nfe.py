@@ -5,16 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from bench.studies import low_nfe
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_study_writes_its_report_and_ours_beats_the_peers_at_5_calls(tmp_path):
