@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from .checkpoints import assets_dir, assets_hint
 
-__all__ = ["SPLIT_RULE", "N_TEST", "N_TRAIN", "N_HELDOUT", "split_indices", "mnist_split", "IMAGES_FILE",
-           "LABELS_FILE"]
+__all__ = ["SPLIT_RULE", "N_TEST", "N_TRAIN", "N_HELDOUT", "split_indices", "mnist_split", "epoch_batches",
+           "IMAGES_FILE", "LABELS_FILE"]
 
 N_TEST, N_TRAIN, N_HELDOUT = 10_000, 8_000, 2_000
 IMAGES_FILE, LABELS_FILE = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -74,3 +74,22 @@ def mnist_split(part: str, directory: Optional[os.PathLike] = None) -> tuple[tor
     index = split_indices()[0 if part == "train" else 1]
     return (torch.from_numpy(images[index].copy())[:, None],
             torch.from_numpy(labels[index].astype(np.int64)))
+
+
+def epoch_batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches of size ``batch`` from ``range(n)`` for training: a fresh permutation (drawn from
+    ``gen``) every epoch, each index once per epoch, the incomplete last batch of an epoch dropped.
+
+    Raises:
+        ValueError: ``batch`` is not in 1 … n.
+    """
+    if not 1 <= batch <= n:
+        raise ValueError(f"batch size must be between 1 and the {n:,} training images, got {batch}")
+
+    def endless() -> Iterator[torch.Tensor]:
+        while True:
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n - batch + 1, batch):
+                yield order[start:start + batch]
+
+    return endless()

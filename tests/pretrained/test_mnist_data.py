@@ -62,3 +62,17 @@ def test_files_that_are_not_the_mnist_test_set_are_refused(tmp_path):
     (tmp_path / mnist_data.LABELS_FILE).write_bytes(gzip.compress(struct.pack(">II", 2049, 3) + b"\0\1\2"))
     with pytest.raises(ValueError, match=r"10,000 MNIST test images.*\(3, 28, 28\)"):
         mnist_data.mnist_split("heldout", tmp_path)
+
+
+def test_epoch_batches_use_each_index_once_per_epoch_and_refuse_bad_sizes():
+    gen = torch.Generator().manual_seed(0)
+    batches = mnist_data.epoch_batches(10, 3, gen)
+    epochs = [torch.cat([next(batches) for _ in range(3)]) for _ in range(2)]   # 3 batches of 3, index 10th dropped
+    for seen in epochs:
+        assert len(seen) == 9 and len(set(seen.tolist())) == 9 and set(seen.tolist()) <= set(range(10))
+    assert not torch.equal(epochs[0], epochs[1])
+    again = mnist_data.epoch_batches(10, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat([next(again) for _ in range(3)]), epochs[0])
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=f"between 1 and the 10 training images, got {bad}"):
+            mnist_data.epoch_batches(10, bad, gen)
