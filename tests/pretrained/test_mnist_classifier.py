@@ -29,6 +29,15 @@ def test_committed_classifier_is_at_least_98_percent_right_on_the_held_out_image
     assert record["training"]["command"] == "python -m pretrained.train_mnist_classifier"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_committed_file_is_under_5_mb_and_small_net_shapes_are_checked():
     assert mnist_classifier.WEIGHTS_FILE.stat().st_size < 5 * 2 ** 20
     net = load_mnist_classifier()
@@ -94,7 +103,7 @@ def test_random_shifts_move_whole_images_within_the_bound():
 
 
 @needs_mnist
-def test_training_is_bit_for_bit_reproducible(monkeypatch):
+def test_training_is_bit_for_bit_reproducible(monkeypatch, one_thread):
     from pretrained import train_mnist_classifier as tmc
     from pretrained.mnist_data import mnist_split
     small = {part: tuple(t[:128] for t in mnist_split(part)) for part in ("train", "heldout")}
