@@ -51,6 +51,7 @@ class SweepConfig:
     force: bool = False
     quiet: bool = False
     no_report: bool = False
+    save_samples: bool = False
     cache_dir: Optional[str] = None
     inception_weights: Optional[str] = None
     resnet20_weights: Optional[str] = None
@@ -99,7 +100,7 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         repeats=parse_repeats(args.repeats), dtype=args.dtype or ("float64" if card.kind == "analytic" else "float32"),
         out_dir=Path(args.out or Path("runs") / safe_filename(card.name)), rng=args.rng, autocast=args.autocast,
         channels_last=args.channels_last, compile=args.compile, cuda_graph=args.cuda_graph, force=args.force,
-        quiet=args.quiet, no_report=args.no_report, cache_dir=args.cache_dir,
+        quiet=args.quiet, no_report=args.no_report, save_samples=args.save_samples, cache_dir=args.cache_dir,
         inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights)
 
 

@@ -2,6 +2,8 @@
 
 * ``mnist-test``: the 10,000 MNIST test images, read directly from the IDX gzip files in
   ``../shared/assets/mnist/`` (torchvision's MNIST class wants the training set too).
+* ``mnist-heldout``: the 2,000 of them held out from the training of the project's MNIST models and
+  classifier (every fifth test image; :mod:`pretrained.mnist_data`).
 * ``cifar10-train``: torch-fidelity's registered input of that name (torchvision downloads CIFAR-10 once);
   offline, :func:`reference_dataset` says so.
 * your own data (``--reference``): a folder of images (PNG, JPEG, BMP, WebP; all one size), whose statistics
@@ -27,19 +29,20 @@ import numpy as np
 import torch
 
 from pretrained.checkpoints import ASSETS, assets_dir, assets_hint
+from pretrained.mnist_data import split_indices
 
 from .features import UInt8Images, extract_features
 from .metrics import gaussian_statistics
 from .results import atomic_write_bytes
 
-__all__ = ["read_idx_images", "mnist_test_images", "reference_dataset", "reference_statistics",
+__all__ = ["read_idx_images", "read_idx_labels", "mnist_test_images", "mnist_heldout_images", "reference_dataset", "reference_statistics",
            "default_cache_dir", "ReferenceDataError", "REFERENCE_DATASETS", "MNIST_DIR", "folder_images",
            "folder_digest", "check_reference", "IMAGE_SUFFIXES"]
 
 MNIST_DIR = ASSETS / "mnist"
-REFERENCE_DATASETS = ("mnist-test", "cifar10-train")
+REFERENCE_DATASETS = ("mnist-test", "mnist-heldout", "cifar10-train")
 # Full sizes, known up front so that cached statistics are found without opening (or downloading) the data.
-REFERENCE_SIZES = {"mnist-test": 10_000, "cifar10-train": 50_000}
+REFERENCE_SIZES = {"mnist-test": 10_000, "mnist-heldout": 2_000, "cifar10-train": 50_000}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FLOOR_DRAWS = 10
 
@@ -68,6 +71,26 @@ def read_idx_images(path: os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
 
 
+def read_idx_labels(path: os.PathLike) -> np.ndarray:
+    """Labels from an IDX label file (gzip or plain): uint8 array (N,).
+
+    Raises:
+        ValueError: not an IDX label file (magic number 2049) or truncated.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 8:
+        raise ValueError(f"{path} is too short to be an IDX label file")
+    magic, n = struct.unpack(">II", raw[:8])
+    if magic != 2049:
+        raise ValueError(f"{path} is not an IDX label file (magic {magic}, expected 2049)")
+    if len(raw) != 8 + n:
+        raise ValueError(f"{path}: header says {n} labels but the file holds {len(raw) - 8} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)
+
+
 def mnist_test_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
     """The MNIST test images as uint8 (10000, 3, 28, 28) (grey repeated to three channels).
 
@@ -81,6 +104,13 @@ def mnist_test_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
         raise ReferenceDataError(f"MNIST test images not found: {where}")
     images = torch.from_numpy(read_idx_images(path).copy())[:, None]
     return images.expand(-1, 3, -1, -1).contiguous()
+
+
+def mnist_heldout_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
+    """The 2,000 held-out MNIST test images (:func:`pretrained.mnist_data.split_indices`: every fifth image)
+    as uint8 (2000, 3, 28, 28): the reference of ``fd_mnist`` and of the project's own MNIST models, which
+    never saw them in training."""
+    return mnist_test_images(directory)[torch.from_numpy(split_indices()[1])]
 
 
 def check_reference(reference: str) -> None:
@@ -150,6 +180,8 @@ def reference_dataset(name: str, datasets_root: Optional[os.PathLike] = None) ->
         return UInt8Images(folder_images(name))
     if name == "mnist-test":
         return UInt8Images(mnist_test_images())
+    if name == "mnist-heldout":
+        return UInt8Images(mnist_heldout_images())
     if name == "cifar10-train":
         from torch_fidelity.registry import DATASETS_REGISTRY
         # torch-fidelity's own default location: $TORCH_HOME/fidelity_datasets.

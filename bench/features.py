@@ -11,6 +11,10 @@
   to 32×32 — black, like MNIST's background; other sizes are resized bilinearly to 32×32) → normalised
   with the ImageNet mean/std the network was trained with.  Grey images arrive with the channel repeated
   three times (see :func:`to_uint8_rgb`).  Its numbers are "FD (ResNet-20)", never "FID".
+* ``mnist-classifier`` — the project's own MNIST CNN (:mod:`pretrained.mnist_classifier`, committed weights,
+  sha256-checked), registered the same way.  Feature ``"128"`` is its penultimate layer, ``"logits"`` its
+  10 class scores.  Input: uint8 28×28 images, the mean of the three channels (grey images arrive with the
+  channel repeated) over 255.  Its numbers are "FD (MNIST classifier)", never "FID".
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ import torch.nn.functional as F
 from pretrained.checkpoints import ASSETS, CheckpointError, assets_dir, assets_hint, file_digest, \
     read_state_dict
 from pretrained.files import atomic_path
+from pretrained.mnist_classifier import load_mnist_classifier
 
-__all__ = ["ResNet20", "FeatureExtractorResNet20", "register", "create_extractor", "extract_features",
+__all__ = ["ResNet20", "FeatureExtractorResNet20", "FeatureExtractorMnistClassifier", "register", "create_extractor", "extract_features",
            "to_uint8_rgb", "UInt8Images", "OfflineFeatureExtractorError", "FeatureWeightsError", "EXTRACTORS",
            "RESNET20_WEIGHTS", "RESNET20_SHA256", "INCEPTION_FILENAME", "INCEPTION_SHA256"]
 
@@ -36,7 +41,8 @@ RESNET20_WEIGHTS = ASSETS / "resnet20_cifar" / "resnet20-12fca82f.th"  # at impo
 RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
 
 # metric key → (torch-fidelity extractor name, feature layer)
-EXTRACTORS = {"fid": ("inception-v3-compat", "2048"), "fd_resnet20": ("resnet20-cifar10", "64")}
+EXTRACTORS = {"fid": ("inception-v3-compat", "2048"), "fd_resnet20": ("resnet20-cifar10", "64"),
+              "fd_mnist": ("mnist-classifier", "128")}
 
 
 # torch-fidelity's Inception-v3 file (the same bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
@@ -196,11 +202,55 @@ class FeatureExtractorResNet20(_fidelity_base()):
         return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
 
+class FeatureExtractorMnistClassifier(_fidelity_base()):
+    """torch-fidelity feature extractor over the project's MNIST classifier: features ``"128"`` (penultimate)
+    and ``"logits"``.  Takes uint8 (B, 3, 28, 28) images, as every torch-fidelity extractor does;
+    ``feature_extractor_weights_path``: another classifier weight file (default: the committed one)."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        try:
+            self.net = load_mnist_classifier(feature_extractor_weights_path)
+        except FileNotFoundError as e:
+            raise OfflineFeatureExtractorError(f"fd_mnist: {e}") from e
+        except CheckpointError as e:
+            raise FeatureWeightsError(f"fd_mnist: {e}") from e
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3
+                and tuple(x.shape[2:]) == (28, 28)):
+            raise ValueError(f"the MNIST classifier takes uint8 images (B, 3, 28, 28), got "
+                             f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        features, logits = self.net(x.to(torch.float32).mean(dim=1, keepdim=True) / 255.0)
+        out = {"128": features, "logits": logits}
+        return tuple(out[f] for f in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "128", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"fid": "128", "kid": "128", "prc": "128"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+
+
 def register() -> None:
-    """Register ``resnet20-cifar10`` with torch-fidelity (idempotent)."""
+    """Register ``resnet20-cifar10`` and ``mnist-classifier`` with torch-fidelity (idempotent)."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
     if "resnet20-cifar10" not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor("resnet20-cifar10", FeatureExtractorResNet20)
+    if "mnist-classifier" not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor("mnist-classifier", FeatureExtractorMnistClassifier)
 
 
 OFFLINE_INCEPTION_MESSAGE = (
@@ -271,7 +321,7 @@ def _safe_inception_weights(path: Path, staging: Path, origin: str) -> Path:
 
 def create_extractor(metric: str, device: str = "cpu", weights_path: Optional[os.PathLike] = None,
                      verbose: bool = False):
-    """Build the torch-fidelity feature extractor of an image metric (``fid`` or ``fd_resnet20``).
+    """Build the torch-fidelity feature extractor of an image metric (``fid``, ``fd_resnet20`` or ``fd_mnist``).
 
     No file that is not the published Inception-v3 file reaches torch-fidelity's unpickler: another
     ``weights_path`` (or another file in torch.hub's cache) is read weights-only first.

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import numpy as np
 
 __all__ = ["frechet_distance", "gaussian_statistics", "frechet_distance_features", "sliced_wasserstein",
-           "projections", "rmse", "MetricSpec", "DataDistance", "ExactODEError", "FeatureFrechet", "METRICS",
+           "projections", "rmse", "MetricSpec", "DataDistance", "ExactODEError", "FeatureFrechet", "MnistFrechet",
+           "MNIST_REFERENCES", "METRICS",
            "available_metrics", "get_metric", "default_metrics", "metrics_for", "check_metrics"]
 
 
@@ -220,6 +221,10 @@ class FeatureFrechet(MetricSpec):
         mu, sigma = gaussian_statistics(features)
         return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
 
+    def reference_for(self, card) -> str:
+        """The reference data set the samples of ``card`` are compared with: the card's own."""
+        return card.reference
+
     @staticmethod
     def reference_note(reference_name: str, n_ref: int, n: int, draws: int) -> str:
         """How the reference statistics and the noise floor were made (for reports)."""
@@ -227,6 +232,36 @@ class FeatureFrechet(MetricSpec):
             return f"vs the precomputed statistics {reference_name} (no noise floor: the images are not at hand)"
         return (f"vs {reference_name} (n_ref = {n_ref:,}); the noise floor is {n:,} reference images (random "
                 f"subsets) against the whole reference (mean ± sd of {draws} draws)")
+
+
+MNIST_REFERENCES = ("mnist-test", "mnist-heldout")
+
+
+@dataclass(frozen=True)
+class MnistFrechet(FeatureFrechet):
+    """Fréchet distance in the penultimate features of the project's MNIST classifier, always against the
+    2,000 held-out MNIST images (``mnist-heldout``: the classifier was trained on the other 8,000, whose
+    features it has fitted), whatever MNIST reference the card names.  For MNIST models only: 1×28×28
+    images whose card's reference is an MNIST data set."""
+
+    def unfit_reason(self, card) -> Optional[str]:
+        if card.kind in self.kinds:
+            shape = tuple(card.data_shape or card.sample_shape)
+            if shape != (1, 28, 28):
+                return f"it is for MNIST models (1×28×28 images) and {card.name} makes {'×'.join(map(str, shape))}"
+            if card.reference not in MNIST_REFERENCES:
+                return (f"it is measured against the 2,000 held-out MNIST images only, and {card.name}'s reference "
+                        f"is {card.reference!r} (your own --reference data: use fd_resnet20)")
+        return super().unfit_reason(card)
+
+    def reference_for(self, card) -> str:
+        return "mnist-heldout"
+
+    @staticmethod
+    def reference_note(reference_name: str, n_ref: int, n: int, draws: int) -> str:
+        return (f"vs mnist-heldout, MNIST test images held out from the classifier's training (every fifth; "
+                f"n_ref = {n_ref:,}); the noise floor is {n:,} of them (random subsets) against all {n_ref:,} (mean ± "
+                f"sd of {draws} draws)")
 
 
 METRICS: dict[str, MetricSpec] = {m.key: m for m in (
@@ -251,6 +286,10 @@ METRICS: dict[str, MetricSpec] = {m.key: m for m in (
     FeatureFrechet("fd_resnet20", "FD (ResNet-20)", ("image",),
                    "Fréchet distance in the 64-d pooled features of a CIFAR-10 ResNet-20 (offline; "
                    "not comparable with FID)", source="fd_resnet20", weights_option="resnet20_weights"),
+    MnistFrechet("fd_mnist", "FD (MNIST classifier)", ("image",),
+                 "Fréchet distance in the 128-d penultimate features of the project's MNIST classifier against "
+                 "the 2,000 held-out MNIST test images (MNIST models only; offline; not comparable with FID)",
+                 source="fd_mnist"),
 )}
 
 
@@ -278,13 +317,16 @@ def default_metrics(card) -> list[str]:
     Analytic and point models: every exact measure that fits.  Image models: FID when the card's reference
     is the standard FID reference (CIFAR-10 train: the paper protocol), otherwise FD with the offline
     ResNet-20 features — an Inception FID against another reference would not be the FID anyone publishes.
+    The project's own MNIST models (reference ``mnist-heldout``): FD in the MNIST classifier's features.
     A model with no data and no exact solution (your own, with no reference): the error against a reference
     solution of its own ODE.  ``ref_error`` is otherwise asked for by name (it costs a long solve).
     """
     fits = metrics_for(card)
+    if card.kind == "image" and card.reference == "mnist-heldout" and "fd_mnist" in fits:
+        return ["fd_mnist"]
     if card.kind == "image" and "fd_resnet20" in fits:
         return ["fid"] if card.reference == "cifar10-train" else ["fd_resnet20"]
-    chosen = [k for k in fits if k not in ("ref_error", "fid", "fd_resnet20")]
+    chosen = [k for k in fits if k not in ("ref_error", "fid", "fd_resnet20", "fd_mnist")]
     return chosen or ["ref_error"]
 
 

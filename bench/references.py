@@ -81,7 +81,7 @@ class Evaluator:
     def _prepare_images(self, n: int) -> None:
         from .features import create_extractor
         for spec in self.frechet:
-            weights = getattr(self.cfg, spec.weights_option)
+            weights = getattr(self.cfg, spec.weights_option) if spec.weights_option else None
             self.say(f"loading the {spec.label} feature extractor ({spec.key})")
             self.extractors[spec.key] = create_extractor(spec.key, self.device, weights, verbose=False)
         if not self.dist.main:
@@ -91,12 +91,13 @@ class Evaluator:
         for spec in self.frechet:
             ext, layer, name = self.extractors[spec.key]
             size = f"{self.cfg.reference_size:,}" if self.cfg.reference_size else "all"
-            self.say(f"reference statistics of {self.card.reference} ({size} images through {name}) and the "
+            reference = spec.reference_for(self.card)
+            self.say(f"reference statistics of {reference} ({size} images through {name}) and the "
                      f"{spec.label} noise floor at n = {n:,}: read from the cache in {cache} when there, else "
                      "computed once (minutes on a CPU) and cached there")
             t0 = time.perf_counter()
-            with labelled_bars(f"reference statistics ({self.card.reference}, {name})"):
-                ref = reference_statistics(self.card.reference, ext, layer, name, device=self.device,
+            with labelled_bars(f"reference statistics ({reference}, {name})"):
+                ref = reference_statistics(reference, ext, layer, name, device=self.device,
                                            size=self.cfg.reference_size, cache_dir=self.cfg.cache_dir,
                                            progress=self.progress, floor_n=n, floor_seed=self.cfg.seed)
             self.say(f"reference statistics {'read from' if ref['cached'] else 'computed in '}"
@@ -104,7 +105,7 @@ class Evaluator:
                      f"{ref['cache_path']}")
             self.reference[spec.source] = ref
             self.floors[spec.key] = ref["floor"]
-            self.notes[spec.key] = spec.reference_note(self.card.reference, ref["n"], n, FLOOR_DRAWS)
+            self.notes[spec.key] = spec.reference_note(reference, ref["n"], n, FLOOR_DRAWS)
 
     def _prepare_data(self, n: int) -> None:
         n_ref = self.cfg.reference_size or n

@@ -31,13 +31,15 @@ __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_
            "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
            "TIMING_PASS_COLUMNS", "new_row",
            "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename",
-           "REFERENCE_JSON", "write_reference_info", "load_reference_info", "save_preview", "load_preview"]
+           "REFERENCE_JSON", "write_reference_info", "load_reference_info", "save_preview", "load_preview",
+           "save_samples", "SAMPLES"]
 
 SCHEMA_VERSION = 1
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 REFERENCE_JSON = "reference.json"  # the sweep's reference data: metric labels, noise floors, notes, the card
 PREVIEWS = "previews"  # one .npz per cell (and "reference"): a few samples, for the report's panels
+SAMPLES = "samples"    # with --save-samples: one .npz per cell, every sample
 LOCK_FILE = "results.lock"  # held while a process reads-modifies-writes results.csv (see results_lock)
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
@@ -418,6 +420,17 @@ def save_preview(out_dir: os.PathLike, name: str, array: np.ndarray, kind: str) 
     buf = io.BytesIO()
     np.savez_compressed(buf, data=array, kind=np.array(kind))
     atomic_write_bytes(Path(out_dir) / PREVIEWS / f"{name}.npz", buf.getvalue())
+
+
+def save_samples(out_dir: os.PathLike, name: str, samples: np.ndarray, value_range: tuple) -> Path:
+    """Save every sample of a cell as ``samples/NAME.npz`` (arrays ``samples``: float32, one row per sample,
+    e.g. (N, C, H, W) for images, in the model card's data scale as the solver returned them, not clipped;
+    ``value_range``: the card's data range, 2 floats), atomically; returns the path."""
+    buf = io.BytesIO()
+    np.savez(buf, samples=np.asarray(samples, dtype=np.float32), value_range=np.asarray(value_range, np.float64))
+    path = Path(out_dir) / SAMPLES / f"{name}.npz"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def load_preview(out_dir: os.PathLike, name: str) -> tuple[Optional[np.ndarray], Optional[str]]:

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a known error (bad input, missing weights, unusable results folder) print the full "
                         "traceback as well as the one-line message")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+    p.add_argument("--save-samples", action="store_true",
+                   help="write every cell's samples to OUT/samples/CELL.npz for your own metrics: arrays samples "
+                        "(float32; (N, C, H, W) for images, (N, d) for points; in the model card's data scale, not "
+                        "clipped) and value_range (the card's data range, 2 floats). Cells already in "
+                        "OUT/results.csv are not re-run (use --force)")
     p.add_argument("--cache-dir", default=None,
                    help="cache of reference feature statistics (default: $BENCH_CACHE_DIR or "
                         "~/.cache/diffusion-solvers/bench)")

@@ -32,7 +32,8 @@ from .distributed import Dist
 from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells
 from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
 from .results import (METRIC_PREFIX, IncompatibleResultsError, atomic_write_text, check_run_settings, environment,
-                      load_results, new_row, record_row, results_lock, row_timing, save_preview, timing_columns)
+                      load_results, new_row, record_row, results_lock, row_timing, save_preview, save_samples,
+                      timing_columns)
 
 __all__ = ["Sweep", "run_sweep", "load_and_plan", "apply_fast_paths", "sample_seeds", "more_passes",
            "AllCellsFailedError", "SEED_STRIDE", "WARMUP_STEPS", "REPEAT_CAP", "REPEAT_BUDGET_S", "REPEAT_SHARE"]
@@ -400,7 +401,8 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
         t_metric = time.perf_counter()
         payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"]),
                    "warmup": gen["warmup"],
-                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric}
+                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric,
+                   "samples": gen["samples"].numpy() if sweep.cfg.save_samples else None}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}"}
     # the repeats time the sampling only: the samples and the metrics are the first pass's
@@ -448,6 +450,9 @@ def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, par
     preview = np.concatenate([p["features"]["preview"] for p in parts])
     save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
                   "images" if evaluator.image else "points")
+    if sweep.cfg.save_samples:  # every rank's samples, in rank order (the order of the seeds)
+        save_samples(sweep.out_dir, cell.cell_id, np.concatenate([p["samples"] for p in parts]),
+                     sweep.card.data_range)
 
 
 def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:

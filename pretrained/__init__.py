@@ -15,7 +15,7 @@ an environment variable, local assets, or the cache (downloaded once, checksum-v
 from .cards import CARDS, ModelCard, available_models, get_card, load, register_card
 from .checkpoints import CheckpointError, WeightsNotFoundError
 from . import zoo_analytic  # noqa: F401  (registers the analytic cards)
-from . import ddpm_mnist, zoo_cifar, consistency, toy  # noqa: F401  (register the other cards)
+from . import ddpm_mnist, zoo_cifar, consistency, toy, fm_mnist  # noqa: F401  (register the other cards)
 from .user_models import resolve_card
 
 __all__ = ["CARDS", "ModelCard", "available_models", "get_card", "load", "register_card", "CheckpointError",

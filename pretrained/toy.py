@@ -35,10 +35,13 @@ __all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "WEIGHTS_SHA256", "verify_
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "pretrained.toy/1"
 # The sha256 of every committed file in pretrained/weights/, checked at load.  After retraining
-# (python -m pretrained.train_gmm2d KIND prints the new digest) put the new value here.
+# (python -m pretrained.train_gmm2d KIND, or python -m pretrained.train_NAME for NAME.pt, prints the new
+# digest) put the new value here.
 WEIGHTS_SHA256 = {
     "cm_gmm2d.pt": "a60a4b764607fc80148a163821888bab7c24bc4e8f401907896fd2d869e6e80d",
     "fm_gmm2d.pt": "2af1219d0c24851da0b5c9092da6eb17515f2ae552893db33b5dff193f264e3d",
+    "mnist_classifier.pt": "aecbc49be92c7554a26211aeed3e22ead015e0124b0064506e05ba47ebadb570",
+    "fm_mnist.pt": "fefecd223c988dd5827daa8f98f0d4fd3259b197e27004331bc5b73a78ae80ae",
 }
 
 
@@ -55,7 +58,9 @@ def verify_committed_weights(path: os.PathLike) -> None:
     if path.resolve().parent != WEIGHTS_DIR.resolve():
         return
     name, kind = path.name, path.name.split("_")[0]
-    rebuild = f"python -m pretrained.train_gmm2d {kind}" if kind in ("cm", "fm") else "its training script"
+    # X_gmm2d*.pt is rebuilt by train_gmm2d X; any other NAME.pt by its own script, pretrained.train_NAME.
+    rebuild = f"python -m pretrained.train_gmm2d {kind}" if "_gmm2d" in name and kind in ("cm", "fm") \
+        else f"python -m pretrained.train_{path.stem}"
     expected = WEIGHTS_SHA256.get(name)
     if expected is None:
         raise CheckpointError(

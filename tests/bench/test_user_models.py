@@ -360,7 +360,7 @@ def test_a_pickled_statistics_file_is_refused_unread(tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gmm2d", "--reference", "."], "--reference is reference images for an image model"),
-    (["--model", "ddpm_mnist", "--reference", "nope/"], "is not a data set (mnist-test, cifar10-train), an image folder"),
+    (["--model", "ddpm_mnist", "--reference", "nope/"], "is not a data set (mnist-test, mnist-heldout, cifar10-train), an image folder"),
 ])
 def test_bad_references_are_refused_before_any_work(tmp_path, capsys, argv, message):
     assert bench(tmp_path / "o", *argv) == 2
