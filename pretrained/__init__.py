@@ -8,7 +8,9 @@
 
 Cards: the exact analytic models (``gmm2d``, ``gmm``, ``gaussian``), the real networks ``ddpm_mnist``,
 ``ddpm_cifar`` (EMA) and ``ddpm_cifar_hub`` (non-EMA), the consistency model ``cd_imagenet64_l2``, and the
-project's own learned ``gmm2d`` models ``cm_gmm2d`` and ``fm_gmm2d``.  Weights are found via ``weights=PATH``,
+project's own learned models: ``cm_gmm2d`` and ``fm_gmm2d`` (on ``gmm2d``), ``fm_mnist`` (a rectified-flow U-Net
+on 8,000 MNIST test images; :mod:`pretrained.mnist_data` holds the split) and the ``mnist_classifier`` behind the
+``fd_mnist`` metric.  Weights are found via ``weights=PATH``,
 an environment variable, local assets, or the cache (downloaded once, checksum-verified); see
 :mod:`pretrained.checkpoints`.
 """

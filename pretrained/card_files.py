@@ -10,7 +10,8 @@ is in :data:`TOML_KEYS`; an unknown key is an error (a typo is never silently ig
     sample_shape = [3, 32, 32]             # required
     prediction = "eps"                     # eps, x0, v, score, velocity (or from scheduler_config)
     data_range = [-1.0, 1.0]               # default [-1, 1]
-    reference = "none"                     # a dataset the harness knows (mnist-test, cifar10-train) or none
+    reference = "none"                     # a data set the harness knows (mnist-test, mnist-heldout,
+                                           # cifar10-train), an image folder, a statistics .npz, or none
 
     [network]                              # exactly one of factory, diffusers, loader
     factory = "my_pkg.nets:UNet"           # called with kwargs → a torch module (or any fn(x, t))
