@@ -34,7 +34,7 @@ from .files import atomic_path, default_permissions  # noqa: F401  (default_perm
 __all__ = [
     "CheckpointError", "WeightsNotFoundError", "WeightsSource", "HubSource", "cache_dir", "offline",
     "file_digest", "verify_file", "default_permissions", "resolve_weights", "resolve_hub_weights", "find_in_folder", "read_state_dict",
-    "check_state_dict", "load_into", "ASSETS", "ASSETS_ENV", "assets_dir", "assets_origin", "assets_hint",
+    "check_state_dict", "load_into", "read_network_record", "ASSETS", "ASSETS_ENV", "assets_dir", "assets_origin", "assets_hint",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -405,6 +405,37 @@ def read_state_dict(path: PathLike, *, what: str = "the weights") -> dict[str, t
         raise CheckpointError(f"{path}: expected a flat dict of tensors (a state dict) for {what}, got "
                               f"{type(sd).__name__}")
     return dict(sd)
+
+
+def read_network_record(path: PathLike, *, fmt: str, what: str, rebuild: str,
+                        build: Callable[[dict], torch.nn.Module]) -> tuple[torch.nn.Module, dict]:
+    """A network from a weight record written by one of this project's training scripts: a dict with
+    ``format`` (= ``fmt``), ``arch`` (the constructor arguments), ``state_dict`` and whatever the script adds;
+    read weights-only.  ``build(record)`` makes the network from the record.
+
+    Returns:
+        (network in eval mode with the weights loaded, the record).
+
+    Raises:
+        CheckpointError: unreadable, another format, a bad architecture record, missing/unexpected keys or
+            shapes — naming the file, ``what`` and the script that writes such files (``rebuild``).
+    """
+    path = Path(path)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a {fmt} weight file (written by {rebuild})")
+    try:
+        net = build(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad architecture record ({e})") from e
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    state = record.get("state_dict")
+    check_state_dict(state if isinstance(state, Mapping) else {}, expected, path=path, what=what)
+    net.load_state_dict(state, strict=True)
+    return net.eval(), record
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],

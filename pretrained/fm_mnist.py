@@ -21,7 +21,7 @@ import solvers
 from solvers.schedules import RectifiedFlow
 
 from .cards import ModelCard, register_card
-from .checkpoints import CheckpointError, check_state_dict
+from .checkpoints import read_network_record
 from .mnist_data import SPLIT_RULE
 from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
 
@@ -107,21 +107,8 @@ def read_fm_mnist_weights(path: os.PathLike) -> tuple[FlowUNet, dict]:
     Raises:
         CheckpointError: unreadable, another format, a bad architecture, missing/unexpected keys or shapes.
     """
-    path = Path(path)
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read the fm_mnist weights ({type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} weight file (written by {REBUILD})")
-    try:
-        net = FlowUNet(**dict(record["arch"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad architecture record ({e})") from e
-    expected = {k: v.shape for k, v in net.state_dict().items()}
-    check_state_dict(record.get("state_dict"), expected, path=path, what="the fm_mnist network")
-    net.load_state_dict(record["state_dict"], strict=True)
-    return net.eval(), record
+    return read_network_record(path, fmt=FORMAT, what="the fm_mnist weights", rebuild=REBUILD,
+                               build=lambda record: FlowUNet(**dict(record["arch"])))
 
 
 def load_fm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None, dtype: Optional[torch.dtype] = None,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, check_state_dict
+from .checkpoints import read_network_record
 from .toy import WEIGHTS_DIR, verify_committed_weights
 
 __all__ = ["MnistClassifier", "FORMAT", "WEIGHTS_FILE", "FEATURES", "load_mnist_classifier", "read_classifier_record"]
@@ -71,22 +71,9 @@ def read_classifier_record(path: os.PathLike) -> tuple[MnistClassifier, dict]:
     Raises:
         CheckpointError: unreadable, another format, a bad architecture, missing/unexpected keys or shapes.
     """
-    path = Path(path)
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read the MNIST classifier weights ({type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} weight file (written by python -m "
-                              "pretrained.train_mnist_classifier)")
-    try:
-        net = MnistClassifier(**dict(record["arch"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad architecture record ({e})") from e
-    expected = {k: v.shape for k, v in net.state_dict().items()}
-    check_state_dict(record.get("state_dict"), expected, path=path, what="the MNIST classifier")
-    net.load_state_dict(record["state_dict"], strict=True)
-    return net.eval(), record
+    return read_network_record(path, fmt=FORMAT, what="the MNIST classifier weights",
+                               rebuild="python -m pretrained.train_mnist_classifier",
+                               build=lambda record: MnistClassifier(**dict(record["arch"])))
 
 
 def load_mnist_classifier(weights: Optional[os.PathLike] = None, device: str = "cpu") -> MnistClassifier:

@@ -25,7 +25,7 @@ from solvers.schedules import EDM, RectifiedFlow
 
 from .analytic import GaussianMixture, gmm2d
 from .cards import ModelCard, register_card
-from .checkpoints import CheckpointError, check_state_dict, file_digest
+from .checkpoints import CheckpointError, file_digest, read_network_record
 from .consistency import BoundaryScalings, ConsistencyFunction
 
 __all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "WEIGHTS_SHA256", "verify_committed_weights",
@@ -155,23 +155,13 @@ def read_toy_weights(path: os.PathLike, kind: str) -> tuple[nn.Module, dict]:
     Raises:
         CheckpointError: unreadable, another format or kind, missing/unexpected keys or wrong shapes.
     """
-    path = Path(path)
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot read the {kind}_gmm2d weights ({type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} weight file (written by python -m pretrained.train_gmm2d)")
-    if record.get("kind") != kind:
-        raise CheckpointError(f"{path} holds a {record.get('kind')!r} model, not {kind!r}")
-    try:
-        net = build_network(kind, dict(record["arch"]), float(record["sigma_data"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad architecture record ({e})") from e
-    expected = {k: v.shape for k, v in net.state_dict().items()}
-    check_state_dict(record["state_dict"], expected, path=path, what=f"the {kind}_gmm2d network")
-    net.load_state_dict(record["state_dict"], strict=True)
-    return net.eval(), record
+    def build(record: dict) -> nn.Module:
+        if record.get("kind") != kind:
+            raise CheckpointError(f"{path} holds a {record.get('kind')!r} model, not {kind!r}")
+        return build_network(kind, dict(record["arch"]), float(record["sigma_data"]))
+
+    return read_network_record(path, fmt=FORMAT, what=f"the {kind}_gmm2d weights",
+                               rebuild="python -m pretrained.train_gmm2d", build=build)
 
 
 def _loader(kind: str):
