@@ -51,24 +51,36 @@ class ReferenceDataError(RuntimeError):
     """The reference data set is not available (missing asset, no internet for a download)."""
 
 
+def _read_idx(path: os.PathLike, magic: int, what: str, dims: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzip or plain) whose magic number is ``magic`` and header holds
+    ``dims`` sizes.
+
+    Raises:
+        ValueError: another magic number, or a file shorter or longer than its header says.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    head = 4 + 4 * dims
+    if len(raw) < head:
+        raise ValueError(f"{path} is too short to be an IDX {what} file")
+    found, *shape = struct.unpack(">I" + "I" * dims, raw[:head])
+    if found != magic:
+        raise ValueError(f"{path} is not an IDX {what} file (magic {found}, expected {magic})")
+    if len(raw) != head + int(np.prod(shape)):
+        sizes = "×".join(map(str, shape))
+        raise ValueError(f"{path}: header says {sizes} {what}s but the file holds {len(raw) - head} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
+
+
 def read_idx_images(path: os.PathLike) -> np.ndarray:
     """Images from an IDX file (gzip or plain): uint8 array (N, rows, cols).
 
     Raises:
         ValueError: not an IDX image file (magic number 2051) or truncated.
     """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 16:
-        raise ValueError(f"{path} is too short to be an IDX image file")
-    magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
-    if magic != 2051:
-        raise ValueError(f"{path} is not an IDX image file (magic {magic}, expected 2051)")
-    if len(raw) != 16 + n * rows * cols:
-        raise ValueError(f"{path}: header says {n}×{rows}×{cols} images but the file holds {len(raw) - 16} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    return _read_idx(path, 2051, "image", 3)
 
 
 def read_idx_labels(path: os.PathLike) -> np.ndarray:
@@ -77,18 +89,7 @@ def read_idx_labels(path: os.PathLike) -> np.ndarray:
     Raises:
         ValueError: not an IDX label file (magic number 2049) or truncated.
     """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 8:
-        raise ValueError(f"{path} is too short to be an IDX label file")
-    magic, n = struct.unpack(">II", raw[:8])
-    if magic != 2049:
-        raise ValueError(f"{path} is not an IDX label file (magic {magic}, expected 2049)")
-    if len(raw) != 8 + n:
-        raise ValueError(f"{path}: header says {n} labels but the file holds {len(raw) - 8} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=8)
+    return _read_idx(path, 2049, "label", 1)
 
 
 def mnist_test_images(directory: Optional[os.PathLike] = None) -> torch.Tensor:
