@@ -300,11 +300,7 @@ def load_and_plan(sweep: Sweep) -> None:
     options = cfg.model_kwargs
     _check_weights(options)
     if card.kind != "analytic":
-        from pretrained.checkpoints import cache_dir
-        where = (str(options["weights"]) if "weights" in options else
-                 f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
-                 "verified download)")
-        say(sweep, f"loading {card.name}'s weights from {where}")
+        say(sweep, f"loading {card.name}'s weights from {_weights_origin(card, options)}")
     try:
         sweep.model = pretrained.load(card, device=sweep.device, **options)
     except TypeError as e:
@@ -324,6 +320,19 @@ def load_and_plan(sweep: Sweep) -> None:
         raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
                          "rows, so --cuda-graph / --compile would capture or compile every row count; run it "
                          "without them")
+
+
+def _weights_origin(card, options: dict) -> str:
+    """Where a model's weights come from, in words (for the line announcing the load)."""
+    from pretrained.checkpoints import cache_dir
+    if "weights" in options:
+        return str(options["weights"])
+    if card.extra.get("weights") is not None:
+        return f"{card.extra['weights']} (committed with this project, sha256-checked)"
+    if pretrained.CARDS.get(card.name) is not card:
+        return "what its card names (your model)"
+    return (f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
+            "verified download)")
 
 
 def apply_fast_paths(sweep: Sweep) -> None:

@@ -59,3 +59,11 @@ def test_the_feature_extraction_bar_gets_a_description_and_it_is_put_back():
     with pytest.raises(RuntimeError), references.labelled_bars("x"):
         raise RuntimeError("a failure inside")
     assert fidelity_utils.tqdm is plain
+
+
+def test_committed_weights_are_announced_as_committed(tmp_path, capsys):
+    assert run_mod.main(["--out", str(tmp_path / "fm"), "--model", "fm_gmm2d", "--num-samples", "8", "--steps", "2",
+                         "--solvers", "euler", "--no-report"]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("bench.run: loading fm_gmm2d's weights from ") and first.endswith(
+        "fm_gmm2d.pt (committed with this project, sha256-checked)"), first
