@@ -17,6 +17,13 @@ from a calibration batch of starting states, in three deterministic stages:
    against the reference, from the better of the default and the DP grid, within a fixed budget of
    ``evaluations`` solver runs.
 
+Cost (batched model calls on the calibration batch, all counted in ``OptimizedGrid.nfe``): the reference
+(adaptive Dormand–Prince at ``reference_rtol`` and its check at 10× that; problem-dependent), plus
+``candidates`` − 1 for the DP initialiser, plus up to ``evaluations`` + 2 solver runs (the default grid, the DP
+grid, the search) × the solver's calls per grid (``steps`` for the multistep solvers).  Measured with the
+defaults on the exact 2-D and 64-D mixtures (64 samples): reference ≈ 650 calls; in total 1,345 / 1,955 /
+3,175 calls at 5 / 10 / 20 steps — the cost of sampling the batch ~200 times at that step count.
+
 The search coordinate is the log-SNR λ where it is finite at both ends of the range (VP, VE/EDM, DiscreteVP
 schedules), otherwise the solver time t (rectified flow from t = 1, where α = 0).  Nothing random is used:
 the same inputs give the same grid.
@@ -97,12 +104,8 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         :class:`OptimizedGrid`.  Its ``error_after`` is never above ``error_before`` (the default grid is a
         candidate of the search).
 
-    Cost (batched model calls on the calibration batch, all counted in ``nfe``): the reference (adaptive
-    Dormand–Prince at ``reference_rtol`` and its check at 10× that; problem-dependent), plus ``candidates`` − 1
-    for the DP initialiser, plus up to ``evaluations`` + 2 solver runs (the default grid, the DP grid, the
-    search) × the solver's calls per grid (``steps`` for the multistep solvers).  Measured with the defaults
-    on the exact 2-D and 64-D mixtures (64 samples): reference ≈ 650 calls; in total 1,345 / 1,955 / 3,175
-    calls at 5 / 10 / 20 steps — the cost of sampling the batch ~200 times at that step count.
+    Cost: about 200 sampling runs of the calibration batch (all counted in ``nfe``; the module docstring
+    breaks it down, with measurements).
 
     Raises:
         TypeError: a model that is not a DiffusionModel; an x_T that is not a real floating tensor; an unknown
@@ -117,23 +120,15 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
     default = make_grid(model.schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
                         denoise_to_zero=denoise_to_zero)
     slv.check(_points(model, default))
-    to_zero = denoise_to_zero and len(default) > 2
-    tail = [default[-1]] if to_zero else []          # the final step to σ = 0, kept as it is
-    levels = default[:-1] if to_zero else default    # the noise levels: the first and last are kept
-    transitions = len(levels) - 1
-    coord = _Coordinate(model.schedule, levels[0], levels[-1]) if transitions > 1 else None
-    fine = coord.levels(torch.zeros(candidates - 1, dtype=torch.float64)) if coord else levels
+    tail, transitions, coord, fine = _search_space(model, default, denoise_to_zero, candidates)
     ref, trajectory, ref_nfe, ref_err = _reference(model, x_T, fine + tail, reference_rtol)
     objective = _Objective(model, x_T, ref, solver, solver_options)
     error_before = objective(default)
     best, best_err = default, error_before
     method = f"default grid ({spacing}): no free level to move at {steps} step(s)"
     if coord is not None:
-        dp_grid = [fine[i] for i in _dp_path(model, fine, trajectory[:len(fine)], transitions)] + tail
-        dp_err = objective(dp_grid)
-        if dp_err < best_err:
-            best, best_err = dp_grid, dp_err
-        best, best_err = _compass_search(objective, coord, best, best_err, tail, evaluations)
+        best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, default,
+                                  error_before, evaluations)
         method = (f"reference: adaptive dopri5 at rtol=atol={reference_rtol:g}; initial grid: the better of the "
                   f"default ({spacing}) and GITS-style DP over {candidates} levels uniform in {coord.name}; "
                   f"compass search on the softmax logits of the {coord.name} increments of the "
@@ -143,6 +138,29 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         nfe=ref_nfe + (len(fine) - 1 if coord else 0) + objective.nfe, nfe_reference=ref_nfe,
         reference_error=ref_err, solver=slv.name, options=slv.options(), method=method,
         evaluations=objective.runs, calibration_size=int(x_T.shape[0]))
+
+
+def _search_space(model: DiffusionModel, default: list, denoise_to_zero: bool, candidates: int):
+    """(the kept final step to σ = 0 as a list, the number of transitions between noise levels, the search
+    coordinate or None when no level is free, the DP's fine candidate levels)."""
+    to_zero = denoise_to_zero and len(default) > 2
+    tail = [default[-1]] if to_zero else []          # the final step to σ = 0, kept as it is
+    levels = default[:-1] if to_zero else default    # the noise levels: the first and last are kept
+    transitions = len(levels) - 1
+    coord = _Coordinate(model.schedule, levels[0], levels[-1]) if transitions > 1 else None
+    fine = coord.levels(torch.zeros(candidates - 1, dtype=torch.float64)) if coord else levels
+    return tail, transitions, coord, fine
+
+
+def _improve(model, objective, coord, fine: list, trajectory: list, tail: list, transitions: int, default: list,
+             error_before: float, evaluations: int) -> tuple[list, float]:
+    """Stages 2–3: the better of the default grid and the DP grid, then the compass search from it."""
+    best, best_err = default, error_before
+    dp_grid = [fine[i] for i in _dp_path(model, fine, trajectory[:len(fine)], transitions)] + tail
+    dp_err = objective(dp_grid)
+    if dp_err < best_err:
+        best, best_err = dp_grid, dp_err
+    return _compass_search(objective, coord, best, best_err, tail, evaluations)
 
 
 def _check_solver(solver: str, options: dict):
