@@ -140,14 +140,16 @@ class Evaluator:
                     out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
                                                         batch_size=self.cfg.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
-        flat = samples.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+        def as_rows(t: torch.Tensor):
+            return t.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
+
         if self.solutions is not None and cell.deterministic:
             solution, error = self.solutions.solve(x_T, cell.grid)
-            state = flat if latents is None else latents.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
-            out["ref_error"] = ((state - solution) ** 2).mean(axis=1)
+            out["ref_error"] = ((as_rows(samples if latents is None else latents) - solution) ** 2).mean(axis=1)
             out["ref_error_own"] = (error ** 2).mean(axis=1)
-        if self.image:
+        if self.image:  # image metrics work on the uint8 images: no float64 copy of the samples
             return out
+        flat = as_rows(samples)
         if "data" in self.sources:
             out["data"] = flat
         if "ode_error" in self.sources and cell.deterministic:

@@ -177,8 +177,9 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
         solver_t += res.time_solver
         decode_t += seconds
         if keep:
-            outs.append(decoded.detach().cpu())
-            latents.append(res.samples.detach().cpu())
+            state = res.samples.detach().cpu()
+            outs.append(decoded.detach().cpu() if sweep.decoder is not None else state)  # one copy without one
+            latents.append(state)
             x_Ts.append(x_T.detach().cpu())
     empty = torch.empty((0, *shape), dtype=sweep.dtype)
     return {"samples": torch.cat(outs) if outs else empty, "latents": torch.cat(latents) if latents else empty,

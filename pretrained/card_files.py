@@ -182,13 +182,17 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
         model_opts["clip_x0"] = tuple(model_opts["clip_x0"])
     sched = dict(data["schedule"])
     if "scheduler_config" in sched:
-        from solvers.interop.diffusers import model_from_config
+        from solvers.interop.diffusers import PREDICTION_TYPES, model_from_config
         if model_opts:
             raise ValueError(f"{path}: with a scheduler_config, its clip_sample/thresholding set the x0 range; "
                              "drop the [model] table")
         config = json.loads(_expand(path, sched["scheduler_config"]).read_text())
         if "prediction" in data:
-            config["prediction_type"] = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[data["prediction"]]
+            theirs = {ours: name for name, ours in PREDICTION_TYPES.items()}
+            if data["prediction"] not in theirs:
+                raise ValueError(f"{path}: with a scheduler_config, prediction must be one diffusers has "
+                                 f"({', '.join(theirs)}), got {data['prediction']!r}")
+            config["prediction_type"] = theirs[data["prediction"]]
         return model_from_config(fn, config)
     schedule = solvers.schedules.get_schedule(sched.pop("name", "discrete_vp"), **sched)
     return solvers.DiffusionModel(fn, schedule=schedule, prediction=data["prediction"], **model_opts)
