@@ -83,6 +83,13 @@ class ModelCard:
             ``sample_shape`` is then the latents' shape and ``data_shape`` the decoded samples' (what
             ``to_images``, ``data_range`` and the metrics see).  The benchmark times decoding apart.
         decoder_name: what the decoder is, for reports.
+        num_classes: for a class-conditional model, the number of classes (0: unconditional).
+        condition: for a class-conditional model, ``condition(model, labels, guidance) -> DiffusionModel``: the
+            loaded model conditioned on ``labels`` (a LongTensor with one entry per sample of the batch, values
+            in [0, num_classes)) under classifier-free guidance of scale w = ``guidance``, out_u + w·(out_c −
+            out_u) (w = 1: the conditional model alone, 0: the unconditional one). It costs one network row
+            per sample at w ∈ {0, 1} and two otherwise (``rows_per_sample``).
+        default_guidance: the guidance scales a benchmark sweep uses when none are asked for.
     """
 
     name: str
@@ -112,6 +119,16 @@ class ModelCard:
     decoder: Optional[Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = None
     decoder_name: str = ""
     data_shape: Optional[tuple] = None
+    num_classes: int = 0
+    condition: Optional[Callable[..., solvers.DiffusionModel]] = None
+    default_guidance: tuple = ()
+
+    def __post_init__(self):
+        if (self.num_classes > 0) != (self.condition is not None):
+            raise ValueError(f"model card {self.name!r}: a class-conditional card needs both num_classes > 0 and "
+                             f"condition; got num_classes={self.num_classes} and condition={self.condition!r}")
+        if self.default_guidance and not self.num_classes:
+            raise ValueError(f"model card {self.name!r}: default_guidance is for class-conditional cards")
 
     def published_fid_rows(self) -> list[dict[str, Any]]:
         """The published FIDs to set beside a run's cells, as plain dicts with the keys setting, solver, steps,
@@ -123,7 +140,7 @@ class ModelCard:
         """The card's plain-data fields (for reports)."""
         keep = ("name", "kind", "description", "sample_shape", "prediction", "schedule_name", "data_range",
                 "reference", "source_url", "sha256", "md5", "licence", "weights_note", "published", "notes",
-                "decoder_name", "data_shape")
+                "decoder_name", "data_shape", "num_classes", "default_guidance")
         return {k: getattr(self, k) for k in keep}
 
 

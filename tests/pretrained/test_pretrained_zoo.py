@@ -75,6 +75,17 @@ def fixture_weights(tmp_path_factory, offline_asset):
     return get
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_classes=10), dict(condition=lambda m, labels, w: m),
+                                    dict(default_guidance=(3.0,))])
+def test_a_half_conditional_card_is_refused(kwargs):
+    card = pretrained.get_card("gmm2d")
+    fields = {f: getattr(card, f) for f in ("name", "kind", "description", "loader", "sample_shape", "prediction",
+                                           "schedule_name")}
+    with pytest.raises(ValueError, match="class-conditional"):
+        pretrained.ModelCard(**fields, **kwargs)
+    assert pretrained.ModelCard(**fields).num_classes == 0
+
+
 @pytest.mark.parametrize("name", pretrained.available_models())
 def test_every_card_loads_and_runs_one_solver_step(name, fixture_weights):
     card = pretrained.get_card(name)
