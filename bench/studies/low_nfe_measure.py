@@ -9,10 +9,12 @@ Three tables, printed as Markdown:
 * ``multistep`` — dpmpp_2m / dpmpp_3m at 5, 10 and 20 steps on grids that end at σ = 0 (the default) and
   that do not (``denoise_to_zero=False``), with ``lower_order_final`` True / False and, for 3M, the
   consistent (2·φ₃) and the published (φ₃, ``official_d2=True``) second-difference weight.
+* ``variants`` — the same for UniPC (B(h) = bh1 / bh2, order 2 / 3), DEIS (order 1 / 2 / 3) and iPNDM
+  (constant-step / variable-step weights).
 * ``optimized`` — default vs :func:`solvers.optimize_timesteps` grids, calibrated on seeds 0–63, scored on
   held-out seeds 1000–1255.
 
-Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|optimized ...]`` (all three by default;
+Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|variants|optimized ...]`` (all three by default;
 a few minutes on two CPU cores).
 """
 from __future__ import annotations
@@ -106,9 +108,16 @@ MULTISTEP = [("dpmpp_2m", {"lower_order_final": True}), ("dpmpp_2m", {"lower_ord
              ("dpmpp_3m", {"lower_order_final": False, "official_d2": True})]
 
 
-def multistep_table(n: int = 256) -> list[str]:
-    """RMS error of the multistep variants at NFE 5/10/20 on grids ending and not ending at σ = 0."""
-    head = [f"{s}({', '.join(f'{k}={v}' for k, v in o.items())})" for s, o in MULTISTEP]
+VARIANTS = [("unipc", {"variant": "bh2", "solver_order": 2}), ("unipc", {"variant": "bh1", "solver_order": 2}),
+            ("unipc", {"variant": "bh2", "solver_order": 3}), ("unipc", {"variant": "bh1", "solver_order": 3}),
+            ("deis", {"solver_order": 1}), ("deis", {"solver_order": 2}), ("deis", {"solver_order": 3}),
+            ("ipndm", {"variable_step": False}), ("ipndm", {"variable_step": True})]
+
+
+def _variant_table(variants: list, n: int) -> list[str]:
+    """RMS error of each (solver, options) at NFE 5/10/20 on grids ending and not ending at σ = 0; the best
+    of each solver's variants in a row is in bold."""
+    head = [f"{s}({', '.join(f'{k}={v}' for k, v in o.items())})" for s, o in variants]
     rows = ["| problem | grid | NFE | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * len(head)]
     for name in PROBLEMS:
         mix = _mixture(name)
@@ -117,12 +126,23 @@ def multistep_table(n: int = 256) -> list[str]:
             for steps in (5, 10, 20):
                 grid = solvers.make_grid(VP, steps, t_start=T0, t_end=T1, denoise_to_zero=to_zero)
                 ref = _exact(mix, x_T, grid)
-                errs = [_rms(solvers.sample(model, x_T, s, timesteps=grid, **o).samples, ref) for s, o in MULTISTEP]
-                best = min(errs)
-                cells = [f"**{e:.2e}**" if e == best else f"{e:.2e}" for e in errs]
+                errs = [_rms(solvers.sample(model, x_T, s, timesteps=grid, **o).samples, ref) for s, o in variants]
+                best = {s: min(e for (s2, _), e in zip(variants, errs) if s2 == s) for s, _ in variants}
+                cells = [f"**{e:.2e}**" if e == best[s] else f"{e:.2e}" for (s, _), e in zip(variants, errs)]
                 label = "ends at σ=0" if to_zero else "ends at t=1e-3"
                 rows.append(f"| {name} | {label} | {steps} | " + " | ".join(cells) + " |")
     return rows
+
+
+def multistep_table(n: int = 256) -> list[str]:
+    """RMS error of the DPM-Solver++ multistep variants at NFE 5/10/20 (see :func:`_variant_table`)."""
+    return _variant_table(MULTISTEP, n)
+
+
+def variants_table(n: int = 256) -> list[str]:
+    """RMS error of the UniPC (B(h), order), DEIS (order) and iPNDM (constant / variable step) variants at NFE
+    5/10/20 (see :func:`_variant_table`)."""
+    return _variant_table(VARIANTS, n)
 
 
 def _held_out_errors(model, mix, held, solver: str, grid) -> tuple[float, float]:
@@ -154,7 +174,8 @@ def optimized_table() -> list[str]:
     return rows
 
 
-TABLES = {"adaptive": adaptive_table, "multistep": multistep_table, "optimized": optimized_table}
+TABLES = {"adaptive": adaptive_table, "multistep": multistep_table, "variants": variants_table,
+          "optimized": optimized_table}
 
 
 def main(argv=None) -> None:
