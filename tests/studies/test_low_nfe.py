@@ -35,3 +35,17 @@ def test_an_unknown_problem_is_refused(capsys):
     with pytest.raises(SystemExit):
         low_nfe.main(["--models", "nope"])
     assert "unknown problem(s) nope; valid: gmm2d, gmm, ddpm_mnist" in capsys.readouterr().err
+
+
+def test_the_variants_table_marks_each_solvers_best_variant(monkeypatch):
+    from bench.studies import low_nfe_measure
+    monkeypatch.setattr(low_nfe_measure, "PROBLEMS", ("gmm2d",))
+    variants = [("deis", {"solver_order": 1}), ("deis", {"solver_order": 3}), ("ipndm", {})]
+    rows = low_nfe_measure._variant_table(variants, n=8)
+    assert len(rows) == 2 + 2 * 3   # header + 2 grids × NFE 5/10/20
+    for row in rows[2:]:
+        cells = row.strip("|").split("|")[3:]
+        deis1, deis3 = (float(c.strip(" *")) for c in cells[:2])
+        # DEIS-1 is DDIM: the third-order variant is more accurate at every step count on these smooth flows
+        assert deis3 < deis1 and cells[1].strip().startswith("**") and not cells[0].strip().startswith("**")
+        assert cells[2].strip().startswith("**")   # a solver alone in the table is its own best
