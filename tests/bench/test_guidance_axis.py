@@ -208,3 +208,154 @@ def test_an_unconditional_sweep_keeps_its_cell_keys_and_ids(tmp_path):
     assert cell.key == plan.cell_key("gmm2d", "ddim", cell.options, 5, cell.spacing, cell.t_start)
     (guided,) = plan.plan_cells(card, card.loader(), plan.parse_solvers("ddim"), [5], None, guidance=(2.0,))
     assert guided.key != cell.key and guided.cell_id.startswith("ddim-s5-w2-")
+
+
+# -- ref_error and calibration under guidance ------------------------------------------------------------------------
+def test_ref_error_solves_the_guided_ode_of_each_scale(tmp_path):
+    out = tmp_path / "o"
+    assert _bench(out, "--guidance", "1,3", "--solvers", "dpmpp_3m", "--steps", "40", "--metric", "ref_error",
+                  "--dtype", "float64") == 0
+    df = pd.read_csv(out / "results.csv")
+    # 40 third-order steps are within ~1e-3 of the 250-step reference — of the SAME guided ODE; against the
+    # w = 1 solution the w = 3 samples would be off by the guidance's whole effect (order 1)
+    assert (df["metric.ref_error"] < 1e-2).all(), df["metric.ref_error"].tolist()
+    assert len(list((out / "reference_solutions").iterdir())) == 2
+
+
+def test_an_optimized_grid_is_calibrated_per_guidance_scale(tmp_path, monkeypatch):
+    from bench import sweep as sweep_mod
+    seen = []
+
+    def fake_optimize(model, x, **kw):  # records the model it was given: the guided one, on balanced labels
+        seen.append(model.fn(x, torch.full((x.shape[0],), 0.5, dtype=x.dtype)))
+        grid = solvers.make_grid(model.schedule, kw["steps"], spacing=kw["spacing"], t_start=kw["t_start"])
+        return type("Opt", (), dict(default_timesteps=grid, timesteps=grid, error_before=0.0, error_after=0.0,
+                                    nfe=0, reference_error=0.0, method="fake"))()
+
+    monkeypatch.setattr(sweep_mod.solvers, "optimize_timesteps", fake_optimize)
+    monkeypatch.setattr(sweep_mod, "CALIBRATION_SAMPLES", 8)
+    out = tmp_path / "o"
+    assert _bench(out, "--guidance", "0,3", "--solvers", "ddim", "--steps", "3", "--spacing", "optimized") == 0
+    records = [json.loads(p.read_text()) for p in sorted((out / "optimized_grids").iterdir())]
+    assert sorted(r["guidance"] for r in records) == [0.0, 3.0]
+    assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])  # each scale calibrated on its own model
+
+
+# -- class_accuracy ------------------------------------------------------------------------------------------------
+needs_mnist = pytest.mark.skipif(not (pretrained.checkpoints.ASSETS / "mnist").is_dir(),
+                                 reason="../shared/assets/mnist/ is absent")
+
+
+class _RandomConditionalNet(torch.nn.Module):
+    """A random-weight ε-network for 1×28×28 images conditioned on a class (−1: unconditional)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.embed = torch.nn.Parameter(torch.randn(11, 1, 28, 28, generator=g) * 0.5)
+
+    def forward(self, x, t, c):
+        return 0.3 * self.conv(x) + self.embed[c + 1]
+
+
+NET = _RandomConditionalNet().requires_grad_(False)
+
+
+def _condition_images(model, labels, w):
+    none = torch.full_like(labels, -1)
+    if w in (0.0, 1.0):
+        fn = lambda x, t: NET(x, t, labels if w == 1.0 else none)  # noqa: E731
+    else:
+        fn = solvers.classifier_free_guidance(NET, labels, none, w)
+    return solvers.DiffusionModel(fn, schedule=model.schedule, prediction="eps")
+
+
+IMAGE_CARD = pretrained.ModelCard(
+    name="cond_digits", kind="image", description="random-weight class-conditional 1×28×28 network (test card)",
+    loader=lambda device="cpu", **kw: solvers.DiffusionModel(lambda x, t: NET(x, t, torch.full((x.shape[0],), -1)),
+                                                             schedule=SCHED, prediction="eps"),
+    sample_shape=(1, 28, 28), prediction="eps", schedule_name="VPLinear", to_images=lambda x: (x + 1) / 2,
+    reference="mnist-heldout", default_num_samples=20, default_batch_size=20, num_classes=10,
+    condition=_condition_images, default_guidance=(1.0,))
+
+
+def _evaluator(card, n):
+    from types import SimpleNamespace
+
+    from bench.distributed import Dist
+    from bench.references import Evaluator
+    cfg = SimpleNamespace(seed=0, batch_size=500, reference_size=None, cache_dir=None, out_dir=None)
+    ev = Evaluator(card, ["class_accuracy"], cfg, "cpu", Dist(), progress=False)
+    ev.prepare(n)
+    return ev
+
+
+@needs_mnist
+def test_class_accuracy_of_held_out_images_is_the_classifiers_accuracy_and_chance_when_shuffled():
+    from bench import metrics as M
+    from pretrained.mnist_data import mnist_split
+    images, labels = mnist_split("heldout")
+    ev = _evaluator(IMAGE_CARD, len(labels))
+    samples = images.to(torch.float32) / 255.0 * 2 - 1          # in the card's data range
+    cell = type("Cell", (), dict(label="x", steps=1, deterministic=True, guidance=1.0))()
+    true = ev.finalize(cell, [ev.local(cell, samples, samples, labels=labels)])[0]["class_accuracy"]
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    chance = ev.finalize(cell, [ev.local(cell, samples, samples, labels=shuffled)])[0]["class_accuracy"]
+    assert true == pytest.approx(0.9855, abs=1e-9)              # the classifier's held-out accuracy, 1,971 / 2,000
+    assert 0.06 < chance < 0.14
+    # the noise floor: the held-out images with their true labels (all 2,000 in every draw here)
+    assert ev.floors["class_accuracy"] == pytest.approx([0.9855, 0.0], abs=1e-9)
+    assert M.METRICS["class_accuracy"].higher_is_better
+
+
+def test_class_accuracy_fits_conditional_mnist_cards_only():
+    from bench import metrics as M
+    assert M.default_metrics(IMAGE_CARD) == ["fd_mnist", "class_accuracy"]
+    spec = M.METRICS["class_accuracy"]
+    assert spec.unfit_reason(IMAGE_CARD) is None
+    assert "unconditional" in spec.unfit_reason(pretrained.get_card("fm_mnist"))
+    assert "MNIST-like" in spec.unfit_reason(pretrained.ModelCard(
+        **{**{f: getattr(IMAGE_CARD, f) for f in ("name", "kind", "description", "loader", "prediction",
+                                                 "schedule_name", "condition")}, "sample_shape": (3, 32, 32),
+           "num_classes": 10}))
+    assert "it is for image models" in spec.unfit_reason(MIXTURE_CARD)
+
+
+@needs_mnist
+def test_class_accuracy_in_a_guided_sweep_is_the_classifiers_verdict_on_the_saved_samples(tmp_path):
+    from bench.features import to_uint8_rgb
+    from pretrained.mnist_classifier import load_mnist_classifier
+    out = tmp_path / "o"
+    assert _bench(out, "--guidance", "0,4", "--solvers", "ddim", "--steps", "3", "--metric", "class_accuracy",
+                  "--save-samples", model="tests.bench.test_guidance_axis:IMAGE_CARD") == 0
+    df = pd.read_csv(out / "results.csv")
+    net = load_mnist_classifier()
+    for _, r in df.iterrows():
+        with np.load(out / "samples" / f"{r['cell_id']}.npz", allow_pickle=False) as z:
+            images = to_uint8_rgb((torch.from_numpy(z["samples"]) + 1) / 2)
+            labels = z["labels"]
+        predicted = net(images.float().mean(1, keepdim=True) / 255.0)[1].argmax(1).numpy()
+        assert r["metric.class_accuracy"] == pytest.approx(float(np.mean(predicted == labels)), abs=1e-12)
+    info = json.loads((out / "reference.json").read_text())["metrics"]["class_accuracy"]
+    assert info["floor"][0] == pytest.approx(0.9855, abs=0.01) and "higher is better" in info["note"]
+    md = (out / "report.md").read_text()
+    assert "class accuracy (MNIST classifier) ≥" in md      # the usable limit is a lower bound for a score
+
+
+def test_reports_rank_a_higher_is_better_metric_by_its_shortfall():
+    from bench.charts import usable_front
+    from bench.report_analysis import judge_metric, observations
+    df = pd.DataFrame({"status": "ok", "solver_label": "ddim", "solver": "ddim", "steps": [1, 2, 5, 10],
+                       "guidance": 3.0, "nfe": [1, 2, 5, 10], "time_total_s": [0.1, 0.2, 0.5, 1.0],
+                       "cell_key": list("abcd"), "metric.class_accuracy": [0.10, 0.90, 0.97, 0.96]})
+    v = judge_metric(df, "class_accuracy", "acc", (0.9855, 0.003))
+    assert v.best()["steps"] == 5 and v.off_scale == []            # the highest accuracy, nothing "diverged"
+    # usable: shortfall ≤ 5 × max(best shortfall 0.03, the floor's 0.0145) = 0.15, i.e. accuracy ≥ 0.85
+    assert v.bound == pytest.approx(0.85) and v.bound_words() == "≥ 0.85"
+    assert sorted(v.usable["steps"]) == [2, 5, 10]
+    assert usable_front(df, "metric.class_accuracy", "nfe", usable_max=v.bound, higher_is_better=True) == [1, 2]
+    lines = observations(df, ["class_accuracy"], {"class_accuracy": "acc"}, {"class_accuracy": 0.9855})
+    assert "acc: best 0.97 by ddim × 5 steps, w = 3 (NFE 5, 0.5 s); noise floor 0.9855." in lines
+    assert any(line.startswith("acc, ddim, w = 3: NOT monotone in steps (0.97 at 5 steps → 0.96 at 10 steps)")
+               for line in lines)
