@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-__all__ = ["pareto_front", "solver_colours", "metric_chart", "sample_panels", "PANEL_TITLE_PT",
+__all__ = ["pareto_front", "usable_front", "solver_colours", "metric_chart", "sample_panels", "PANEL_TITLE_PT",
            "PANEL_DPI", "PANEL_FIGURE_WIDTH_IN"]
 
 
@@ -28,6 +28,18 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
             front.append(i)
             best = y[i]
     return np.asarray(front, dtype=int)
+
+
+def usable_front(df: pd.DataFrame, column: str, x: str, off_scale=(), usable_max: Optional[float] = None,
+                 higher_is_better: bool = False) -> list[int]:
+    """The index labels of the Pareto-optimal cells of ``df`` (ok, finite, x > 0, not off-scale) among those
+    within ``usable_max`` (at most it; at least it for a higher-is-better metric), cheapest first."""
+    d = df[(df["status"] == "ok") & np.isfinite(df[column].astype(float))]
+    d = d[np.isfinite(d[x].astype(float)) & (d[x].astype(float) > 0) & ~d.index.isin(set(off_scale))]
+    xs, ys = d[x].to_numpy(float), d[column].to_numpy(float)
+    sign = -1.0 if higher_is_better else 1.0
+    judged = sign * ys <= sign * usable_max if usable_max is not None else np.ones(len(ys), bool)
+    return [int(d.index[i]) for i in np.flatnonzero(judged)[pareto_front(xs[judged], sign * ys[judged])]]
 
 
 def _plt():
@@ -91,7 +103,8 @@ def _time_bars(ax, g: pd.DataFrame, column: str, colour) -> None:
 
 def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
                  floor: Optional[tuple[float, float]] = None, title: str = "", colours: Optional[dict] = None,
-                 off_scale=(), usable_max: Optional[float] = None) -> Optional[list[int]]:
+                 off_scale=(), usable_max: Optional[float] = None, higher_is_better: bool = False
+                 ) -> Optional[list[int]]:
     """Plot ``column`` against ``x`` (``time_total_s`` or ``nfe``, log scale), one line per solver entry.
 
     Args:
@@ -99,7 +112,8 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
         colours: solver label → colour (``solver_colours``); the default cycle when absent.
         off_scale: index labels of diverged cells: drawn as ▲ at the top edge, never setting the axis range.
         usable_max: the usable limit: drawn as a dash-dot line; the Pareto frontier is taken among the cells
-            at or below it.
+            at or below it (at or above it for a higher-is-better metric).
+        higher_is_better: a score such as an accuracy: the frontier is the highest value for its cost.
 
     Returns:
         The row positions (in ``df``) of the Pareto-optimal cells, or None when there is nothing to plot.
@@ -115,8 +129,8 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     lo, hi, log = _y_limits(ys, floor, usable_max) if len(ys) else (0.0, 1.0, False)
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
     _plot_solvers(ax, d, column, x, colours or {}, off, hi)
-    judged = ys <= usable_max if usable_max is not None else np.ones(len(ys), bool)
-    front = np.flatnonzero(judged)[pareto_front(xs[judged], ys[judged])]
+    labels = usable_front(d, column, x, off, usable_max, higher_is_better)
+    front = np.asarray([inside.index.get_loc(i) for i in labels], dtype=int)
     if len(front):
         ax.step(xs[front], ys[front], where="post", color="k", lw=0.8, ls="--", alpha=0.7)
         ax.scatter(xs[front], ys[front], s=90, facecolors="none", edgecolors="k", lw=1.1,
@@ -128,7 +142,7 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     ax.set_ylim(lo, hi)
     ax.set_xlabel({"time_total_s": "wall-clock per cell, s (log; median of passes, bars: fastest–slowest)",
                    "nfe": "NFE: model evaluations per sample (log)"}.get(x, x))
-    ax.set_ylabel(f"{label} (lower is better)")
+    ax.set_ylabel(f"{label} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="best")
@@ -136,7 +150,7 @@ def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return [int(inside.index[i]) for i in front]
+    return labels
 
 
 def _mark_limits(ax, floor, usable_max) -> None:

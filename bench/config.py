@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 from . import metrics as M
 from .autobatch import parse_batch_size
-from .plan import SolverSpec, UsageError, check_seed, parse_assignment, parse_solvers, parse_steps
+from .plan import SolverSpec, UsageError, check_seed, parse_assignment, parse_guidance, parse_solvers, parse_steps
 from .results import safe_filename
 
 __all__ = ["SweepConfig", "make_config", "parse_repeats", "network_setting"]
@@ -55,6 +55,7 @@ class SweepConfig:
     cache_dir: Optional[str] = None
     inception_weights: Optional[str] = None
     resnet20_weights: Optional[str] = None
+    guidance: tuple[float, ...] = ()  # classifier-free guidance scales (class-conditional models; () otherwise)
 
     @property
     def model_kwargs(self) -> dict:
@@ -85,6 +86,7 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         UsageError: a bad step list, solver, option, size, seed, repeat count or metric (with the valid choices).
     """
     steps = parse_steps(args.steps)
+    guidance = parse_guidance(getattr(args, "guidance", None), card)
     specs = parse_solvers(args.solvers, args.solver_opt)
     num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
     try:
@@ -93,6 +95,7 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         raise UsageError(str(e)) from None
     _check_sizes(num_samples, args.reference_size, world)
     check_seed(args.seed)
+    _check_conditional_fast_paths(args, card)
     return SweepConfig(
         model=card.name, specs=tuple(specs), steps=tuple(steps), spacing=args.spacing,
         metrics=tuple(_metric_keys(args.metric, card)), model_options=_model_options(args),
@@ -101,7 +104,18 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         out_dir=Path(args.out or Path("runs") / safe_filename(card.name)), rng=args.rng, autocast=args.autocast,
         channels_last=args.channels_last, compile=args.compile, cuda_graph=args.cuda_graph, force=args.force,
         quiet=args.quiet, no_report=args.no_report, save_samples=args.save_samples, cache_dir=args.cache_dir,
-        inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights)
+        inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights, guidance=guidance)
+
+
+def _check_conditional_fast_paths(args: argparse.Namespace, card) -> None:
+    """Refuse --compile / --cuda-graph for a class-conditional model: each batch is conditioned on its own labels
+    (``card.condition``), a new network call that they would compile or capture again for every batch."""
+    if card.num_classes and (args.compile or args.cuda_graph):
+        flag = "--compile" if args.compile else "--cuda-graph"
+        raise UsageError(f"{flag} cannot be used with {card.name}: a class-conditional model is conditioned on "
+                         "each batch's labels (card.condition), a new network call per batch that "
+                         f"{flag} would compile or capture again for every batch, inside the timing; run it "
+                         "without --compile / --cuda-graph (--autocast and --channels-last apply)")
 
 
 def _check_sizes(num_samples: int, reference_size: Optional[int], world: int) -> None:

@@ -1,4 +1,5 @@
-"""Quality measures: Fréchet distance, sliced Wasserstein distance, error against the exact ODE solution.
+"""Quality measures: Fréchet distance, sliced Wasserstein distance, error against the exact ODE solution, and the
+class accuracy of a class-conditional MNIST model's samples.
 
 The functions here are plain numerics on NumPy arrays (float64).  Which measure fits which model, its
 label in reports and how its per-sample features are made lives in :data:`METRICS`; the feature
@@ -13,6 +14,7 @@ import numpy as np
 
 __all__ = ["frechet_distance", "gaussian_statistics", "frechet_distance_features", "sliced_wasserstein",
            "projections", "rmse", "MetricSpec", "DataDistance", "ExactODEError", "FeatureFrechet", "MnistFrechet",
+           "ClassAccuracy",
            "MNIST_REFERENCES", "METRICS",
            "available_metrics", "get_metric", "default_metrics", "metrics_for", "check_metrics"]
 
@@ -130,6 +132,9 @@ class MetricSpec:
         deterministic_only: only defined for deterministic solvers (NaN with a note otherwise).
         source: the per-sample features a cell provides for it (``"data"``: the flattened samples;
             ``"ode_error"``: squared errors against the exact ODE; else image features under this key).
+        higher_is_better: False for a distance or an error (the default), True for a score such as an accuracy;
+            reports rank the cells by the distance from ``ideal``.
+        ideal: the best value the metric can take (0 for a distance, 1 for an accuracy).
     """
 
     key: str
@@ -139,6 +144,8 @@ class MetricSpec:
     needs_exact_ode: bool = False
     deterministic_only: bool = False
     source: str = "data"
+    higher_is_better: bool = False
+    ideal: float = 0.0
 
     def value(self, features: np.ndarray, reference) -> float:
         """The metric of a cell from its per-sample ``features`` and the reference for ``source``."""
@@ -157,6 +164,9 @@ class MetricSpec:
                     f"{'n' if card.kind[0] in 'aeiou' else ''} {card.kind} model")
         if self.needs_exact_ode and card.exact_ode is None:
             return f"it needs an exact ODE solution, which {card.name} does not have"
+        if self.needs_exact_ode and card.num_classes:
+            return (f"{card.name} is class-conditional and its cells are guided: the card's exact ODE is not that of "
+                    "the guided model (ref_error solves the guided ODE itself)")
         return None
 
 
@@ -264,6 +274,40 @@ class MnistFrechet(FeatureFrechet):
                 f"sd of {draws} draws)")
 
 
+@dataclass(frozen=True)
+class ClassAccuracy(MetricSpec):
+    """The fraction of a class-conditional MNIST model's samples that the project's MNIST classifier
+    (:mod:`pretrained.mnist_classifier`) assigns to the class they were generated for (sample i: class
+    i mod 10, :func:`bench.plan.sample_labels`); higher is better.  Its noise floor is the classifier's own
+    accuracy on held-out MNIST images with their true labels (98.55 % on all 2,000): what perfect samples
+    would score."""
+
+    source: str = "class_accuracy"
+    higher_is_better: bool = True
+    ideal: float = 1.0
+
+    def unfit_reason(self, card) -> Optional[str]:
+        if card.kind in self.kinds:
+            shape = tuple(card.data_shape or card.sample_shape)
+            if not card.num_classes:
+                return f"it is for class-conditional models and {card.name} is unconditional"
+            if shape != (1, 28, 28) or card.num_classes != 10:
+                return (f"it is for MNIST-like models (1×28×28 images, 10 classes: the MNIST classifier's) and "
+                        f"{card.name} makes {'×'.join(map(str, shape))} images of {card.num_classes} classes")
+        return super().unfit_reason(card)
+
+    def value(self, features, reference) -> float:
+        return float(np.mean(features))
+
+    @staticmethod
+    def reference_note(n_ref: int, n: int, draws: int) -> str:
+        """How the noise floor was made (for reports)."""
+        how = "random subsets" if n <= n_ref else "drawn with replacement"
+        return (f"fraction of samples the MNIST classifier assigns to their label (sample i: class i mod 10); the "
+                f"noise floor is the classifier's accuracy on {n:,} of the {n_ref:,} held-out MNIST images with "
+                f"their true labels ({how}; mean ± sd of {draws} draws); higher is better")
+
+
 METRICS: dict[str, MetricSpec] = {m.key: m for m in (
     DataDistance("fd_data", "FD (data space)", ("analytic", "points"),
                  "Fréchet distance between the samples and exact data samples, in data space",
@@ -290,6 +334,9 @@ METRICS: dict[str, MetricSpec] = {m.key: m for m in (
                  "Fréchet distance in the 128-d penultimate features of the project's MNIST classifier against "
                  "the 2,000 held-out MNIST test images (MNIST models only; offline; not comparable with FID)",
                  source="fd_mnist"),
+    ClassAccuracy("class_accuracy", "class accuracy (MNIST classifier)", ("image",),
+                  "the fraction of samples the project's MNIST classifier assigns to the label they were "
+                  "generated for (class-conditional MNIST models; higher is better)"),
 )}
 
 
@@ -317,16 +364,17 @@ def default_metrics(card) -> list[str]:
     Analytic and point models: every exact measure that fits.  Image models: FID when the card's reference
     is the standard FID reference (CIFAR-10 train: the paper protocol), otherwise FD with the offline
     ResNet-20 features — an Inception FID against another reference would not be the FID anyone publishes.
-    The project's own MNIST models (reference ``mnist-heldout``): FD in the MNIST classifier's features.
+    The project's own MNIST models (reference ``mnist-heldout``): FD in the MNIST classifier's features, and for
+    a class-conditional one the class accuracy of its samples too.
     A model with no data and no exact solution (your own, with no reference): the error against a reference
     solution of its own ODE.  ``ref_error`` is otherwise asked for by name (it costs a long solve).
     """
     fits = metrics_for(card)
     if card.kind == "image" and card.reference == "mnist-heldout" and "fd_mnist" in fits:
-        return ["fd_mnist"]
+        return ["fd_mnist"] + (["class_accuracy"] if "class_accuracy" in fits else [])
     if card.kind == "image" and "fd_resnet20" in fits:
         return ["fid"] if card.reference == "cifar10-train" else ["fd_resnet20"]
-    chosen = [k for k in fits if k not in ("ref_error", "fid", "fd_resnet20", "fd_mnist")]
+    chosen = [k for k in fits if k not in ("ref_error", "fid", "fd_resnet20", "fd_mnist", "class_accuracy")]
     return chosen or ["ref_error"]
 
 

@@ -9,12 +9,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
+
 import solvers
 from solvers import schedules
 
 from .results import cell_key, safe_filename
 
-__all__ = ["UsageError", "check_seed", "parse_steps", "parse_solvers", "parse_assignment", "SolverSpec", "Cell",
+__all__ = ["UsageError", "check_seed", "parse_steps", "parse_guidance", "sample_labels", "parse_solvers", "parse_assignment", "SolverSpec", "Cell",
            "default_spacing", "default_t_start", "plan_cells"]
 
 
@@ -44,6 +46,43 @@ def parse_steps(text: str) -> list[int]:
                              f"{p!r} is not one")
         out.append(int(p))
     return sorted(set(out))
+
+
+def parse_guidance(text: Optional[str], card) -> tuple[float, ...]:
+    """``--guidance`` for ``card``: '1,2,4' → (1.0, 2.0, 4.0), sorted; None → the card's ``default_guidance``
+    (w = 1, the conditional model alone, for a class-conditional card that names none); () for an
+    unconditional card, which has no guidance axis.
+
+    Raises:
+        UsageError: guidance given for an unconditional card, or an entry that is not a finite number ≥ 0, or
+            one given twice.
+    """
+    if text is None:
+        return (tuple(sorted(float(w) for w in card.default_guidance)) or (1.0,)) if card.num_classes else ()
+    if not card.num_classes:
+        raise UsageError(f"--guidance is classifier-free guidance of a class-conditional model; {card.name} is "
+                         "unconditional (its card has no num_classes / condition): leave --guidance out")
+    out = []
+    for part in str(text).split(","):
+        p = part.strip()
+        try:
+            w = float(p)
+        except ValueError:
+            w = float("nan")
+        if not math.isfinite(w) or w < 0:
+            raise UsageError(f"--guidance must be a comma-separated list of finite numbers ≥ 0 (e.g. 1,2,4; "
+                             f"1 = the conditional model alone, 0 = the unconditional one); {p!r} is not one")
+        if w in out:
+            raise UsageError(f"--guidance lists {w:g} twice ({text!r}); give each guidance scale once")
+        out.append(w)
+    return tuple(sorted(out))
+
+
+def sample_labels(start: int, stop: int, num_classes: int) -> torch.Tensor:
+    """The class labels of samples start … stop−1 of a run: sample i is generated for class i mod
+    ``num_classes`` — balanced, and the same whatever the batch size, the process split or the cells run (the
+    index i is the one that chooses the sample's seed)."""
+    return torch.arange(start, stop, dtype=torch.int64) % int(num_classes)
 
 
 def parse_value(text: str) -> Any:
@@ -144,7 +183,10 @@ SPACING_CHOICES = tuple(solvers.SPACINGS) + (OPTIMIZED,)
 
 @dataclass
 class Cell:
-    """One (solver, steps) point of the sweep, fully resolved before anything runs.
+    """One (solver, steps[, guidance]) point of the sweep, fully resolved before anything runs.
+
+    ``guidance`` is the classifier-free guidance scale w of a class-conditional model's cell (None for an
+    unconditional model: no guidance axis, and its cell ids and keys are those of a plain sweep).
 
     With ``--spacing optimized`` the cell's ``grid`` is its starting grid (``base_spacing``, the solver's
     default) until the sweep calibrates it (:func:`bench.sweep` replaces it by the optimised one)."""
@@ -162,11 +204,18 @@ class Cell:
     key: str
     base_spacing: Optional[str] = None
     calibration: Optional[dict] = None  # the optimisation's record (grids, errors, cost), once calibrated
+    guidance: Optional[float] = None
 
     @property
     def cell_id(self) -> str:
         """A file-name-safe, human-readable id (unique within a results directory)."""
-        return f"{safe_filename(self.label)}-s{self.steps}-{self.spacing}-{self.key[:6]}"
+        w = "" if self.guidance is None else f"-w{self.guidance:g}"
+        return f"{safe_filename(self.label)}-s{self.steps}{safe_filename(w)}-{self.spacing}-{self.key[:6]}"
+
+    @property
+    def name(self) -> str:
+        """The cell as a reader names it: "heun × 5 steps" (", w = 3" under guidance)."""
+        return f"{self.label} × {self.steps} steps" + ("" if self.guidance is None else f", w = {self.guidance:g}")
 
 
 def default_spacing(card, schedule, solver: str, steps: int) -> tuple[str, str]:
@@ -207,8 +256,10 @@ def default_t_start(schedule, solver: str) -> Optional[float]:
     return None
 
 
-def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: Optional[str]) -> list[Cell]:
-    """Resolve every cell (grid, options, declared NFE) so that bad combinations fail before any sampling.
+def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: Optional[str],
+               guidance: Sequence[float] = ()) -> list[Cell]:
+    """Resolve every cell (grid, options, declared NFE) so that bad combinations fail before any sampling: one per
+    solver × steps, × each ``guidance`` scale for a class-conditional model.
 
     Raises:
         UsageError: a grid or solver that does not fit the model (the message names the cell).
@@ -239,10 +290,12 @@ def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: 
             base = sp if spacing == OPTIMIZED else None
             if base is not None:
                 sp, note = OPTIMIZED, f"optimized for this model from the {base} grid ({note})"
-            cells.append(Cell(label=spec.label, solver=spec.name, options=options, steps=n, spacing=sp,
-                              spacing_note=note, t_start=t_start, grid=grid, nfe_declared=slv.nfe(grid, model.schedule.t_zero),
-                              deterministic=not slv.is_stochastic,
-                              key=cell_key(card.name, spec.name, options, n, sp, t_start), base_spacing=base))
+            for w in (guidance or [None]):
+                cells.append(Cell(label=spec.label, solver=spec.name, options=options, steps=n, spacing=sp,
+                                  spacing_note=note, t_start=t_start, grid=grid,
+                                  nfe_declared=slv.nfe(grid, model.schedule.t_zero), deterministic=not slv.is_stochastic,
+                                  key=cell_key(card.name, spec.name, options, n, sp, t_start, guidance=w),
+                                  base_spacing=base, guidance=w))
     return cells
 
 

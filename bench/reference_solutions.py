@@ -10,7 +10,8 @@ differs from it by about 7× its error (third order: 2³ − 1), and that estima
 
 Cost: (REF_STEPS + REF_STEPS / 2) model calls per sample, once per distinct (grid start, grid end) of the
 sweep; the solutions are cached in ``OUT/reference_solutions/`` keyed by a hash of x_T, the time range, the
-model and the run settings, so a resumed or extended sweep reuses them.
+model and the run settings — and, for a class-conditional model, the guidance scale and the labels, whose guided
+ODE it solves — so a resumed or extended sweep reuses them.
 """
 from __future__ import annotations
 
@@ -44,30 +45,47 @@ class ReferenceSolutions:
         identity: what else makes a solution differ (model name and options, dtype, network setting, …).
         batch_size: rows per solver call.
         say: called with one line before a long solve.
+        condition: for a class-conditional model, ``condition(model, labels, guidance) -> DiffusionModel`` (the
+            card's): a solve with labels integrates the guided ODE, conditioned batch by batch.
     """
 
     def __init__(self, model: solvers.DiffusionModel, out_dir: Optional[Path], identity: dict, batch_size: int,
-                 say: Callable[[str], None] = lambda text: None):
+                 say: Callable[[str], None] = lambda text: None, condition: Optional[Callable] = None):
         self.model, self.out_dir, self.batch_size, self.say = model, out_dir, int(batch_size), say
+        self.condition = condition
         self.identity = json.dumps(identity, sort_keys=True, default=str)
         self._memory: dict = {}
 
-    def solve(self, x_T: torch.Tensor, grid) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, x_T: torch.Tensor, grid, labels: Optional[torch.Tensor] = None,
+              guidance: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
         """(solution, estimated error) for ``x_T`` over the cell grid ``grid``, each flattened to (n, D): the
-        REF_STEPS solution and (half-step solution − it) / (2**ORDER − 1), its error estimate per coordinate."""
+        REF_STEPS solution and (half-step solution − it) / (2**ORDER − 1), its error estimate per coordinate.
+        With ``guidance``: of the ODE guided at that scale towards ``labels`` (one per row of x_T).
+
+        Raises:
+            ValueError: guidance without labels (one per row) or without a ``condition``.
+        """
+        if guidance is not None and (self.condition is None or labels is None or len(labels) != len(x_T)):
+            raise ValueError(f"a guided reference solution needs the model's condition and one label per start "
+                             f"point ({len(x_T)}); got condition={self.condition!r}, "
+                             f"labels={None if labels is None else len(labels)}")
+        cond = None if guidance is None else (labels.detach().cpu().to(torch.int64), float(guidance))
         sched = self.model.schedule
         to_zero = float(sched.sigma(torch.tensor([float(grid[-1])], dtype=torch.float64))[0]) == 0.0
         t_from, t_last = float(grid[0]), float(grid[-1])
         if to_zero:  # the ODE's end point at σ = 0: solved down to the schedule's smallest usual level, then denoised
             t_last = min(float(grid[-2]), float(sched.default_t_end))
-        key = self._key(x_T, t_from, t_last, to_zero)
+        key = self._key(x_T, t_from, t_last, to_zero, cond)
         if key not in self._memory:
-            self._memory[key] = self._cached(key) or self._compute(key, x_T, t_from, t_last, to_zero)
+            self._memory[key] = self._cached(key) or self._compute(key, x_T, t_from, t_last, to_zero, cond)
         return self._memory[key]
 
-    def _key(self, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool) -> str:
+    def _key(self, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool, cond=None) -> str:
         h = hashlib.sha256()
         h.update(x_T.detach().cpu().contiguous().numpy().tobytes())
+        if cond is not None:  # the guided ODE: its labels and scale (an unconditional key is as it always was)
+            h.update(cond[0].numpy().tobytes())
+            h.update(f"guidance={cond[1]!r}".encode())
         h.update(json.dumps([list(x_T.shape), str(x_T.dtype), repr(t_from), repr(t_last), to_zero, REF_SOLVER,
                              REF_STEPS, self.identity]).encode())
         return h.hexdigest()[:32]
@@ -82,13 +100,13 @@ class ReferenceSolutions:
         with np.load(path, allow_pickle=False) as z:
             return z["solution"], z["error"]
 
-    def _compute(self, key: str, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool):
+    def _compute(self, key: str, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool, cond=None):
         n = x_T.shape[0]
         self.say(f"ref_error's reference: {REF_SOLVER} with {REF_STEPS} and {REF_STEPS // 2} log-SNR steps from "
                  f"t = {t_from:.4g} to {t_last:.4g}{' then to σ = 0' if to_zero else ''} for {n:,} start points "
                  f"({(REF_STEPS + REF_STEPS // 2) * n:,} model calls; cached in {self._path(key) or 'memory'})")
-        fine = self._integrate(x_T, REF_STEPS, t_from, t_last, to_zero)
-        coarse = self._integrate(x_T, REF_STEPS // 2, t_from, t_last, to_zero)
+        fine = self._integrate(x_T, REF_STEPS, t_from, t_last, to_zero, cond)
+        coarse = self._integrate(x_T, REF_STEPS // 2, t_from, t_last, to_zero, cond)
         out = fine, (coarse - fine) / (2 ** ORDER - 1)
         path = self._path(key)
         if path is not None:
@@ -97,12 +115,14 @@ class ReferenceSolutions:
             atomic_write_bytes(path, buf.getvalue())
         return out
 
-    def _integrate(self, x_T: torch.Tensor, steps: int, t_from: float, t_last: float, to_zero: bool) -> np.ndarray:
+    def _integrate(self, x_T: torch.Tensor, steps: int, t_from: float, t_last: float, to_zero: bool,
+                   cond=None) -> np.ndarray:
         grid = solvers.make_grid(self.model.schedule, steps, spacing="logsnr", t_start=t_from, t_end=t_last,
                                  denoise_to_zero=to_zero)
         parts = []
         for b in range(0, x_T.shape[0], self.batch_size):
-            res = solvers.sample(self.model, x_T[b:b + self.batch_size], solver=REF_SOLVER, timesteps=grid,
-                                 timing=False)
+            model = self.model if cond is None else \
+                self.condition(self.model, cond[0][b:b + self.batch_size].to(x_T.device), cond[1])
+            res = solvers.sample(model, x_T[b:b + self.batch_size], solver=REF_SOLVER, timesteps=grid, timing=False)
             parts.append(res.samples.detach().to(torch.float64).reshape(res.samples.shape[0], -1).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, int(np.prod(x_T.shape[1:]))))

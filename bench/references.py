@@ -54,6 +54,7 @@ class Evaluator:
         self.notes: dict = {}
         self._exact_cache: dict = {}
         self.solutions: Optional[ReferenceSolutions] = None
+        self.classifier = None  # class_accuracy's judge (the project's MNIST classifier)
 
     def prepare(self, n: int) -> None:
         """Build the feature extractors (every rank) and the reference statistics (rank 0).
@@ -65,6 +66,8 @@ class Evaluator:
             self._prepare_images(n)
         if self.dist.main and "data" in self.sources:
             self._prepare_data(n)
+        if "class_accuracy" in self.sources:
+            self._prepare_classifier(n)
         for spec in self.specs:
             if isinstance(spec, M.ExactODEError):
                 self.notes[spec.key] = spec.note
@@ -76,7 +79,7 @@ class Evaluator:
                     self.model, self.cfg.out_dir, {"model": self.cfg.model, "options": self.cfg.model_options_json(),
                                                    "dtype": self.cfg.dtype, "network": self.cfg.network,
                                                    "device": torch.device(self.device).type},
-                    self.cfg.batch_size, say=self.say)
+                    self.cfg.batch_size, say=self.say, condition=self.card.condition)
 
     def _prepare_images(self, n: int) -> None:
         from .features import create_extractor
@@ -125,10 +128,43 @@ class Evaluator:
                 self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
                 self.notes[spec.key] = spec.reference_note(n, n_ref, FLOOR_DRAWS)
 
+    def _prepare_classifier(self, n: int) -> None:
+        """The MNIST classifier (every rank) and, on rank 0, class_accuracy's noise floor: its accuracy on n of the
+        held-out images with their true labels, over FLOOR_DRAWS draws (with replacement where n > 2,000)."""
+        from pretrained.mnist_classifier import load_mnist_classifier
+        from pretrained.mnist_data import mnist_split
+
+        from .datasets import ReferenceDataError
+        spec = next(s for s in self.specs if s.source == "class_accuracy")
+        self.classifier = load_mnist_classifier(device=self.device)
+        if not self.dist.main:
+            return
+        try:
+            images, labels = mnist_split("heldout")
+        except (FileNotFoundError, ValueError) as e:
+            raise ReferenceDataError(f"class_accuracy's noise floor needs the held-out MNIST images: {e}") from None
+        right = (self._classify(images.expand(-1, 3, -1, -1)) == labels.numpy()).astype(np.float64)
+        rng = np.random.default_rng(1_000_000_007 + self.cfg.seed)
+        draws = [right[rng.choice(len(right), size=n, replace=n > len(right))].mean() for _ in range(FLOOR_DRAWS)]
+        self.floors[spec.key] = [float(np.mean(draws)), float(np.std(draws, ddof=1))]
+        self.notes[spec.key] = spec.reference_note(len(right), n, FLOOR_DRAWS)
+
+    def _classify(self, images: torch.Tensor) -> np.ndarray:
+        """The MNIST classifier's class of each uint8 (N, 3, 28, 28) image (grey: the channels' mean, as in
+        fd_mnist's feature extractor)."""
+        out = []
+        with torch.no_grad():
+            for b in range(0, len(images), 500):
+                grey = images[b:b + 500].to(self.device, torch.float32).mean(dim=1, keepdim=True) / 255.0
+                out.append(self.classifier(grey)[1].argmax(dim=1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
     def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor,
-              latents: Optional[torch.Tensor] = None) -> dict:
+              latents: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
         """This rank's features for every metric's source (arrays with one row per sample) and a preview.
-        ``latents``: for a latent model, the ODE's own state before decoding (what ref_error compares)."""
+        ``latents``: for a latent model, the ODE's own state before decoding (what ref_error compares);
+        ``labels``: for a class-conditional model, the class of each sample (class_accuracy, and the guided
+        ODE that ref_error solves)."""
         out: dict = {}
         n = samples.shape[0]
         if self.image:
@@ -140,11 +176,13 @@ class Evaluator:
                     out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
                                                         batch_size=self.cfg.batch_size, progress=self.progress)
             out["preview"] = images[:PREVIEW_IMAGES].numpy()
+            if self.classifier is not None:
+                out["class_accuracy"] = (self._classify(images) == labels.numpy()).astype(np.float64)
         def as_rows(t: torch.Tensor):
             return t.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
 
         if self.solutions is not None and cell.deterministic:
-            solution, error = self.solutions.solve(x_T, cell.grid)
+            solution, error = self.solutions.solve(x_T, cell.grid, labels=labels, guidance=cell.guidance)
             out["ref_error"] = ((as_rows(samples if latents is None else latents) - solution) ** 2).mean(axis=1)
             out["ref_error_own"] = (error ** 2).mean(axis=1)
         if self.image:  # image metrics work on the uint8 images: no float64 copy of the samples

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .charts import solver_colours
-from .report_analysis import judge_metric, observations
+from .report_analysis import has_guidance, judge_metric, observations
 from .report_answer import point_magnitude, recommendation_section
 from .report_doc import Doc, fmt
 from .report_sections import (ReportInput, charts_section, environment_section, metrics_section,
@@ -49,7 +49,8 @@ def _read_input(out_dir: Path) -> ReportInput:
     if df.empty:
         raise FileNotFoundError(f"{out_dir / RESULTS_CSV} has no rows yet")
     ref_info = load_reference_info(out_dir)
-    df = df.sort_values(["solver_label", "steps"], kind="stable").reset_index(drop=True)
+    order = ["guidance", "solver_label", "steps"] if has_guidance(df) else ["solver_label", "steps"]
+    df = df.sort_values(order, kind="stable").reset_index(drop=True)
     keys = [c[len(METRIC_PREFIX):] for c in metric_columns(df)]
     labels = {}
     for s in df["metric_labels"].dropna():

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .report_analysis import (OFF_SCALE_GAP, USABLE_FACTOR, MetricVerdict, best_per_budget, budget_timing_note,
+from .report_analysis import (LOSS, OFF_SCALE_GAP, USABLE_FACTOR, MetricVerdict, best_per_budget, budget_timing_note,
                               floor_distance, times_overlap, timing_summary)
 from .report_doc import Doc, cell_name, fmt, fmt_time, fmt_timed, plural
 
@@ -28,12 +28,13 @@ def _cost(r) -> str:
 def _headline(v: MetricVerdict, n: int) -> str:
     """The answer in two sentences: the cheapest cell at the noise floor, and the best cell."""
     vals = v.d[v.column].astype(float)
-    best = v.d.loc[vals.drop(index=v.off_scale).idxmin()]
+    best = v.best()
     txt = (f"**On {v.label}** ({n:,} samples per cell; time = wall-clock for all of them): the best cell is "
            f"**{cell_name(best)}** ({fmt(best[v.column])}, {floor_distance(float(best[v.column]), v.floor)}; "
            f"{_cost(best)}).")
     if v.floor is not None and v.floor[1] > 0:
-        at_floor = v.d[(vals <= v.floor[0] + v.floor[1]) & ~v.d.index.isin(v.off_scale)]
+        within = vals >= v.floor[0] - v.floor[1] if v.higher else vals <= v.floor[0] + v.floor[1]
+        at_floor = v.d[within & ~v.d.index.isin(v.off_scale)]
         if len(at_floor):
             cheap = at_floor.sort_values(["time_total_s", "nfe"]).iloc[0]
             ties = [cell_name(r) for _, r in at_floor.iterrows() if r.name != cheap.name and times_overlap(r, cheap)]
@@ -63,7 +64,7 @@ def _budget_table(doc: Doc, v: MetricVerdict, x: str, unit: str) -> None:
         val = float(r[v.column])
         note = budget_timing_note(v, b, r) if x == "time_total_s" else ""
         rows.append([budget, f"{cell_name(r)} ({r['spacing']}; {_cost(r)})", fmt(val),
-                     floor_distance(val, v.floor), "yes" if val <= v.limit else "no"]
+                     floor_distance(val, v.floor), "yes" if v.is_usable(val) else "no"]
                     + ([f"⚠ {note}" if note else "–"] if x == "time_total_s" else []))
     if rows:
         doc.table([unit, "best cell within it", v.label, "vs noise floor", "usable"]
@@ -83,7 +84,7 @@ def _pareto_words(v: MetricVerdict, front: list, x: str, what: str) -> str:
     txt = f"By {what}: " + (" → ".join(steps) if steps else "no usable cell") + "."
     if front:
         first = float(d.loc[front[0], x])
-        cheaper = d[(d[x].astype(float) < first) & (d[v.column].astype(float) > v.limit)]
+        cheaper = d[(d[x].astype(float) < first) & (d[LOSS].astype(float) > v.limit)]
         if len(cheaper):
             worst = cheaper.sort_values(x).iloc[0]
             txt += (f" The {plural(len(cheaper), 'cheaper cell')} (from {cell_name(worst)}, "
@@ -131,7 +132,9 @@ def recommendation_section(doc: Doc, verdicts: list[MetricVerdict], fronts: dict
         return
     doc.p(_headline(v, n))
     doc.p(f"**Usable** means a metric value at most {USABLE_FACTOR:g}× the larger of the best cell's value and "
-          f"the noise floor (here {v.label} ≤ {fmt(v.limit, 3)}); cells above it are shown as evidence but never "
+          f"the noise floor (here {v.label} {v.bound_words()}"
+          + (f": for this higher-is-better metric, on the shortfall from {fmt(v.ideal)}" if v.higher else "")
+          + f"); cells {'beyond' if v.higher else 'above'} it are shown as evidence but never "
           f"recommended. **Diverged** (drawn off-scale on the charts) means more than {OFF_SCALE_GAP:g}× above every "
           "cell below it, at the widest gap in the upper half of the values.")
     how, unstable = timing_summary(df)
@@ -156,14 +159,13 @@ def recommendation_section(doc: Doc, verdicts: list[MetricVerdict], fronts: dict
 
 
 def _other_metric_line(v: MetricVerdict) -> str:
-    vals = v.d[v.column].astype(float).drop(index=v.off_scale)
-    best = v.d.loc[vals.idxmin()]
+    best = v.best()
     usable = v.usable.sort_values(["time_total_s", "nfe"])
     txt = (f"{v.label}: best {cell_name(best)} ({fmt(best[v.column])}, "
            f"{floor_distance(float(best[v.column]), v.floor)})")
     if len(usable):
         c = usable.iloc[0]
-        txt += f"; cheapest usable (≤ {fmt(v.limit, 3)}): {cell_name(c)} ({fmt(c[v.column])}, {_cost(c)})"
+        txt += f"; cheapest usable ({v.bound_words()}): {cell_name(c)} ({fmt(c[v.column])}, {_cost(c)})"
     return txt + "."
 
 

@@ -58,8 +58,10 @@ def plural(n, word: str, words: str = "") -> str:
 
 
 def cell_name(row) -> str:
-    """A cell as a reader names it: "heun × 2 steps"."""
-    return f"{row['solver_label']} × {plural(int(row['steps']), 'step')}"
+    """A cell as a reader names it: "heun × 2 steps" (", w = 3" for a guided cell)."""
+    w = row.get("guidance") if hasattr(row, "get") else None
+    guided = w is not None and isinstance(w, (int, float, np.number)) and math.isfinite(float(w))
+    return f"{row['solver_label']} × {plural(int(row['steps']), 'step')}" + (f", w = {float(w):g}" if guided else "")
 
 
 def _inline_html(text: str) -> str:

@@ -11,9 +11,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .charts import metric_chart, sample_panels
-from .report_analysis import MetricVerdict, observations, timing_summary
-from .report_doc import Doc, fmt, fmt_time, fmt_timed, plural
+from .charts import metric_chart, sample_panels, usable_front
+from .report_analysis import MetricVerdict, has_guidance, observations, timing_summary
+from .report_doc import Doc, cell_name, fmt, fmt_time, fmt_timed, plural
 from .results import (METRIC_PREFIX, RUN_SETTING_DEFAULTS, THREADS_SUFFIX, load_preview, row_threads, row_timing,
                       safe_filename)
 
@@ -107,6 +107,15 @@ def setup_section(doc: Doc, ri: ReportInput) -> None:
         doc.p(f"**Latent model:** the samples are latents decoded by {decoder}; each cell's time includes the "
               f"decoding, timed apart in the *decode s* column (median {fmt_time(float(decode.median()))} s per "
               "cell); sampling alone is model s + solver s.")
+    if has_guidance(df):
+        classes = ri.card.get("num_classes") or "C"
+        scales = ", ".join(f"{w:g}" for w in sorted(pd.to_numeric(df["guidance"], errors="coerce").dropna().unique()))
+        doc.p(f"**Classifier-free guidance:** every cell is sampled at one guidance scale w ({scales}): the network "
+              "output is out_u + w·(out_c − out_u) (w = 1: the conditional model alone, 0: the unconditional one). "
+              f"**Labels:** sample i (the same index that chooses its seed) is generated for class i mod {classes} — "
+              "balanced, and the same whatever the batch size or the number of processes. NFE counts model calls "
+              "per sample; *rows* counts the network batch rows per sample, twice the NFE at w ∉ {0, 1} (the "
+              "conditional and unconditional branches run in one batch); the times are measured either way.")
     doc.p("Produced by:")
     doc.code("\n".join(dict.fromkeys(df["command"].dropna().astype(str))))
 
@@ -148,7 +157,9 @@ def results_section(doc: Doc, ri: ReportInput) -> None:
     df, keys = ri.df, ri.keys
     doc.h(2, "Results")
     decoded = _decode_seconds(df) is not None
-    header = ["solver", "options", "steps", "spacing", "NFE", "time s", "passes", "model s", "solver s"] \
+    guided = has_guidance(df)
+    header = ["solver", "options", "steps"] + (["guidance"] if guided else []) + ["spacing", "NFE"] \
+        + (["rows"] if guided else []) + ["time s", "passes", "model s", "solver s"] \
         + (["decode s"] if decoded else []) + ["ms/sample"] + [ri.labels.get(k, k) for k in keys] + ["status"]
     rows, off = [], ri.off_scale
     for i, r in df.iterrows():
@@ -156,7 +167,9 @@ def results_section(doc: Doc, ri: ReportInput) -> None:
         opts = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
         columns = ("time_model_s", "time_solver_s") + (("time_decode_s",) if decoded else ()) + ("time_per_sample_ms",)
         times = [fmt_timed(r), row_timing(r)[3]] + [fmt_time(r[c]) for c in columns]
-        rows.append([r["solver_label"], opts, int(r["steps"]), r["spacing"], r["nfe"], *times]
+        guidance = [r["guidance"]] if guided else []
+        net_rows = [r.get("network_rows", float("nan"))] if guided else []
+        rows.append([r["solver_label"], opts, int(r["steps"]), *guidance, r["spacing"], r["nfe"], *net_rows, *times]
                     + [r[METRIC_PREFIX + k] for k in keys] + [r["status"] + (" (diverged)" if i in off else "")])
     how, unstable = timing_summary(df)
     doc.p(how)
@@ -166,8 +179,7 @@ def results_section(doc: Doc, ri: ReportInput) -> None:
     failed = df[df["status"] != "ok"]
     if not failed.empty:
         doc.h(3, "Failed cells")
-        doc.bullets([f"{r['solver_label']} × {plural(int(r['steps']), 'step')}: {r['error']}"
-                     for _, r in failed.iterrows()])
+        doc.bullets([f"{cell_name(r)}: {r['error']}" for _, r in failed.iterrows()])
     spacing_notes = sorted({f"{r['solver_label']}: {r['spacing']} — {r['spacing_note']}" for _, r in df.iterrows()})
     doc.p("Time grids: " + "; ".join(spacing_notes) + ".")
     _optimized_grids(doc, df)
@@ -195,25 +207,38 @@ def _optimized_grids(doc: Doc, df: pd.DataFrame) -> None:
     doc.table(["solver", "steps", "default grid", "optimized grid", "calibration error", "cost (calls)"], rows)
 
 
+def _guidance_parts(df: pd.DataFrame) -> list[tuple[Optional[float], pd.DataFrame]]:
+    """[(None, df)] for an unconditional sweep; one (w, its cells) per guidance scale of a guided one."""
+    if not has_guidance(df):
+        return [(None, df)]
+    return [(float(w), g) for w, g in df.groupby("guidance", sort=True)]
+
+
 def charts_section(doc: Doc, ri: ReportInput) -> dict:
-    """Each metric against wall-clock and NFE. Returns {(metric key, x column): usable Pareto row labels}."""
+    """Each metric against wall-clock and NFE — one chart per guidance scale in a guided sweep (each scale
+    samples its own distribution). Returns {(metric key, x column): usable Pareto row labels over all cells}."""
     doc.h(2, "Charts")
     fronts = {}
     for v in ri.verdicts:
         for x, tag, what in (("time_total_s", "time", "wall-clock"), ("nfe", "nfe", "NFE")):
-            rel = f"figures/{v.key}_vs_{tag}.png"
-            front = metric_chart(ri.df, v.column, v.label, x, ri.out_dir / rel, floor=v.floor,
-                                 title=f"{ri.model}: {v.label} vs {what} (n = {ri.n:,})", colours=ri.colours,
-                                 off_scale=v.off_scale, usable_max=v.limit)
-            if front is None:
-                continue
-            fronts[(v.key, x)] = front
-            off = ", ".join(f"{ri.df.loc[i, 'solver_label']} × {int(ri.df.loc[i, 'steps'])}" for i in v.off_scale)
-            doc.img(rel, f"{v.label} against {what}; one colour per solver (the same in every chart), step counts "
-                         "beside the points; circled: the Pareto frontier among usable cells (below the dash-dot "
-                         "limit)" + ("; horizontal bars: each cell's fastest to slowest timed pass"
-                                     if x == "time_total_s" else "")
-                         + (f"; ▲ at the top edge: diverged, off-scale ({off})" if off else ""))
+            for w, part in _guidance_parts(ri.df):
+                suffix, at = ("", "") if w is None else (f"_w{safe_filename(f'{w:g}')}", f", guidance w = {w:g}")
+                rel = f"figures/{v.key}_vs_{tag}{suffix}.png"
+                front = metric_chart(part, v.column, v.label, x, ri.out_dir / rel, floor=v.floor,
+                                     title=f"{ri.model}: {v.label} vs {what}{at} (n = {ri.n:,})", colours=ri.colours,
+                                     off_scale=v.off_scale, usable_max=v.bound, higher_is_better=v.higher)
+                if front is None:
+                    continue
+                off = ", ".join(f"{ri.df.loc[i, 'solver_label']} × {int(ri.df.loc[i, 'steps'])}"
+                                for i in v.off_scale if i in part.index)
+                doc.img(rel, f"{v.label} against {what}{at}; one colour per solver (the same in every chart), step "
+                             "counts beside the points; circled: the Pareto frontier among usable cells ("
+                             f"{'above' if v.higher else 'below'} the dash-dot limit)"
+                             + ("; horizontal bars: each cell's fastest to slowest timed pass"
+                                if x == "time_total_s" else "")
+                             + (f"; ▲ at the top edge: diverged, off-scale ({off})" if off else ""))
+            if any(ri.df["status"] == "ok"):
+                fronts[(v.key, x)] = usable_front(ri.df, v.column, x, v.off_scale, v.bound, v.higher)
     return fronts
 
 
@@ -253,7 +278,9 @@ def _panel(ri: ReportInput, i, r, ref_max: Optional[float]) -> Optional[dict]:
     data, kind = ri.load_preview(r["cell_id"])
     if data is None:
         return None
-    panel = {"title": f"{plural(int(r['steps']), 'step')} (NFE {fmt(r['nfe'])})", "kind": kind, "data": data}
+    w = pd.to_numeric(pd.Series([r.get("guidance")]), errors="coerce").iloc[0]
+    at = "" if not np.isfinite(w) else f", w = {float(w):g}"
+    panel = {"title": f"{plural(int(r['steps']), 'step')}{at} (NFE {fmt(r['nfe'])})", "kind": kind, "data": data}
     if i in ri.off_scale:
         far = float(np.abs(data).max()) if kind == "points" else None
         panel["note"] = "diverged" + (f":\nsamples off-panel\n(|x| up to {fmt(far, 3)})"
@@ -267,7 +294,8 @@ def samples_section(doc: Doc, ri: ReportInput) -> None:
     ref_points, _ = ri.load_preview("reference")
     ref_max = float(np.abs(ref_points).max()) if ref_points is not None else None
     for solver, g in ri.df.groupby("solver_label", sort=False):
-        panels = [p for p in (_panel(ri, i, r, ref_max) for i, r in g.sort_values("steps").iterrows()) if p]
+        order = ["guidance", "steps"] if has_guidance(g) else ["steps"]
+        panels = [p for p in (_panel(ri, i, r, ref_max) for i, r in g.sort_values(order).iterrows()) if p]
         if not panels:
             continue
         safe = safe_filename(str(solver))
@@ -275,7 +303,8 @@ def samples_section(doc: Doc, ri: ReportInput) -> None:
         points = panels[0]["kind"] == "points"
         sample_panels(panels, ri.out_dir / rel, reference=ref_points if points else None,
                       title=f"{ri.model}: {solver}", colour=ri.colours.get(str(solver)))
-        doc.img(rel, f"{solver}: the first samples of each cell (the same seeds in every panel)"
+        doc.img(rel, f"{solver}: the first samples of each cell (the same seeds in every panel"
+                     + ("; sample i is of class i mod the number of classes" if has_guidance(g) else "") + ")"
                      + ("; grey: exact data" if points else ""))
 
 

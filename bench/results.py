@@ -73,7 +73,12 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
 
     Args:
         cell: the planned cell (``key``, ``cell_id``, ``solver``, ``label``, ``options``, ``deterministic``,
-            ``steps``, ``spacing``, ``spacing_note``, ``grid``, ``nfe_declared``).
+            ``steps``, ``spacing``, ``spacing_note``, ``grid``, ``nfe_declared``, ``guidance``: its
+            classifier-free guidance scale, None → NaN in the ``guidance`` column for an unconditional model).
+
+    ``nfe`` counts model calls per sample (as diffusers and papers do); ``network_rows`` the network batch rows
+    per sample (NFE × rows per call: twice the NFE under guidance w ∉ {0, 1}, which runs the conditional and
+    the unconditional branch in one batch).
         model, model_kind, reference: from the model card.
         changed_options: the solver options that differ from its defaults.
         run: ``num_samples``, ``batch_size``, ``seed``, ``device``, ``world_size``, ``reference_size``.
@@ -85,10 +90,13 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
            "error": "", "model": model, "model_kind": model_kind, "solver": cell.solver,
            "solver_label": cell.label, "solver_options": json.dumps(cell.options, sort_keys=True, default=str),
            "solver_options_changed": json.dumps(changed_options, sort_keys=True, default=str),
-           "deterministic": cell.deterministic, "steps": cell.steps, "spacing": cell.spacing,
+           "deterministic": cell.deterministic, "steps": cell.steps,
+           "guidance": float("nan") if getattr(cell, "guidance", None) is None else float(cell.guidance),
+           "spacing": cell.spacing,
            "spacing_note": cell.spacing_note, "t_start": cell.grid[0], "t_last_level": cell.grid[-2],
            "t_end": cell.grid[-1], "timesteps": json.dumps([float(t) for t in cell.grid]),
            "grid_calibration": json.dumps(getattr(cell, "calibration", None) or {}, default=str), "nfe": float("nan"), "nfe_declared": cell.nfe_declared,
+           "network_rows": float("nan"),
            "model_options": settings["model_options"],
            "num_samples": run["num_samples"], "batch_size": run["batch_size"], "seed": run["seed"],
            "dtype": settings["dtype"], "device": run["device"], "device_type": settings["device_type"],
@@ -109,11 +117,15 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
 
 # -- cell identity -----------------------------------------------------------------------------------------
 def cell_key(model: str, solver: str, options: dict, steps: int, spacing: str,
-             t_start: Optional[float] = None) -> str:
-    """A stable id of one sweep point: the model, the canonical solver with its options, steps, spacing and
-    the grid's start where it is not the schedule's t_max."""
-    blob = json.dumps({"model": model, "solver": solver, "options": options, "steps": int(steps),
-                       "spacing": spacing, "t_start": t_start}, sort_keys=True, default=str)
+             t_start: Optional[float] = None, guidance: Optional[float] = None) -> str:
+    """A stable id of one sweep point: the model, the canonical solver with its options, steps, spacing,
+    the grid's start where it is not the schedule's t_max, and the guidance scale of a class-conditional
+    model's cell (None — an unconditional model — leaves the key as it always was)."""
+    point = {"model": model, "solver": solver, "options": options, "steps": int(steps), "spacing": spacing,
+             "t_start": t_start}
+    if guidance is not None:
+        point["guidance"] = float(guidance)
+    blob = json.dumps(point, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -422,12 +434,24 @@ def save_preview(out_dir: os.PathLike, name: str, array: np.ndarray, kind: str) 
     atomic_write_bytes(Path(out_dir) / PREVIEWS / f"{name}.npz", buf.getvalue())
 
 
-def save_samples(out_dir: os.PathLike, name: str, samples: np.ndarray, value_range: tuple) -> Path:
+def save_samples(out_dir: os.PathLike, name: str, samples: np.ndarray, value_range: tuple,
+                 labels: Optional[np.ndarray] = None) -> Path:
     """Save every sample of a cell as ``samples/NAME.npz`` (arrays ``samples``: float32, one row per sample,
     e.g. (N, C, H, W) for images, in the model card's data scale as the solver returned them, not clipped;
-    ``value_range``: the card's data range, 2 floats), atomically; returns the path."""
+    ``value_range``: the card's data range, 2 floats; ``labels``, for a class-conditional model: int64 (N,),
+    the class each sample was generated for), atomically; returns the path.
+
+    Raises:
+        ValueError: labels that are not one per sample.
+    """
+    arrays = {"samples": np.asarray(samples, dtype=np.float32), "value_range": np.asarray(value_range, np.float64)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+        if arrays["labels"].shape != (len(arrays["samples"]),):
+            raise ValueError(f"labels must be one per sample, shape ({len(arrays['samples'])},); got "
+                             f"{arrays['labels'].shape}")
     buf = io.BytesIO()
-    np.savez(buf, samples=np.asarray(samples, dtype=np.float32), value_range=np.asarray(value_range, np.float64))
+    np.savez(buf, **arrays)
     path = Path(out_dir) / SAMPLES / f"{name}.npz"
     atomic_write_bytes(path, buf.getvalue())
     return path

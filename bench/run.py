@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=DEFAULTS["steps"],
                    help="comma-separated positive step counts (NFE is reported separately: Heun makes 2·steps−1 "
                         f"model calls; default: {DEFAULTS['steps']})")
+    p.add_argument("--guidance", default=None, metavar="W[,W…]",
+                   help="class-conditional models only: comma-separated classifier-free guidance scales w (finite, "
+                        "≥ 0, each once), a sweep axis: cells are solver × steps × guidance. The network output is "
+                        "out_u + w·(out_c − out_u) (diffusers' guidance_scale): w = 1 is the conditional model "
+                        "alone, 0 the unconditional one; w ∉ {0, 1} costs two network rows per sample per model "
+                        "call (NFE counts model calls, the network_rows column the rows). Sample i is generated "
+                        "for class i mod (number of classes). Default: the card's default_guidance (1 if it names "
+                        "none); an error for an unconditional model")
     p.add_argument("--solver-opt", action="append", default=[], metavar="[SOLVER.]OPT=VAL",
                    help="a solver option passed through (repeatable), e.g. eta=0.5 (every listed solver that has "
                         "it) or ddpm.variance=large (that solver only)")
@@ -123,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"run seed (default 0): sample j uses seed SEED·{SEED_STRIDE}+j in every cell")
     p.add_argument("--metric", default=None,
                    help="comma-separated metrics (default per model: analytic → fd_data,swd,ode_error; "
-                        "ddpm_cifar → fid; other image models → fd_resnet20); valid: "
+                        "ddpm_cifar → fid; the project's MNIST models → fd_mnist, and class_accuracy for "
+                        "class-conditional ones; other image models → fd_resnet20); valid: "
                         + "; ".join(f"{k}: {m.description}" for k, m in M.METRICS.items()))
     p.add_argument("--reference", default=None, metavar="DIR|STATS.npz",
                    help="image models: your own reference data instead of the card's — a folder of images (PNG, "
@@ -149,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-samples", action="store_true",
                    help="write every cell's samples to OUT/samples/CELL.npz for your own metrics: arrays samples "
                         "(float32; (N, C, H, W) for images, (N, d) for points; in the model card's data scale, not "
-                        "clipped) and value_range (the card's data range, 2 floats). Cells already in "
+                        "clipped), value_range (the card's data range, 2 floats) and, for a class-conditional "
+                        "model, labels (int64, the class each sample was generated for). Cells already in "
                         "OUT/results.csv are not re-run (use --force)")
     p.add_argument("--cache-dir", default=None,
                    help="cache of reference feature statistics (default: $BENCH_CACHE_DIR or "

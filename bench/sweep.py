@@ -29,7 +29,7 @@ import solvers
 from . import metrics as M
 from .config import SweepConfig
 from .distributed import Dist
-from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells
+from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells, sample_labels
 from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
 from .results import (METRIC_PREFIX, IncompatibleResultsError, atomic_write_text, check_run_settings, environment,
                       load_results, new_row, record_row, results_lock, row_timing, save_preview, save_samples,
@@ -104,6 +104,28 @@ def _batches(sweep: Sweep) -> list[tuple[int, int]]:
     return [(i, min(i + size, stop)) for i in range(start, stop, size)]
 
 
+def _batch_labels(sweep: Sweep, b0: int, b1: int) -> Optional[torch.Tensor]:
+    """The class labels of samples b0 … b1−1 (:func:`bench.plan.sample_labels`; None for an unconditional model)."""
+    return sample_labels(b0, b1, sweep.card.num_classes) if sweep.card.num_classes else None
+
+
+def _conditioned(sweep: Sweep, labels: Optional[torch.Tensor], guidance: Optional[float]) -> solvers.DiffusionModel:
+    """The model that samples a batch: for a cell with a guidance scale, ``card.condition(model, labels, w)`` —
+    one call per batch — under the run's autocast / channels-last (which wrap the conditioned call; --compile and
+    --cuda-graph are refused for these models); the sweep's model otherwise."""
+    if guidance is None:
+        return sweep.model
+    model = sweep.card.condition(sweep.model, labels.to(sweep.device), float(guidance))
+    if sweep.cfg.network != "eager":
+        model = solvers.accelerate(model, autocast=sweep.cfg.autocast, channels_last=sweep.cfg.channels_last)
+    return model
+
+
+def _batch_model(sweep: Sweep, cell: Cell, b0: int, b1: int) -> solvers.DiffusionModel:
+    """The model that samples batch b0 … b1−1 of ``cell`` (:func:`_conditioned` on the batch's labels)."""
+    return _conditioned(sweep, _batch_labels(sweep, b0, b1), cell.guidance)
+
+
 def _sample_kw(sweep: Sweep, cell: Cell, warm_up: bool = False) -> dict:
     """solvers.sample's arguments for a cell: its spacing, or its calibrated grid (the warm-up's short run of an
     optimised cell uses the grid it started from)."""
@@ -129,7 +151,8 @@ def _warm_up(sweep: Sweep, cell: Cell) -> float:
     batches = _batches(sweep)
     t0 = time.perf_counter()
     for b0, b1 in {b1 - b0: (b0, b1) for b0, b1 in batches}.values():
-        res = solvers.sample(sweep.model, _initial_noise(sweep, cell, b0, b1), steps=min(cell.steps, WARMUP_STEPS),
+        res = solvers.sample(_batch_model(sweep, cell, b0, b1), _initial_noise(sweep, cell, b0, b1),
+                             steps=min(cell.steps, WARMUP_STEPS),
                              seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell, warm_up=True))
         _decode(sweep, res.samples)
     return time.perf_counter() - t0 if batches else 0.0
@@ -155,22 +178,24 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
     """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
     ``keep``, the samples (decoded, for a latent model), the latents and x_T (on the CPU). ``x_T_all``: this
     rank's x_T from an earlier pass, reused instead of drawing it again.  The timing is (total, model, solver,
-    decode) seconds, total = sampling + decoding."""
+    decode) seconds, total = sampling + decoding; ``rows``: the network batch rows evaluated (NFE × rows per
+    sample, summed over the samples: two per sample and call under guidance w ∉ {0, 1})."""
     shape = tuple(sweep.card.sample_shape)
     outs, latents, x_Ts = [], [], []
     total = model_t = solver_t = decode_t = 0.0
-    nfe = None
+    nfe, rows = None, 0
     batches = _batches(sweep)
     for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not sweep.progress):
         if x_T_all is not None:
             x_T = x_T_all[b0 - batches[0][0]:b1 - batches[0][0]].to(sweep.device)
         else:
             x_T = _initial_noise(sweep, cell, b0, b1)
-        res = solvers.sample(sweep.model, x_T, steps=cell.steps, seeds=sample_seeds(sweep.cfg.seed, b0, b1),
-                             **_sample_kw(sweep, cell))
+        res = solvers.sample(_batch_model(sweep, cell, b0, b1), x_T, steps=cell.steps,
+                             seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
         if nfe is not None and res.nfe != nfe:
             raise RuntimeError(f"NFE differs between batches ({nfe} vs {res.nfe})")
         nfe = res.nfe
+        rows += res.model_rows
         decoded, seconds = _decode(sweep, res.samples)
         total += res.time_total + seconds
         model_t += res.time_model
@@ -183,7 +208,8 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
             x_Ts.append(x_T.detach().cpu())
     empty = torch.empty((0, *shape), dtype=sweep.dtype)
     return {"samples": torch.cat(outs) if outs else empty, "latents": torch.cat(latents) if latents else empty,
-            "x_T": torch.cat(x_Ts) if x_Ts else empty, "nfe": nfe, "timing": (total, model_t, solver_t, decode_t)}
+            "x_T": torch.cat(x_Ts) if x_Ts else empty, "nfe": nfe, "rows": rows,
+            "timing": (total, model_t, solver_t, decode_t)}
 
 
 def calibration_seeds(seed: int, n: int) -> list[int]:
@@ -221,12 +247,14 @@ def _calibration_record(sweep: Sweep, cell: Cell) -> dict:
     t0 = time.perf_counter()
     x = solvers.initial_noise((n, *sweep.card.sample_shape), seeds, schedule=sweep.model.schedule, t=cell.grid[0],
                               dtype=sweep.dtype, device=sweep.device, rng=sweep.cfg.rng)
-    opt = solvers.optimize_timesteps(sweep.model, x, solver=cell.solver, steps=cell.steps, t_start=cell.t_start,
+    # under guidance: the calibration batch's labels are 0 … n−1 mod C, balanced like the evaluated samples'
+    model = _conditioned(sweep, _batch_labels(sweep, 0, n), cell.guidance)
+    opt = solvers.optimize_timesteps(model, x, solver=cell.solver, steps=cell.steps, t_start=cell.t_start,
                                      spacing=cell.base_spacing, **cell.options)
     record = {"from": cell.base_spacing, "default": list(opt.default_timesteps), "optimized": list(opt.timesteps),
               "error_before": opt.error_before, "error_after": opt.error_after, "nfe": opt.nfe,
               "reference_error": opt.reference_error, "calibration_samples": n,
-              "calibration_seeds": f"{seeds[-1]}…{seeds[0]}", "method": opt.method,
+              "calibration_seeds": f"{seeds[-1]}…{seeds[0]}", "method": opt.method, "guidance": cell.guidance,
               "seconds": time.perf_counter() - t0}
     atomic_write_text(path, json.dumps(record, indent=1))
     return record
@@ -313,7 +341,7 @@ def load_and_plan(sweep: Sweep) -> None:
             sweep.decoder = card.decoder(device=sweep.device)
         except (ValueError, ImportError) as e:
             raise UsageError(f"cannot load {card.name}'s decoder: {e}") from None
-    sweep.cells = plan_cells(card, sweep.model, list(cfg.specs), list(cfg.steps), cfg.spacing)
+    sweep.cells = plan_cells(card, sweep.model, list(cfg.specs), list(cfg.steps), cfg.spacing, cfg.guidance)
     if cfg.cuda_graph and torch.device(sweep.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
     variable_rows = [s.label for s in cfg.specs if s.name == "adaptive"]
@@ -343,18 +371,32 @@ def apply_fast_paths(sweep: Sweep) -> None:
     if cfg.batch_size == "auto":
         from .autobatch import auto_batch_size
         # probed without compilation or graphs, which would compile or capture every probed shape
-        probe = solvers.accelerate(sweep.model, autocast=cfg.autocast, channels_last=cfg.channels_last)
+        probe = solvers.accelerate(_guided_probe(sweep), autocast=cfg.autocast, channels_last=cfg.channels_last)
         per_rank = -(-cfg.num_samples // sweep.dist.world)
         chosen = auto_batch_size(probe, tuple(sweep.card.sample_shape), sweep.device, sweep.dtype, cap=per_rank)
         sweep.cfg = cfg = replace(cfg, batch_size=chosen.batch_size)
         if sweep.dist.main and not cfg.quiet:
             print(f"bench.run: --batch-size {chosen.note}", file=sys.stderr)
-    if cfg.network != "eager":  # a plain run calls the network directly, no wrapper on the hot path
+    if cfg.network != "eager" and not cfg.guidance:  # a plain run calls the network directly, no wrapper on the
+        # hot path; a conditioned model gets its wrapper per batch (_conditioned), around the conditioned call
         try:
             sweep.model = solvers.accelerate(sweep.model, autocast=cfg.autocast, channels_last=cfg.channels_last,
                                              compile=cfg.compile or False, cuda_graph=cfg.cuda_graph)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def _guided_probe(sweep: Sweep) -> solvers.DiffusionModel:
+    """What --batch-size auto probes: the model, or for a class-conditional one the model conditioned — at each
+    probed batch size — at the sweep's costliest guidance scale (two network rows per sample at w ∉ {0, 1})."""
+    if not sweep.cfg.guidance:
+        return sweep.model
+    w = next((w for w in sweep.cfg.guidance if w not in (0.0, 1.0)), sweep.cfg.guidance[0])
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _conditioned(sweep, _batch_labels(sweep, 0, x.shape[0]), w).raw(x, t)
+
+    return solvers.DiffusionModel(call, schedule=sweep.model.schedule, prediction=sweep.model.prediction)
 
 
 def _run_settings(sweep: Sweep) -> dict:
@@ -409,10 +451,13 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
         cell = _calibrated(sweep, cell)
         gen = _sample_cell(sweep, cell)
         t_metric = time.perf_counter()
-        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"]),
-                   "warmup": gen["warmup"],
-                   "nfe": gen["nfe"], "metric_time": time.perf_counter() - t_metric,
-                   "samples": gen["samples"].numpy() if sweep.cfg.save_samples else None}
+        labels = _batch_labels(sweep, *sweep.dist.slice(sweep.cfg.num_samples))
+        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"],
+                                               labels=labels),
+                   "warmup": gen["warmup"], "nfe": gen["nfe"], "rows": gen["rows"],
+                   "metric_time": time.perf_counter() - t_metric,
+                   "samples": gen["samples"].numpy() if sweep.cfg.save_samples else None,
+                   "labels": None if labels is None else labels.numpy()}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}"}
     # the repeats time the sampling only: the samples and the metrics are the first pass's
@@ -432,7 +477,7 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     failure = None
     if errors:
         row.update({"status": "failed", "error": errors[0]})
-        failure = f"{cell.label} × {cell.steps} steps: {errors[0]}"
+        failure = f"{cell.name}: {errors[0]}"
     row["finished_at"] = _now()
     row["time_cell_s"] = time.perf_counter() - t_cell
     # record_row re-reads the file under a lock: rows of a concurrent run are kept
@@ -450,7 +495,7 @@ def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, par
     t_fin = time.perf_counter()
     values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
     row.update(timing_columns(passes))
-    row.update({"nfe": parts[0]["nfe"],
+    row.update({"nfe": parts[0]["nfe"], "network_rows": sum(p["rows"] for p in parts) / sweep.cfg.num_samples,
                 "time_per_sample_ms": 1000.0 * row["time_total_s"] * sweep.dist.world / sweep.cfg.num_samples,
                 "time_warmup_s": max(p["warmup"] for p in parts),
                 "time_metrics_s": max(p["metric_time"] for p in parts) + time.perf_counter() - t_fin,
@@ -461,8 +506,9 @@ def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, par
     save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
                   "images" if evaluator.image else "points")
     if sweep.cfg.save_samples:  # every rank's samples, in rank order (the order of the seeds)
+        labels = None if parts[0]["labels"] is None else np.concatenate([p["labels"] for p in parts])
         save_samples(sweep.out_dir, cell.cell_id, np.concatenate([p["samples"] for p in parts]),
-                     sweep.card.data_range)
+                     sweep.card.data_range, labels=labels)
 
 
 def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
@@ -499,6 +545,8 @@ def _changed_options(solver: str, options: dict) -> dict:
 
 def _cell_line(row: dict, keys: list[str], labels: dict) -> str:
     head = f"{row['solver_label']:>14} {row['steps']:>5} steps"
+    if row.get("guidance") is not None and math.isfinite(row["guidance"]):
+        head += f", w = {row['guidance']:g}"
     if row["status"] != "ok":
         return f"{head}: FAILED — {row['error']}"
     vals = ", ".join(f"{labels[k]} {row[METRIC_PREFIX + k]:.4g}" for k in keys
