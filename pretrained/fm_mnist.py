@@ -56,15 +56,24 @@ class FlowUNet(nn.Module):
     down and up, a middle block at 7×7, skip connections by concatenation, and a time embedding (sinusoids
     of t at ``n_freq`` log-spaced frequencies from 1 to 1000, then a two-layer MLP) added in every block.
 
+    With ``num_classes`` > 0 the network is class-conditional, F(x, t, y): a learned embedding of the label y
+    (``num_classes`` rows, plus row ``num_classes`` for the null label ∅ of classifier-free guidance) is added
+    to the time embedding.  With 0 (the default) the module, its state dict and :meth:`arch` are those of the
+    unconditional network.
+
     Args:
         channels: channels at 28, 14 and 7 pixels.
         emb: width of the time embedding.
         n_freq: number of sinusoid frequencies.
+        num_classes: number of classes of a class-conditional network (0: unconditional).
     """
 
-    def __init__(self, channels: tuple = (32, 64, 64), emb: int = 128, n_freq: int = 16):
+    def __init__(self, channels: tuple = (32, 64, 64), emb: int = 128, n_freq: int = 16, num_classes: int = 0):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: unconditional), got {num_classes!r}")
         self.channels, self.emb_dim, self.n_freq = tuple(int(c) for c in channels), int(emb), int(n_freq)
+        self.num_classes = num_classes
         c0, c1, c2 = self.channels
         self.register_buffer("freqs", torch.logspace(0, 3, n_freq), persistent=False)
         self.time = nn.Sequential(nn.Linear(2 * n_freq, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -77,12 +86,25 @@ class FlowUNet(nn.Module):
         self.out_norm, self.out = nn.GroupNorm(_groups(c0), c0), nn.Conv2d(c0, 1, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if num_classes:  # created last: the unconditional network's initial weights stay as they were
+            self.label = nn.Embedding(num_classes + 1, emb)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """F(x, t) for x (B, 1, 28, 28) and t (B,) (or a scalar)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """F(x, t) for x (B, 1, 28, 28) and t (B,) (or a scalar); a class-conditional network also takes
+        ``labels`` (B,) in 0 … ``num_classes`` (``num_classes``: the null label).
+
+        Raises:
+            ValueError: labels missing for a class-conditional network, or given to an unconditional one.
+        """
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
         phase = t * self.freqs.to(x.dtype)
         emb = self.time(torch.cat([torch.sin(phase), torch.cos(phase)], dim=1))
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError(f"this FlowUNet has num_classes={self.num_classes}: labels are "
+                             + ("required (one per row; the null label is num_classes)" if labels is None
+                                else "not accepted (it is unconditional)"))
+        if labels is not None:
+            emb = emb + self.label(labels)
         h, skips = self.inp(x), []
         for i, block in enumerate(self.down):
             h = block(h, emb)
@@ -98,7 +120,8 @@ class FlowUNet(nn.Module):
 
     def arch(self) -> dict:
         """The constructor arguments (stored in weight files)."""
-        return {"channels": list(self.channels), "emb": self.emb_dim, "n_freq": self.n_freq}
+        arch = {"channels": list(self.channels), "emb": self.emb_dim, "n_freq": self.n_freq}
+        return {**arch, "num_classes": self.num_classes} if self.num_classes else arch
 
 
 def read_fm_mnist_weights(path: os.PathLike) -> tuple[FlowUNet, dict]:
