@@ -35,7 +35,7 @@ import solvers
 from solvers.schedules import RectifiedFlow
 
 from .cards import ModelCard, register_card
-from .checkpoints import read_network_record
+from .checkpoints import CheckpointError, read_network_record
 from .fm_mnist import FlowUNet
 from .mnist_data import SPLIT_RULE
 from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
@@ -72,10 +72,14 @@ def read_cm_mnist_weights(path: os.PathLike) -> tuple[FlowConsistency, dict]:
     record).
 
     Raises:
-        CheckpointError: unreadable, another format, a bad architecture, missing/unexpected keys or shapes.
+        CheckpointError: unreadable, another format, a bad architecture, missing/unexpected keys or shapes,
+            another boundary time t_min.
     """
     net, record = read_network_record(path, fmt=FORMAT, what="the cm_mnist weights", rebuild=REBUILD,
                                       build=lambda record: FlowUNet(**dict(record["arch"])))
+    if record.get("t_min") != T_MIN:   # another boundary would be another function f: never reinterpret it
+        raise CheckpointError(f"{path}: t_min = {record.get('t_min')!r} in the file, but cm_mnist's consistency "
+                              f"function has its boundary at t_min = {T_MIN} (written by {REBUILD})")
     return FlowConsistency(net, T_MIN).eval(), record
 
 

@@ -104,6 +104,14 @@ def test_files_that_are_not_cm_mnist_weights_are_refused_unexecuted(tmp_path, ca
         pretrained.load("cm_mnist", weights=wrong)
     with pytest.raises(FileNotFoundError, match="python -m pretrained.train_cm_mnist"):
         pretrained.load("cm_mnist", weights=tmp_path / "none.pt")
+    # A record with another boundary time is another function f: refused, not reinterpreted with t_min = 0.
+    record = torch.load(cm_mnist.WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    for t_min in (0.002, None):
+        moved = tmp_path / "moved.pt"
+        torch.save({**record, "t_min": t_min} if t_min is not None else
+                   {k: v for k, v in record.items() if k != "t_min"}, moved)
+        with pytest.raises(CheckpointError, match=f"t_min = {t_min} in the file, but cm_mnist's"):
+            pretrained.load("cm_mnist", weights=moved)
 
 
 class _Card:
