@@ -43,6 +43,7 @@ WEIGHTS_SHA256 = {
     "mnist_classifier.pt": "aecbc49be92c7554a26211aeed3e22ead015e0124b0064506e05ba47ebadb570",
     "fm_mnist.pt": "fefecd223c988dd5827daa8f98f0d4fd3259b197e27004331bc5b73a78ae80ae",
     "cfg_mnist.pt": "5953415461c251a5071ca877b9ec584a0326c497ab09d1618fafc666b6da35ce",
+    "cm_mnist.pt": "10e450489c447afb76d86aedd47cb72322d215ebb87124ea30174963b59f239d",
 }
 
 
