@@ -38,7 +38,6 @@ from solvers.schedules import VPCosine
 
 from .cards import ModelCard, register_card
 from .checkpoints import CheckpointError, check_state_dict, read_network_record
-from .fm_mnist import _groups, _ResBlock  # the same residual block as fm_mnist's U-Net
 from .mnist_data import SPLIT_RULE
 from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
 
@@ -50,6 +49,26 @@ AE_FORMAT = "pretrained.ldm_mnist.autoencoder/1"   # a stage-1 file: the autoenc
 WEIGHTS_FILE = WEIGHTS_DIR / "ldm_mnist.pt"
 REBUILD = "python -m pretrained.train_ldm_mnist"
 LATENT_SHAPE = (4, 7, 7)
+
+
+def _groups(c: int) -> int:
+    return 8 if c % 8 == 0 else 1
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv3×3, plus a per-channel shift from the time embedding, twice; 1×1 skip (the block
+    of fm_mnist's U-Net, which keeps it private to its module)."""
+
+    def __init__(self, c_in: int, c_out: int, emb: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:

@@ -20,6 +20,7 @@ into :data:`pretrained.toy.WEIGHTS_SHA256`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,6 @@ from .checkpoints import file_digest
 from .ldm_mnist import AE_FORMAT, FORMAT, REBUILD, WEIGHTS_FILE, LatentAutoencoder, LatentUNet, encode_images, \
     read_autoencoder
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .train_fm_mnist import _lr_factor
 from .train_gmm2d import save_atomic
 
 __all__ = ["train_autoencoder", "train_latent", "measure_autoencoder", "main", "AE_DEFAULTS", "LATENT_DEFAULTS", "AE_ARCH", "LATENT_ARCH"]
@@ -44,6 +44,13 @@ AE_DEFAULTS = dict(ae_steps=1500, ae_batch=64, ae_lr=2e-3, ae_warmup=100, latent
 LATENT_DEFAULTS = dict(steps=3000, batch=128, lr=2e-3, warmup=200, ema=0.999, seed=0)
 AE_ARCH = dict(widths=(16, 48), latent=4)
 LATENT_ARCH = dict(channels=(48, 64), emb=128, n_freq=16, latent=4)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``steps`` (as train_fm_mnist)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(steps - warmup, 1), 1.0)))
 
 
 def _plain(arch: dict) -> dict:
