@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from solvers.schedules import VPCosine
 
-from .checkpoints import file_digest
+from .checkpoints import CheckpointError, file_digest
 from .ldm_mnist import AE_FORMAT, FORMAT, REBUILD, WEIGHTS_FILE, LatentAutoencoder, LatentUNet, encode_images, \
     read_autoencoder
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
@@ -239,10 +239,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--stage autoencoder needs --out PATH (a stage-1 file is not a complete {WEIGHTS_FILE.name})")
     if args.autoencoder is not None and args.stage != "latent":
         parser.error("--autoencoder is for --stage latent (the other stages train their own)")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the weight file's path")
     if args.stage == "latent":
         source = args.autoencoder or WEIGHTS_FILE
         if not source.is_file():
             parser.error(f"--autoencoder {source} does not exist")
+        try:   # read before any training: a bad file is refused in seconds, not after stage 2
+            read_autoencoder(source)
+        except CheckpointError as e:
+            parser.error(f"--autoencoder: {e}")
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -260,7 +266,7 @@ def main(argv: Optional[list] = None) -> int:
               f"images {q['floor'][0]:.2f} ± {q['floor'][1]:.2f})")
         return 0
     if args.stage == "latent":
-        ae_record = read_autoencoder(args.autoencoder or WEIGHTS_FILE)[2]   # validated before any training
+        ae_record = read_autoencoder(args.autoencoder or WEIGHTS_FILE)[2]   # checked by _check
     else:
         ae_record = train_autoencoder(**{k: getattr(args, k) for k in AE_DEFAULTS})
     record = ae_record if args.stage == "autoencoder" else \
