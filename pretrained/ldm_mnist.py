@@ -1,5 +1,5 @@
 """``ldm_mnist``: a latent diffusion model of MNIST, trained by this project: an autoencoder 1×28×28 ↔ 4×7×7
-and an ε-predicting denoiser in its latent space.
+and a v-predicting denoiser in its latent space.
 
 * The autoencoder (:class:`LatentAutoencoder`): a conv encoder 28 → 14 → 7 to 4 channels and the mirrored
   decoder, ending in tanh (pixels in [−1, 1]).  It is a VAE with a *fixed* posterior standard deviation:
@@ -13,9 +13,13 @@ and an ε-predicting denoiser in its latent space.
   the 8,000 training images, stored in the weight record, so the diffusion model sees latents of unit
   standard deviation.  The decoder divides by it again.
 * The latent denoiser (:class:`LatentUNet`): a two-level U-Net on 4×7×7 (7 and 4 pixels) with a time
-  embedding, ε-prediction on :class:`VPCosine` — ε because that is the latent-diffusion convention (and DDIM /
-  DPM-Solver's own form), the cosine schedule because a 196-dimensional latent loses its information to noise
-  early on a linear schedule, which leaves few steps for the digit's shape (Nichol & Dhariwal 2021, §3.2).
+  embedding, v-prediction (v = α·ε − σ·z0, Salimans & Ho 2022) on :class:`VPCosine`.  Why v and not ε: an
+  ε-model's data estimate z0 = (z_t − σ·ε̂)/α multiplies its error by σ/α (≈ 13 at t = 0.95), and this
+  project's first, ε-trained latent model (same network and recipe) predicted z0 there with a mean squared
+  error of 1.7 — worse than predicting the mean (0.98) — and sampled blobs, not digits (FD (MNIST classifier)
+  243 for dpmpp_2m at 20 steps, n = 300).  With v, z0 = α·z_t − σ·v̂: the error is never amplified.  The cosine
+  schedule because a 196-dimensional latent loses its information to noise early on a linear schedule, which
+  leaves few steps for the digit's shape (Nichol & Dhariwal 2021, §3.2).
 
 Both are trained on the 8,000 training images of :mod:`pretrained.mnist_data` by
 ``python -m pretrained.train_ldm_mnist``; the 2,000 held-out images are the reference (``mnist-heldout``),
@@ -114,7 +118,7 @@ class LatentAutoencoder(nn.Module):
 
 
 class LatentUNet(nn.Module):
-    """A small U-Net ε(z, t) for ``latent``×7×7 latents: residual blocks at 7 and 4 pixels (one down, one up),
+    """A small U-Net F(z, t) (the v-prediction) for ``latent``×7×7 latents: residual blocks at 7 and 4 pixels (one down, one up),
     a middle block, skip connections by concatenation, and a time embedding (sinusoids of t at ``n_freq``
     log-spaced frequencies from 1 to 1000, then a two-layer MLP) added in every block.
 
@@ -142,7 +146,7 @@ class LatentUNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε(z, t) for z (B, latent, 7, 7) and t (B,) (or a scalar)."""
+        """F(z, t) for z (B, latent, 7, 7) and t (B,) (or a scalar)."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1, 1).expand(z.shape[0], 1)
         phase = t * self.freqs.to(z.dtype)
         emb = self.time(torch.cat([torch.sin(phase), torch.cos(phase)], dim=1))
@@ -245,7 +249,7 @@ def load_ldm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None
         **model_kwargs: passed to :class:`solvers.DiffusionModel`.
 
     Returns:
-        An ε-predicting ``DiffusionModel`` on :class:`VPCosine` over scaled latents (4, 7, 7).
+        A v-predicting ``DiffusionModel`` on :class:`VPCosine` over scaled latents (4, 7, 7).
 
     Raises:
         FileNotFoundError: no such file.  CheckpointError: not a valid weight file.
@@ -260,7 +264,7 @@ def load_ldm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None
     if path.resolve() != WEIGHTS_FILE.resolve():
         _same_autoencoder(ae, scale, path)
     net = net.requires_grad_(False).to(device=device, dtype=dtype or torch.float32)
-    return solvers.DiffusionModel(net, schedule=VPCosine(), prediction="eps", input_dtype=dtype or torch.float32,
+    return solvers.DiffusionModel(net, schedule=VPCosine(), prediction="v", input_dtype=dtype or torch.float32,
                                   **model_kwargs)
 
 
@@ -293,10 +297,10 @@ def _training_summary() -> str:
 
 register_card(ModelCard(
     name="ldm_mnist", kind="image",
-    description="A latent diffusion model of MNIST trained by this project: an autoencoder 1×28×28 ↔ 4×7×7 and an "
-                "ε-prediction U-Net on its latents, so solvers run on a latent model whose samples are decoded "
+    description="A latent diffusion model of MNIST trained by this project: an autoencoder 1×28×28 ↔ 4×7×7 and a "
+                "v-prediction U-Net on its latents, so solvers run on a latent model whose samples are decoded "
                 "(the benchmark times decoding apart) and judged in pixel space.",
-    loader=load_ldm_mnist, sample_shape=LATENT_SHAPE, prediction="eps",
+    loader=load_ldm_mnist, sample_shape=LATENT_SHAPE, prediction="v",
     schedule_name="VPCosine (s = 0.008, t ∈ [0, 0.9946]) on latents scaled to unit std; network time t",
     data_range=(-1.0, 1.0), to_images=lambda x: ((x + 1.0) / 2.0).clamp(0.0, 1.0), reference="mnist-heldout",
     default_num_samples=500, default_batch_size=250,

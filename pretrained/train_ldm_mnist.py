@@ -10,7 +10,7 @@ Stage 1 trains :class:`pretrained.ldm_mnist.LatentAutoencoder` on pixels x/127.5
 the decoding of z + ``latent_noise``·ε, plus ``latent_penalty``·mean(z²): a VAE with a fixed posterior
 standard deviation; the module docstring says why) and measures the latent scale, 1 / std of the codes of all
 training images.  Stage 2 encodes the training images once, scales them to unit standard deviation and
-trains :class:`pretrained.ldm_mnist.LatentUNet` to predict ε from z_t = α(t)·z + σ(t)·ε on
+trains :class:`pretrained.ldm_mnist.LatentUNet` to predict v = α(t)·ε − σ(t)·z from z_t = α(t)·z + σ(t)·ε on
 :class:`solvers.schedules.VPCosine`, t ~ U(t_min, t_max).  Adam with a linear warm-up and a cosine decay in
 both stages; the latent model's saved weights are an exponential moving average.  Every random number comes
 from seeded generators and the networks run on one CPU thread by default, so a rerun with the same settings,
@@ -37,11 +37,12 @@ from .ldm_mnist import AE_FORMAT, FORMAT, REBUILD, WEIGHTS_FILE, LatentAutoencod
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
 from .train_gmm2d import save_atomic
 
-__all__ = ["train_autoencoder", "train_latent", "measure_autoencoder", "main", "AE_DEFAULTS", "LATENT_DEFAULTS", "AE_ARCH", "LATENT_ARCH"]
+__all__ = ["train_autoencoder", "train_latent", "measure_autoencoder", "canonical", "main", "AE_DEFAULTS",
+           "LATENT_DEFAULTS", "AE_ARCH", "LATENT_ARCH"]
 
 AE_DEFAULTS = dict(ae_steps=1500, ae_batch=64, ae_lr=2e-3, ae_warmup=100, latent_noise=0.1, latent_penalty=1e-3,
                    seed=0)
-LATENT_DEFAULTS = dict(steps=3000, batch=128, lr=2e-3, warmup=200, ema=0.999, seed=0)
+LATENT_DEFAULTS = dict(steps=4000, batch=128, lr=2e-3, warmup=200, ema=0.999, seed=0)
 AE_ARCH = dict(widths=(16, 48), latent=4)
 LATENT_ARCH = dict(channels=(48, 64), emb=128, n_freq=16, latent=4)
 
@@ -128,7 +129,7 @@ def train_autoencoder(*, ae_steps: int, ae_batch: int, ae_lr: float, ae_warmup: 
 
 def train_latent(ae_record: dict, *, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int,
                  arch: Optional[dict] = None, log_every: int = 250, data: Optional[torch.Tensor] = None) -> dict:
-    """Stage 2: the latent ε-model on the scaled latents of the training images → the full weight record.
+    """Stage 2: the latent v-model on the scaled latents of the training images → the full weight record.
 
     Args:
         ae_record: a stage-1 record (from :func:`train_autoencoder` or a file's ``autoencoder`` part).
@@ -151,7 +152,7 @@ def train_latent(ae_record: dict, *, steps: int, batch: int, lr: float, warmup: 
         eps = torch.randn(z0.shape, generator=gen)
         t = sched.t_min + (sched.t_max - sched.t_min) * torch.rand(z0.shape[0], generator=gen, dtype=torch.float64)
         a, s = (v.float()[:, None, None, None] for v in (sched.alpha(t), sched.sigma(t)))
-        return ((net(a * z0 + s * eps, t.float()) - eps) ** 2).mean()
+        return ((net(a * z0 + s * eps, t.float()) - (a * eps - s * z0)) ** 2).mean()   # v-prediction
 
     gen = torch.Generator().manual_seed(seed + 2)
     final = _fit(loss_fn, net, epoch_batches(z_all.shape[0], batch, gen), gen, steps=steps, lr=lr, warmup=warmup,
@@ -163,7 +164,7 @@ def train_latent(ae_record: dict, *, steps: int, batch: int, lr: float, warmup: 
 def _record(net: LatentUNet, arch: dict, ae_record: dict, settings: dict, final_loss: float, n_data: int) -> dict:
     s = settings
     summary = (f"latent diffusion on {n_data:,} MNIST images in [−1, 1]: {ae_record['training']['summary']}; then "
-               f"an ε-prediction U-Net on the scaled 4×7×7 latents (VPCosine, mean squared error), channels "
+               f"a v-prediction U-Net on the scaled 4×7×7 latents (VPCosine, mean squared error), channels "
                f"{tuple(arch['channels'])}, {sum(p.numel() for p in net.parameters()):,} parameters; {s['steps']} "
                f"Adam steps (lr {s['lr']}, {s['warmup']} warm-up steps, cosine decay), batch {s['batch']}, saved "
                f"EMA {s['ema']}, seed {s['seed']}")
@@ -203,6 +204,22 @@ def measure_autoencoder(path: Path = WEIGHTS_FILE, n: int = 500) -> dict:
     rec8, real8 = features.to_uint8_rgb((rec + 1) / 2), features.to_uint8_rgb(held.float() / 255)
     return {"rmse": float(((rec - x) ** 2).mean().sqrt()) / 2, "fd_all": fd(rec8), "fd_n": fd(rec8[:n]),
             "fd_real_n": fd(real8[:n]), "floor": tuple(ref["floor"]), "n": n}
+
+
+def canonical(obj):
+    """A copy of a record whose pickle bytes depend only on its values: every string interned (pickle writes
+    an object seen before as a back-reference, so a key read from a file and the same key written in the code
+    would otherwise pickle differently), every tensor a fresh copy, tuples as lists.  So stage 2 on a stage-1
+    file writes the same bytes as both stages in one run."""
+    if isinstance(obj, dict):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    return obj
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -271,7 +288,7 @@ def main(argv: Optional[list] = None) -> int:
         ae_record = train_autoencoder(**{k: getattr(args, k) for k in AE_DEFAULTS})
     record = ae_record if args.stage == "autoencoder" else \
         train_latent(ae_record, **{k: getattr(args, k) for k in LATENT_DEFAULTS})
-    save_atomic(record, out)
+    save_atomic(canonical(record), out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): {record['training']['summary']}")
     if args.stage != "autoencoder":
         print(f"sha256 {file_digest(out, 'sha256')}: for the committed file, put it in WEIGHTS_SHA256 "
