@@ -118,9 +118,9 @@ class LatentAutoencoder(nn.Module):
 
 
 class LatentUNet(nn.Module):
-    """A small U-Net F(z, t) (the v-prediction) for ``latent``×7×7 latents: residual blocks at 7 and 4 pixels (one down, one up),
-    a middle block, skip connections by concatenation, and a time embedding (sinusoids of t at ``n_freq``
-    log-spaced frequencies from 1 to 1000, then a two-layer MLP) added in every block.
+    """A small U-Net F(z, t) (the v-prediction) for ``latent``×7×7 latents: residual blocks at 7 and 4 pixels
+    (one down, one up), a middle block, skip connections by concatenation, and a time embedding (sinusoids of t
+    at ``n_freq`` log-spaced frequencies from 1 to 1000, then a two-layer MLP) added in every block.
 
     Args:
         channels: channels at 7 and 4 pixels.
@@ -312,6 +312,6 @@ register_card(ModelCard(
           + QUALITY,
     extra={"weights": WEIGHTS_FILE, "data_split": SPLIT_RULE},
     decoder=load_decoder, data_shape=(1, 28, 28),
-    decoder_name="the ldm_mnist autoencoder's decoder (4×7×7 latents ÷ the latent scale → conv, upsample ×2 twice "
-                 "→ tanh: 1×28×28 in [−1, 1])",
+    decoder_name="the ldm_mnist autoencoder's decoder (4×7×7 latents ÷ the latent scale → conv, upsample ×2 "
+                 "twice → tanh: 1×28×28 in [−1, 1])",
 ))
