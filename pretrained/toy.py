@@ -42,6 +42,7 @@ WEIGHTS_SHA256 = {
     "fm_gmm2d.pt": "2af1219d0c24851da0b5c9092da6eb17515f2ae552893db33b5dff193f264e3d",
     "mnist_classifier.pt": "aecbc49be92c7554a26211aeed3e22ead015e0124b0064506e05ba47ebadb570",
     "fm_mnist.pt": "fefecd223c988dd5827daa8f98f0d4fd3259b197e27004331bc5b73a78ae80ae",
+    "ldm_mnist.pt": "323654c93420905834ec951a7ec0a49b47735785db442a9dace93134818d0bd7",
 }
 
 

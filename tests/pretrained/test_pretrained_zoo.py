@@ -17,7 +17,7 @@ from pretrained.checkpoints import CheckpointError, WeightsNotFoundError, Weight
 from pretrained.consistency import CD_TEST_CONFIG
 
 EXPECTED = {"gmm2d", "gmm", "gaussian", "ddpm_mnist", "ddpm_cifar", "ddpm_cifar_hub", "cd_imagenet64_l2",
-            "cm_gmm2d", "fm_gmm2d"}
+            "cm_gmm2d", "fm_gmm2d", "ldm_mnist"}
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def fixture_weights(tmp_path_factory, offline_asset):
         elif name == "ddpm_mnist":
             offline_asset("ddpm_mnist/ddpm_mnist.pth")  # found there by the card's own lookup
             made[name] = {}
-        elif pretrained.get_card(name).kind in ("analytic", "points") or name == "fm_mnist":
+        elif pretrained.get_card(name).kind in ("analytic", "points") or name in ("fm_mnist", "ldm_mnist"):
             made[name] = {}   # exact models, or weights committed in pretrained/weights/
         else:
             raise AssertionError(f"no offline fixture for the card {name!r}: add one to this test")
