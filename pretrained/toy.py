@@ -44,6 +44,7 @@ WEIGHTS_SHA256 = {
     "fm_mnist.pt": "fefecd223c988dd5827daa8f98f0d4fd3259b197e27004331bc5b73a78ae80ae",
     "cfg_mnist.pt": "5953415461c251a5071ca877b9ec584a0326c497ab09d1618fafc666b6da35ce",
     "cm_mnist.pt": "10e450489c447afb76d86aedd47cb72322d215ebb87124ea30174963b59f239d",
+    "ldm_mnist.pt": "323654c93420905834ec951a7ec0a49b47735785db442a9dace93134818d0bd7",
 }
 
 

@@ -17,7 +17,8 @@ from pretrained.checkpoints import CheckpointError, WeightsNotFoundError, Weight
 from pretrained.consistency import CD_TEST_CONFIG
 
 EXPECTED = {"gmm2d", "gmm", "gaussian", "ddpm_mnist", "ddpm_cifar", "ddpm_cifar_hub", "cd_imagenet64_l2",
-            "cm_gmm2d", "fm_gmm2d", "cfg_mnist", "cm_mnist"}
+            "cm_gmm2d", "fm_gmm2d", "cfg_mnist", "cm_mnist", "ldm_mnist"}
+COMMITTED_WEIGHTS = ("fm_mnist", "cfg_mnist", "cm_mnist", "ldm_mnist")   # loaded from pretrained/weights/
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def fixture_weights(tmp_path_factory, offline_asset):
         elif name == "ddpm_mnist":
             offline_asset("ddpm_mnist/ddpm_mnist.pth")  # found there by the card's own lookup
             made[name] = {}
-        elif pretrained.get_card(name).kind in ("analytic", "points") or name in ("fm_mnist", "cfg_mnist", "cm_mnist"):
+        elif pretrained.get_card(name).kind in ("analytic", "points") or name in COMMITTED_WEIGHTS:
             made[name] = {}   # exact models, or weights committed in pretrained/weights/
         else:
             raise AssertionError(f"no offline fixture for the card {name!r}: add one to this test")
