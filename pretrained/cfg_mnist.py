@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from .cards import ModelCard, register_card
 from .checkpoints import CheckpointError, read_network_record
 from .fm_mnist import FlowUNet
 from .mnist_data import SPLIT_RULE
-from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
+from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, committed_weights, training_summary
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "REBUILD", "NUM_CLASSES", "CLIP_X0", "schedule", "read_cfg_mnist_weights",
            "load_cfg_mnist", "condition"]
@@ -105,11 +104,7 @@ def load_cfg_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None
     Returns:
         An ε-predicting ``DiffusionModel`` on :func:`schedule`; data in [−1, 1].
     """
-    path = Path(weights) if weights is not None else WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the committed weights are {WEIGHTS_FILE} (rebuild them "
-                                f"with: {REBUILD}), or pass weights=PATH (bench.run: --weights PATH)")
-    verify_committed_weights(path)
+    path = committed_weights(weights, WEIGHTS_FILE, REBUILD)
     net, _ = read_cfg_mnist_weights(path)
     net = net.requires_grad_(False).to(device=device, dtype=dtype or torch.float32)
     return solvers.DiffusionModel(_Labelled(net), schedule=schedule(), prediction="eps", clip_x0=clip_x0,
@@ -181,13 +176,6 @@ QUALITY = ("Quality under guidance, 500 samples (50 of each digit), dpmpp_2m 20 
            "digit; the unconditional model (trained on the 10 % of null labels) is poor.")
 
 
-def _training_summary() -> str:
-    try:
-        return torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)["training"]["summary"]
-    except Exception:  # a card must register even if its weights are missing; load() says what is wrong
-        return f"(weights not found at {WEIGHTS_FILE})"
-
-
 register_card(ModelCard(
     name="cfg_mnist", kind="image",
     description="A class-conditional ε-prediction model of MNIST trained by this project with label dropout, "
@@ -199,7 +187,7 @@ register_card(ModelCard(
     default_num_samples=500, default_batch_size=250,
     source_url="pretrained/train_cfg_mnist.py (this project)", sha256=WEIGHTS_SHA256.get(WEIGHTS_FILE.name),
     licence="MIT (this project); trained on MNIST test images (Y. LeCun, C. Cortes)",
-    weights_note=f"Trained by this project: {_training_summary()}",
+    weights_note=f"Trained by this project: {training_summary(WEIGHTS_FILE)}",
     notes=f"Data: {SPLIT_RULE}. Rebuild the weights with: {REBUILD} (20 min on one CPU thread alone, 34 on the shared machine). The model as "
           "loaded is the unconditional one (null label). " + QUALITY,
     extra={"weights": WEIGHTS_FILE, "data_split": SPLIT_RULE},

@@ -25,7 +25,6 @@ training record; it loads with ``weights_only=True`` and its sha256 is checked
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ from .cards import ModelCard, register_card
 from .checkpoints import CheckpointError, read_network_record
 from .fm_mnist import FlowUNet
 from .mnist_data import SPLIT_RULE
-from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
+from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, committed_weights, training_summary
 
 __all__ = ["T_MIN", "FlowConsistency", "FORMAT", "WEIGHTS_FILE", "REBUILD", "read_cm_mnist_weights",
            "load_cm_mnist"]
@@ -97,11 +96,7 @@ def load_cm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None,
         An x0-predicting ``DiffusionModel`` (the consistency function) on :class:`RectifiedFlow`; data in
         [−1, 1].  Sample it with ``solver="consistency"`` (``sigma_boundary=0``, the default).
     """
-    path = Path(weights) if weights is not None else WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the committed weights are {WEIGHTS_FILE} (rebuild them "
-                                f"with: {REBUILD}), or pass weights=PATH (bench.run: --weights PATH)")
-    verify_committed_weights(path)
+    path = committed_weights(weights, WEIGHTS_FILE, REBUILD)
     fn, _ = read_cm_mnist_weights(path)
     fn = fn.requires_grad_(False).to(device=device, dtype=dtype or torch.float32)
     return solvers.DiffusionModel(fn, schedule=RectifiedFlow(), prediction="x0",
@@ -120,13 +115,6 @@ QUALITY = ("Quality, FD (MNIST classifier) of 500 samples against the 2,000 held
            "1 step is grainier.")
 
 
-def _training_summary() -> str:
-    try:
-        return torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)["training"]["summary"]
-    except Exception:  # a card must register even if its weights are missing; load() says what is wrong
-        return f"(weights not found at {WEIGHTS_FILE})"
-
-
 register_card(ModelCard(
     name="cm_mnist", kind="image",
     description="A consistency model of MNIST distilled by this project from fm_mnist (consistency distillation "
@@ -140,7 +128,7 @@ register_card(ModelCard(
     # Trained here: the "source" is the training script, the weights are committed (sha256 in toy.WEIGHTS_SHA256).
     source_url="pretrained/train_cm_mnist.py (this project)", sha256=WEIGHTS_SHA256.get(WEIGHTS_FILE.name),
     licence="MIT (this project); trained on MNIST test images (Y. LeCun, C. Cortes)",
-    weights_note=f"Distilled by this project: {_training_summary()}",
+    weights_note=f"Distilled by this project: {training_summary(WEIGHTS_FILE)}",
     notes=f"Data: {SPLIT_RULE}. Teacher: fm_mnist. Rebuild the weights with: {REBUILD} (≈ 15 min on one CPU "
           "thread alone, 27 min on the shared machine; the committed fm_mnist weights are the teacher). Only solver='consistency' is meaningful: the network is a consistency "
           "function, not a denoiser. " + QUALITY,

@@ -10,7 +10,6 @@ architecture and how it was trained; it loads with ``weights_only=True`` and its
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,27 +22,29 @@ from solvers.schedules import RectifiedFlow
 from .cards import ModelCard, register_card
 from .checkpoints import read_network_record
 from .mnist_data import SPLIT_RULE
-from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
+from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, committed_weights, training_summary
 
-__all__ = ["FlowUNet", "FORMAT", "WEIGHTS_FILE", "read_fm_mnist_weights", "load_fm_mnist", "REBUILD"]
+__all__ = ["FlowUNet", "ResBlock", "groups", "FORMAT", "WEIGHTS_FILE", "read_fm_mnist_weights", "load_fm_mnist",
+           "REBUILD"]
 
 FORMAT = "pretrained.fm_mnist/1"
 WEIGHTS_FILE = WEIGHTS_DIR / "fm_mnist.pt"
 REBUILD = "python -m pretrained.train_fm_mnist"
 
 
-def _groups(c: int) -> int:
+def groups(c: int) -> int:
+    """GroupNorm groups for c channels: 8 where they divide c, else 1."""
     return 8 if c % 8 == 0 else 1
 
 
-class _ResBlock(nn.Module):
+class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv3×3, plus a per-channel shift from the time embedding, twice; 1×1 skip."""
 
     def __init__(self, c_in: int, c_out: int, emb: int):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -78,12 +79,12 @@ class FlowUNet(nn.Module):
         self.register_buffer("freqs", torch.logspace(0, 3, n_freq), persistent=False)
         self.time = nn.Sequential(nn.Linear(2 * n_freq, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.inp = nn.Conv2d(1, c0, 3, padding=1)
-        self.down = nn.ModuleList([_ResBlock(c0, c0, emb), _ResBlock(c1, c1, emb), _ResBlock(c2, c2, emb)])
+        self.down = nn.ModuleList([ResBlock(c0, c0, emb), ResBlock(c1, c1, emb), ResBlock(c2, c2, emb)])
         self.pool = nn.ModuleList([nn.Conv2d(c0, c1, 3, stride=2, padding=1), nn.Conv2d(c1, c2, 3, stride=2, padding=1)])
-        self.mid = _ResBlock(c2, c2, emb)
-        self.up = nn.ModuleList([_ResBlock(2 * c2, c2, emb), _ResBlock(2 * c1, c1, emb), _ResBlock(2 * c0, c0, emb)])
+        self.mid = ResBlock(c2, c2, emb)
+        self.up = nn.ModuleList([ResBlock(2 * c2, c2, emb), ResBlock(2 * c1, c1, emb), ResBlock(2 * c0, c0, emb)])
         self.unpool = nn.ModuleList([nn.Conv2d(c2, c1, 3, padding=1), nn.Conv2d(c1, c0, 3, padding=1)])
-        self.out_norm, self.out = nn.GroupNorm(_groups(c0), c0), nn.Conv2d(c0, 1, 3, padding=1)
+        self.out_norm, self.out = nn.GroupNorm(groups(c0), c0), nn.Conv2d(c0, 1, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         if num_classes:  # created last: the unconditional network's initial weights stay as they were
@@ -147,11 +148,7 @@ def load_fm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None,
     Returns:
         A velocity-predicting ``DiffusionModel`` on :class:`RectifiedFlow`; data in [−1, 1].
     """
-    path = Path(weights) if weights is not None else WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the committed weights are {WEIGHTS_FILE} (rebuild them "
-                                f"with: {REBUILD}), or pass weights=PATH (bench.run: --weights PATH)")
-    verify_committed_weights(path)
+    path = committed_weights(weights, WEIGHTS_FILE, REBUILD)
     net, _ = read_fm_mnist_weights(path)
     net = net.requires_grad_(False).to(device=device, dtype=dtype or torch.float32)
     return solvers.DiffusionModel(net, schedule=RectifiedFlow(), prediction="velocity",
@@ -167,13 +164,6 @@ QUALITY = ("Quality, FD (MNIST classifier) of 500 samples against the 2,000 held
            "them malformed.")
 
 
-def _training_summary() -> str:
-    try:
-        return torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)["training"]["summary"]
-    except Exception:  # a card must register even if its weights are missing; load() says what is wrong
-        return f"(weights not found at {WEIGHTS_FILE})"
-
-
 register_card(ModelCard(
     name="fm_mnist", kind="image",
     description="A rectified-flow (flow-matching) velocity model of MNIST trained by this project: a small U-Net "
@@ -185,7 +175,7 @@ register_card(ModelCard(
     # Trained here: the "source" is the training script, the weights are committed (sha256 in toy.WEIGHTS_SHA256).
     source_url="pretrained/train_fm_mnist.py (this project)", sha256=WEIGHTS_SHA256.get(WEIGHTS_FILE.name),
     licence="MIT (this project); trained on MNIST test images (Y. LeCun, C. Cortes)",
-    weights_note=f"Trained by this project: {_training_summary()}",
+    weights_note=f"Trained by this project: {training_summary(WEIGHTS_FILE)}",
     notes=f"Data: {SPLIT_RULE}. Rebuild the weights with: {REBUILD} (30 min on one shared CPU thread). " + QUALITY,
     extra={"weights": WEIGHTS_FILE, "data_split": SPLIT_RULE},
 ))

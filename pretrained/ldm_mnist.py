@@ -43,7 +43,8 @@ from solvers.schedules import VPCosine
 from .cards import ModelCard, register_card
 from .checkpoints import CheckpointError, check_state_dict, read_network_record
 from .mnist_data import SPLIT_RULE
-from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, verify_committed_weights
+from .fm_mnist import ResBlock, groups
+from .toy import WEIGHTS_DIR, WEIGHTS_SHA256, committed_weights, training_summary
 
 __all__ = ["LatentAutoencoder", "LatentUNet", "FORMAT", "AE_FORMAT", "WEIGHTS_FILE", "REBUILD", "LATENT_SHAPE",
            "read_ldm_mnist_weights", "read_autoencoder", "load_ldm_mnist", "load_decoder", "encode_images"]
@@ -53,26 +54,6 @@ AE_FORMAT = "pretrained.ldm_mnist.autoencoder/1"   # a stage-1 file: the autoenc
 WEIGHTS_FILE = WEIGHTS_DIR / "ldm_mnist.pt"
 REBUILD = "python -m pretrained.train_ldm_mnist"
 LATENT_SHAPE = (4, 7, 7)
-
-
-def _groups(c: int) -> int:
-    return 8 if c % 8 == 0 else 1
-
-
-class _ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv3×3, plus a per-channel shift from the time embedding, twice; 1×1 skip (the block
-    of fm_mnist's U-Net, which keeps it private to its module)."""
-
-    def __init__(self, c_in: int, c_out: int, emb: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
-        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -96,7 +77,7 @@ class LatentAutoencoder(nn.Module):
         c0, c1 = self.widths
 
         def block(c_in: int, c_out: int, stride: int = 1) -> list:   # conv → GroupNorm → SiLU
-            return [_conv(c_in, c_out, stride), nn.GroupNorm(_groups(c_out), c_out), nn.SiLU()]
+            return [_conv(c_in, c_out, stride), nn.GroupNorm(groups(c_out), c_out), nn.SiLU()]
 
         up = nn.Upsample(scale_factor=2, mode="nearest")
         self.encoder = nn.Sequential(*block(1, c0), *block(c0, c0), *block(c0, c1, 2), *block(c1, c1),
@@ -137,11 +118,11 @@ class LatentUNet(nn.Module):
         self.register_buffer("freqs", torch.logspace(0, 3, n_freq), persistent=False)
         self.time = nn.Sequential(nn.Linear(2 * n_freq, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.inp = nn.Conv2d(self.latent, c0, 3, padding=1)
-        self.down0, self.pool = _ResBlock(c0, c0, emb), nn.Conv2d(c0, c1, 3, stride=2, padding=1)   # 7 → 4
-        self.down1, self.mid = _ResBlock(c1, c1, emb), _ResBlock(c1, c1, emb)
-        self.up1, self.unpool = _ResBlock(2 * c1, c1, emb), nn.Conv2d(c1, c0, 3, padding=1)
-        self.up0 = _ResBlock(2 * c0, c0, emb)
-        self.out_norm, self.out = nn.GroupNorm(_groups(c0), c0), nn.Conv2d(c0, self.latent, 3, padding=1)
+        self.down0, self.pool = ResBlock(c0, c0, emb), nn.Conv2d(c0, c1, 3, stride=2, padding=1)   # 7 → 4
+        self.down1, self.mid = ResBlock(c1, c1, emb), ResBlock(c1, c1, emb)
+        self.up1, self.unpool = ResBlock(2 * c1, c1, emb), nn.Conv2d(c1, c0, 3, padding=1)
+        self.up0 = ResBlock(2 * c0, c0, emb)
+        self.out_norm, self.out = nn.GroupNorm(groups(c0), c0), nn.Conv2d(c0, self.latent, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -217,17 +198,10 @@ def read_autoencoder(path: os.PathLike) -> tuple[LatentAutoencoder, float, dict]
     return ae, scale, part
 
 
-def _committed_file() -> Path:
-    if not WEIGHTS_FILE.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_FILE} does not exist; rebuild it with: {REBUILD}")
-    verify_committed_weights(WEIGHTS_FILE)
-    return WEIGHTS_FILE
-
-
 def _same_autoencoder(ae: LatentAutoencoder, scale: float, path: Path) -> None:
     """Refuse a user's weight file whose autoencoder is not the committed one: the card's decoder (what the
     benchmark decodes with) is the committed autoencoder, and another one's latents would decode to noise."""
-    committed, committed_scale, _ = read_autoencoder(_committed_file())
+    committed, committed_scale, _ = read_autoencoder(committed_weights(None, WEIGHTS_FILE, REBUILD))
     mine, theirs = ae.state_dict(), committed.state_dict()
     same = scale == committed_scale and all(torch.equal(mine[k], theirs[k]) for k in theirs)
     if not same:
@@ -255,11 +229,7 @@ def load_ldm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None
         FileNotFoundError: no such file.  CheckpointError: not a valid weight file.
         ValueError: a user's file with another autoencoder than the committed one.
     """
-    path = Path(weights) if weights is not None else WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the committed weights are {WEIGHTS_FILE} (rebuild them "
-                                f"with: {REBUILD}), or pass weights=PATH (bench.run: --weights PATH)")
-    verify_committed_weights(path)
+    path = committed_weights(weights, WEIGHTS_FILE, REBUILD)
     net, ae, scale, _ = read_ldm_mnist_weights(path)
     if path.resolve() != WEIGHTS_FILE.resolve():
         _same_autoencoder(ae, scale, path)
@@ -271,7 +241,7 @@ def load_ldm_mnist(*, device: str = "cpu", weights: Optional[os.PathLike] = None
 def load_decoder(*, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """The card's decoder: scaled latents (B, 4, 7, 7) → images (B, 1, 28, 28) in [−1, 1] (float32), through the
     committed autoencoder (sha256-checked)."""
-    ae, scale, _ = read_autoencoder(_committed_file())
+    ae, scale, _ = read_autoencoder(committed_weights(None, WEIGHTS_FILE, REBUILD))
     ae = ae.requires_grad_(False).to(device)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -297,13 +267,6 @@ QUALITY = ("Quality, FD (MNIST classifier) of 500 decoded samples against the 2,
            "latent model's.")
 
 
-def _training_summary() -> str:
-    try:
-        return torch.load(WEIGHTS_FILE, map_location="cpu", weights_only=True)["training"]["summary"]
-    except Exception:  # a card must register even if its weights are missing; load() says what is wrong
-        return f"(weights not found at {WEIGHTS_FILE})"
-
-
 register_card(ModelCard(
     name="ldm_mnist", kind="image",
     description="A latent diffusion model of MNIST trained by this project: an autoencoder 1×28×28 ↔ 4×7×7 and a "
@@ -316,7 +279,7 @@ register_card(ModelCard(
     # Trained here: the "source" is the training script, the weights are committed (sha256 in toy.WEIGHTS_SHA256).
     source_url="pretrained/train_ldm_mnist.py (this project)", sha256=WEIGHTS_SHA256.get(WEIGHTS_FILE.name),
     licence="MIT (this project); trained on MNIST test images (Y. LeCun, C. Cortes)",
-    weights_note=f"Trained by this project: {_training_summary()}",
+    weights_note=f"Trained by this project: {training_summary(WEIGHTS_FILE)}",
     notes=f"Data: {SPLIT_RULE}. Rebuild the weights with: {REBUILD} (both stages: ≈ 9 + 19 min on one thread "
           "of a shared machine while three other trainings ran). "
           + QUALITY,

@@ -29,6 +29,7 @@ from .checkpoints import CheckpointError, file_digest, read_network_record
 from .consistency import BoundaryScalings, ConsistencyFunction
 
 __all__ = ["PointMLP", "FlowVelocity", "WEIGHTS_DIR", "WEIGHTS_SHA256", "verify_committed_weights",
+           "committed_weights", "training_summary",
            "teacher_mixture", "teacher_schedule", "build_network", "read_toy_weights", "load_cm_gmm2d",
            "load_fm_gmm2d", "FORMAT"]
 
@@ -75,6 +76,27 @@ def verify_committed_weights(path: os.PathLike) -> None:
             f"{path}: sha256 is {actual}, but the committed {name} has sha256 {expected}. The file was changed "
             f"or corrupted; restore it with `git checkout -- pretrained/weights/{name}`, or retrain it with "
             f"`{rebuild}` and put its new sha256 in WEIGHTS_SHA256 (pretrained/toy.py).")
+
+
+def committed_weights(weights: Optional[os.PathLike], default: Path, rebuild: str) -> Path:
+    """The weight file a loader reads: ``weights`` or the committed ``default``, which must exist (else a
+    FileNotFoundError saying how to rebuild it or where to point ``weights``); files of :data:`WEIGHTS_DIR` are
+    checked against :data:`WEIGHTS_SHA256` (:func:`verify_committed_weights`)."""
+    path = Path(weights) if weights is not None else default
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the committed weights are {default} (rebuild them "
+                                f"with: {rebuild}), or pass weights=PATH (bench.run: --weights PATH)")
+    verify_committed_weights(path)
+    return path
+
+
+def training_summary(path: Path) -> str:
+    """The ``training.summary`` of a committed weight record, for its card (a placeholder when the file is
+    missing or unreadable: a card must register anyway, and its loader says what is wrong)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["training"]["summary"]
+    except Exception:
+        return f"(weights not found at {path})"
 
 
 def teacher_mixture() -> GaussianMixture:

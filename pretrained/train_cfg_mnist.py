@@ -25,11 +25,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import solvers
 
 from .cfg_mnist import FORMAT, NUM_CLASSES, REBUILD, WEIGHTS_FILE, schedule
-from .checkpoints import file_digest
 from .fm_mnist import FlowUNet
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .train_fm_mnist import _lr_factor
-from .train_gmm2d import save_atomic
+from .training import check_counts, lr_factor, write_weights
 
 __all__ = ["train", "evaluate", "guided_images", "class_accuracy", "main", "DEFAULTS", "ARCH"]
 
@@ -57,7 +55,7 @@ def train(*, steps: int, batch: int, lr: float, warmup: int, ema: float, p_uncon
     net = FlowUNet(**arch).train()
     slow = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     gen = torch.Generator().manual_seed(seed + 1)
     order = epoch_batches(x_all.shape[0], batch, gen)
     t0, running, loss = time.perf_counter(), [], torch.tensor(float("nan"))
@@ -174,9 +172,7 @@ def main(argv: Optional[list] = None) -> int:
         torch.set_num_threads(args.threads)
         evaluate(weights=args.weights, n=args.num_samples)
         return 0
-    for key in ("steps", "batch", "warmup", "threads"):
-        if getattr(args, key) < (0 if key == "warmup" else 1):
-            parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    check_counts(parser, args, ("steps", "batch", "warmup", "threads"))
     if not (0 < args.lr and 0 <= args.ema < 1):
         parser.error(f"--lr must be > 0 and --ema in [0, 1), got {args.lr} and {args.ema}")
     if not 0 < args.p_uncond < 1:
@@ -184,10 +180,7 @@ def main(argv: Optional[list] = None) -> int:
                      f"got {args.p_uncond}")
     torch.set_num_threads(args.threads)
     record = train(**{k: getattr(args, k) for k in DEFAULTS})
-    save_atomic(record, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB): {record['training']['summary']}")
-    print(f"sha256 {file_digest(args.out, 'sha256')}: for the committed file, put it in WEIGHTS_SHA256 "
-          "(pretrained/toy.py), or loading it fails the checksum")
+    write_weights(record, args.out)
     return 0
 
 

@@ -38,7 +38,7 @@ from .cm_mnist import FORMAT, REBUILD, T_MIN, WEIGHTS_FILE, FlowConsistency
 from .fm_mnist import FlowUNet
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
 from .toy import verify_committed_weights
-from .train_gmm2d import save_atomic
+from .training import check_counts, write_weights
 
 __all__ = ["train", "main", "DEFAULTS", "load_teacher", "heun_step"]
 
@@ -145,18 +145,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible bytes, "
                         "and the machine is shared)")
     args = parser.parse_args(argv)
-    for key in ("steps", "batch", "intervals", "warmup", "threads"):
-        if getattr(args, key) < (0 if key == "warmup" else 1):
-            parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    check_counts(parser, args, ("steps", "batch", "intervals", "warmup", "threads"))
     if not (args.lr > 0 and 0 <= args.target_ema < 1 and 0 <= args.ema < 1):
         parser.error(f"--lr must be > 0 and --target-ema, --ema in [0, 1), got {args.lr}, {args.target_ema} "
                      f"and {args.ema}")
     torch.set_num_threads(args.threads)
     record = train(**{k: getattr(args, k) for k in DEFAULTS})
-    save_atomic(record, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB): {record['training']['summary']}")
-    print(f"sha256 {file_digest(args.out, 'sha256')}: for the committed file, put it in WEIGHTS_SHA256 "
-          "(pretrained/toy.py), or loading it fails the checksum")
+    write_weights(record, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ record of how they were trained; the sha256 printed at the end goes into
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,21 +22,15 @@ from typing import Optional
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .checkpoints import file_digest
 from .fm_mnist import FORMAT, REBUILD, WEIGHTS_FILE, FlowUNet
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .train_gmm2d import save_atomic
+from .training import check_counts, lr_factor, write_weights
 
 __all__ = ["train", "main", "DEFAULTS", "ARCH"]
 
 DEFAULTS = dict(steps=4500, batch=64, lr=2e-3, warmup=200, ema=0.999, seed=0)
 ARCH = dict(channels=(16, 32, 64), emb=128, n_freq=16)
 
-
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(steps - warmup, 1), 1.0)))
 
 
 def train(*, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: int, arch: Optional[dict] = None,
@@ -53,7 +46,7 @@ def train(*, steps: int, batch: int, lr: float, warmup: int, ema: float, seed: i
     net = FlowUNet(**arch).train()
     slow = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     gen = torch.Generator().manual_seed(seed + 1)
     order = epoch_batches(x_all.shape[0], batch, gen)
     t0, running, loss = time.perf_counter(), [], torch.tensor(float("nan"))
@@ -107,18 +100,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: reproducible bytes, "
                         "and the machine is shared)")
     args = parser.parse_args(argv)
-    for key in ("steps", "batch", "warmup", "threads"):
-        if getattr(args, key) < (0 if key == "warmup" else 1):
-            parser.error(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    check_counts(parser, args, ("steps", "batch", "warmup", "threads"))
     if not (0 < args.lr and 0 <= args.ema < 1):
         parser.error(f"--lr must be > 0 and --ema in [0, 1), got {args.lr} and {args.ema}")
     torch.set_num_threads(args.threads)
     record = train(**{k: getattr(args, k) for k in DEFAULTS})
-    save_atomic(record, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB): "
-          f"{record['training']['summary']}")
-    print(f"sha256 {file_digest(args.out, 'sha256')}: for the committed file, put it in WEIGHTS_SHA256 "
-          "(pretrained/toy.py), or loading it fails the checksum")
+    write_weights(record, args.out)
     return 0
 
 

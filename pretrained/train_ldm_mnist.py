@@ -20,7 +20,6 @@ into :data:`pretrained.toy.WEIGHTS_SHA256`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from .ldm_mnist import AE_FORMAT, FORMAT, REBUILD, WEIGHTS_FILE, LatentAutoencod
     read_autoencoder
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
 from .train_gmm2d import save_atomic
+from .training import lr_factor
 
 __all__ = ["train_autoencoder", "train_latent", "measure_autoencoder", "canonical", "main", "AE_DEFAULTS",
            "LATENT_DEFAULTS", "AE_ARCH", "LATENT_ARCH"]
@@ -47,12 +47,6 @@ AE_ARCH = dict(widths=(16, 48), latent=4)
 LATENT_ARCH = dict(channels=(48, 64), emb=128, n_freq=16, latent=4)
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``steps`` (as train_fm_mnist)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(steps - warmup, 1), 1.0)))
-
 
 def _plain(arch: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
@@ -60,7 +54,7 @@ def _plain(arch: dict) -> dict:
 
 def _optimiser(net: torch.nn.Module, lr: float, steps: int, warmup: int):
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
 
 
 def _training_images(data: Optional[torch.Tensor]) -> torch.Tensor:

@@ -20,10 +20,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import file_digest
 from .mnist_classifier import FORMAT, WEIGHTS_FILE, MnistClassifier
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .train_gmm2d import save_atomic
+from .training import write_weights
 
 __all__ = ["train", "accuracy", "random_shifts", "main", "DEFAULTS", "MIN_ACCURACY"]
 
@@ -114,10 +113,7 @@ def main(argv: Optional[list] = None) -> int:
     if held < MIN_ACCURACY:
         print(f"held-out accuracy {held:.2%} is below {MIN_ACCURACY:.0%}: nothing written", file=sys.stderr)
         return 1
-    save_atomic(record, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB): {record['training']['summary']}")
-    print(f"sha256 {file_digest(args.out, 'sha256')}: for the committed file, put it in WEIGHTS_SHA256 "
-          "(pretrained/toy.py), or loading it fails the checksum")
+    write_weights(record, args.out)
     return 0
 
 
