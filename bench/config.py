@@ -18,6 +18,8 @@ from .autobatch import parse_batch_size
 from .plan import SolverSpec, UsageError, check_seed, parse_assignment, parse_guidance, parse_solvers, parse_steps
 from .results import safe_filename
 
+DEFAULT_SOLVERS = "ddim,dpmpp,heun,ddpm"   # what a sweep runs when --solvers is not given (see default_solvers)
+
 __all__ = ["SweepConfig", "make_config", "parse_repeats", "network_setting"]
 
 
@@ -79,6 +81,13 @@ def network_setting(cfg) -> str:
     return ",".join(parts) or "eager"
 
 
+def default_solvers(card) -> str:
+    """The solvers a sweep of ``card`` runs when ``--solvers`` is not given: the card's own (``extra["solvers"]``,
+    e.g. ``consistency`` for a consistency model, which other solvers would misuse), else
+    :data:`DEFAULT_SOLVERS`."""
+    return ",".join(card.extra.get("solvers", ())) or DEFAULT_SOLVERS
+
+
 def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
     """The frozen configuration of ``args`` for ``card`` in a job of ``world`` processes.
 
@@ -87,7 +96,7 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
     """
     steps = parse_steps(args.steps)
     guidance = parse_guidance(getattr(args, "guidance", None), card)
-    specs = parse_solvers(args.solvers, args.solver_opt)
+    specs = parse_solvers(default_solvers(card) if args.solvers is None else args.solvers, args.solver_opt)
     num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
     try:
         batch_size = card.default_batch_size if args.batch_size is None else parse_batch_size(args.batch_size)

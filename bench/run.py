@@ -26,7 +26,7 @@ import pretrained
 import solvers
 
 from . import metrics as M
-from .config import SweepConfig, make_config
+from .config import DEFAULT_SOLVERS, SweepConfig, make_config
 from .distributed import init_dist
 from pretrained.user_models import parse_shape
 
@@ -37,7 +37,7 @@ from .sweep import (REPEAT_BUDGET_S, REPEAT_CAP, REPEAT_SHARE, SEED_STRIDE, AllC
 
 __all__ = ["build_parser", "run", "main", "DEFAULTS"]
 
-DEFAULTS = {"model": "gmm2d", "solvers": "ddim,dpmpp,heun,ddpm", "steps": "1,2,5,10,20,50"}
+DEFAULTS = {"model": "gmm2d", "solvers": DEFAULT_SOLVERS, "steps": "1,2,5,10,20,50"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default=None, metavar="C,H,W",
                    help="the sample shape of --model my_pkg.my_module:ATTR when the object does not carry one "
                         "(a sample_shape attribute), e.g. 3,32,32 or 2")
-    p.add_argument("--solvers", default=DEFAULTS["solvers"],
+    p.add_argument("--solvers", default=None,
                    help="comma-separated solver names (library names or aliases), each optionally with "
                         "options as NAME:OPT=VAL[:OPT=VAL], e.g. 'ddim,ddim:eta=1.0,dpmpp' (default: "
-                        f"{DEFAULTS['solvers']}); valid names: "
+                        f"{DEFAULTS['solvers']}, or the model card's own solvers: consistency for a consistency "
+                        "model); valid names: "
                         f"{', '.join(solvers.available_solvers())}")
     p.add_argument("--steps", default=DEFAULTS["steps"],
                    help="comma-separated positive step counts (NFE is reported separately: Heun makes 2·steps−1 "

@@ -71,3 +71,12 @@ def test_batch_size_auto_makes_a_new_config(tmp_path):
     assert isinstance(sweep.cfg.batch_size, int) and 1 <= sweep.cfg.batch_size <= 64
     assert dataclasses.replace(sweep.cfg, batch_size="auto") == before
     assert isinstance(sweep, Sweep) and sweep.cells and sweep.model is not None
+
+
+@pytest.mark.parametrize("model, expected", [("gmm2d", ["ddim", "dpmpp", "heun", "ddpm"]),
+                                             ("cm_mnist", ["consistency"]), ("cd_imagenet64_l2", ["consistency"])])
+def test_without_solvers_a_consistency_model_runs_its_own_sampler(model, expected):
+    cfg, _ = _config("--model", model)
+    assert [s.label for s in cfg.specs] == expected
+    cfg, _ = _config("--model", model, "--solvers", "euler")   # asked for: always what was asked
+    assert [s.label for s in cfg.specs] == ["euler"]
