@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,19 +12,9 @@ from pretrained import cfg_mnist, checkpoints, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from pretrained.fm_mnist import FlowUNet
 from solvers.schedules import VPCosine
+from tests.pretrained.mnist_marks import needs_mnist, Payload
 
-needs_mnist = pytest.mark.skipif(not (checkpoints.ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz").is_file(),
-                                 reason="MNIST test set not in the shared assets")
 SMALL = dict(channels=(8, 16, 16), emb=32, n_freq=4)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -158,14 +147,8 @@ def test_card_declares_the_class_conditional_contract_and_its_provenance():
     assert cfg_mnist.WEIGHTS_FILE.stat().st_size < 5 * 2 ** 20
 
 
-def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tmp_path, monkeypatch):
-    folder = tmp_path / "weights"
-    shutil.copytree(toy.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
-    path = folder / "cfg_mnist.pt"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(changed_committed_file):
+    path = changed_committed_file("cfg_mnist.pt")
     with pytest.raises(CheckpointError) as err:
         pretrained.load("cfg_mnist", weights=path)
     message = str(err.value)
@@ -173,14 +156,9 @@ def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tm
     assert "python -m pretrained.train_cfg_mnist" in message
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
 def test_files_that_are_not_cfg_mnist_weights_are_refused_unexecuted(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": cfg_mnist.FORMAT, "x": _Payload()}, evil)
+    torch.save({"format": cfg_mnist.FORMAT, "x": Payload()}, evil)
     with pytest.raises(CheckpointError, match="cannot read the cfg_mnist weights"):
         pretrained.load("cfg_mnist", weights=evil)
     assert "this must never run" not in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """The cm_mnist card: a consistency model distilled by this project from fm_mnist on its rectified-flow ODE."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -12,18 +11,8 @@ from bench import plan
 from pretrained import checkpoints, cm_mnist, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from solvers.schedules import RectifiedFlow
+from tests.pretrained.mnist_marks import needs_mnist, Payload
 
-needs_mnist = pytest.mark.skipif(not (checkpoints.ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz").is_file(),
-                                 reason="MNIST test set not in the shared assets")
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_card_loads_offline_and_one_step_gives_images_in_its_data_range():
@@ -67,14 +56,8 @@ def test_card_states_the_data_split_the_recipe_the_teacher_and_the_checksum():
     assert record["t_min"] == cm_mnist.T_MIN == 0.0
 
 
-def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tmp_path, monkeypatch):
-    folder = tmp_path / "weights"
-    shutil.copytree(toy.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
-    path = folder / "cm_mnist.pt"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(changed_committed_file):
+    path = changed_committed_file("cm_mnist.pt")
     with pytest.raises(CheckpointError) as err:
         pretrained.load("cm_mnist", weights=path)
     message = str(err.value)
@@ -82,14 +65,9 @@ def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tm
     assert "python -m pretrained.train_cm_mnist" in message
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
 def test_files_that_are_not_cm_mnist_weights_are_refused_unexecuted(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": cm_mnist.FORMAT, "x": _Payload()}, evil)
+    torch.save({"format": cm_mnist.FORMAT, "x": Payload()}, evil)
     with pytest.raises(CheckpointError, match="cannot read the cm_mnist weights"):
         pretrained.load("cm_mnist", weights=evil)
     assert "this must never run" not in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """The fm_mnist card: a rectified-flow velocity U-Net trained by this project on 8,000 MNIST images."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -11,18 +10,8 @@ import solvers
 from pretrained import checkpoints, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from solvers.schedules import RectifiedFlow
+from tests.pretrained.mnist_marks import needs_mnist, Payload
 
-needs_mnist = pytest.mark.skipif(not (checkpoints.ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz").is_file(),
-                                 reason="MNIST test set not in the shared assets")
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_card_loads_offline_and_samples_images_in_its_data_range():
@@ -48,14 +37,8 @@ def test_card_states_the_data_split_the_recipe_and_the_checksum():
     assert fm_mnist.WEIGHTS_FILE.stat().st_size < 5 * 2 ** 20
 
 
-def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tmp_path, monkeypatch):
-    folder = tmp_path / "weights"
-    shutil.copytree(toy.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
-    path = folder / "fm_mnist.pt"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(changed_committed_file):
+    path = changed_committed_file("fm_mnist.pt")
     with pytest.raises(CheckpointError) as err:
         pretrained.load("fm_mnist", weights=path)
     message = str(err.value)
@@ -64,14 +47,9 @@ def test_a_changed_committed_file_is_refused_and_the_message_names_its_script(tm
     assert "python -m pretrained.train_fm_mnist" in message and "train_gmm2d" not in message
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
 def test_files_that_are_not_fm_mnist_weights_are_refused_unexecuted(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": fm_mnist.FORMAT, "x": _Payload()}, evil)
+    torch.save({"format": fm_mnist.FORMAT, "x": Payload()}, evil)
     with pytest.raises(CheckpointError, match="cannot read the fm_mnist weights"):
         pretrained.load("fm_mnist", weights=evil)
     assert "this must never run" not in capsys.readouterr().out

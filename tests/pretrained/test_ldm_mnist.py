@@ -2,7 +2,6 @@
 MNIST images; the card carries the decoder."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -14,18 +13,8 @@ from pretrained import checkpoints, ldm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from pretrained.train_gmm2d import save_atomic
 from solvers.schedules import VPCosine
+from tests.pretrained.mnist_marks import needs_mnist, Payload
 
-needs_mnist = pytest.mark.skipif(not (checkpoints.ASSETS / "mnist" / "t10k-images-idx3-ubyte.gz").is_file(),
-                                 reason="MNIST test set not in the shared assets")
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_card_samples_latents_that_its_decoder_turns_into_digits():
@@ -91,19 +80,8 @@ def test_reconstructions_of_held_out_images_beat_the_same_size_pixel_code():
     assert rmse < rmse_pooled
 
 
-def _tampered_copy(tmp_path, monkeypatch):
-    folder = tmp_path / "weights"
-    shutil.copytree(toy.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
-    path = folder / "ldm_mnist.pt"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return path
-
-
-def test_a_changed_committed_file_is_refused_by_the_loader_and_the_decoder(tmp_path, monkeypatch):
-    path = _tampered_copy(tmp_path, monkeypatch)
+def test_a_changed_committed_file_is_refused_by_the_loader_and_the_decoder(changed_committed_file, monkeypatch):
+    path = changed_committed_file("ldm_mnist.pt")
     with pytest.raises(CheckpointError) as err:
         pretrained.load("ldm_mnist", weights=path)
     message = str(err.value)
@@ -127,14 +105,9 @@ def test_a_user_file_with_another_autoencoder_is_refused(tmp_path):
         pretrained.load("ldm_mnist", weights=other)
 
 
-class _Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
 def test_files_that_are_not_ldm_mnist_weights_are_refused_unexecuted(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": ldm_mnist.FORMAT, "x": _Payload()}, evil)
+    torch.save({"format": ldm_mnist.FORMAT, "x": Payload()}, evil)
     with pytest.raises(CheckpointError, match="cannot read the ldm_mnist weights"):
         pretrained.load("ldm_mnist", weights=evil)
     assert "this must never run" not in capsys.readouterr().out

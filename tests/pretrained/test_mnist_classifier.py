@@ -1,7 +1,6 @@
 """The project's MNIST classifier (pretrained.mnist_classifier, pretrained.train_mnist_classifier)."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -29,15 +28,6 @@ def test_committed_classifier_is_at_least_98_percent_right_on_the_held_out_image
     assert record["training"]["command"] == "python -m pretrained.train_mnist_classifier"
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the training scripts use (on a busy shared CPU, 2 threads can be far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_committed_file_is_under_5_mb_and_small_net_shapes_are_checked():
     assert mnist_classifier.WEIGHTS_FILE.stat().st_size < 5 * 2 ** 20
     net = load_mnist_classifier()
@@ -47,18 +37,8 @@ def test_committed_file_is_under_5_mb_and_small_net_shapes_are_checked():
         net(torch.zeros(3, 3, 28, 28))
 
 
-def _copy_weights(tmp_path, monkeypatch):
-    folder = tmp_path / "weights"
-    shutil.copytree(toy.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(toy, "WEIGHTS_DIR", folder)
-    return folder
-
-
-def test_a_changed_committed_file_is_refused_and_the_message_names_its_own_script(tmp_path, monkeypatch):
-    path = _copy_weights(tmp_path, monkeypatch) / "mnist_classifier.pt"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def test_a_changed_committed_file_is_refused_and_the_message_names_its_own_script(changed_committed_file):
+    path = changed_committed_file("mnist_classifier.pt")
     with pytest.raises(CheckpointError) as err:
         load_mnist_classifier(path)
     message = str(err.value)
