@@ -26,8 +26,8 @@ import solvers
 
 from .cfg_mnist import FORMAT, NUM_CLASSES, REBUILD, WEIGHTS_FILE, schedule
 from .fm_mnist import FlowUNet
-from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .training import check_counts, lr_factor, write_weights
+from .mnist_data import epoch_batches, mnist_split
+from .training import check_counts, lr_factor, weight_record, write_weights
 
 __all__ = ["train", "evaluate", "guided_images", "class_accuracy", "main", "DEFAULTS", "ARCH"]
 
@@ -91,14 +91,7 @@ def _record(net: FlowUNet, arch: dict, settings: dict, final_loss: float, n_data
                f"embedding, {sum(p.numel() for p in net.parameters()):,} parameters; {s['steps']} Adam steps "
                f"(lr {s['lr']}, {s['warmup']} warm-up steps, cosine decay), batch {s['batch']}, saved EMA "
                f"{s['ema']}, seed {s['seed']}")
-    return {
-        "format": FORMAT, "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
-        "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        # No wall-clock time in the record: the same settings give the same bytes (and sha256).
-        "training": {"summary": summary, **settings, "final_loss": final_loss,
-                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "data": SPLIT_RULE,
-                     "command": REBUILD},
-    }
+    return weight_record(FORMAT, arch, net, summary, settings, final_loss, REBUILD)
 
 
 def guided_images(model, labels: torch.Tensor, guidance: float, *, solver: str = "dpmpp_2m", steps: int = 20,

@@ -36,9 +36,9 @@ from . import fm_mnist
 from .checkpoints import file_digest
 from .cm_mnist import FORMAT, REBUILD, T_MIN, WEIGHTS_FILE, FlowConsistency
 from .fm_mnist import FlowUNet
-from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
+from .mnist_data import epoch_batches, mnist_split
 from .toy import verify_committed_weights
-from .training import check_counts, write_weights
+from .training import check_counts, weight_record, write_weights
 
 __all__ = ["train", "main", "DEFAULTS", "load_teacher", "heun_step"]
 
@@ -124,14 +124,7 @@ def _record(net: FlowUNet, settings: dict, final_loss: float, n_data: int, teach
                f"(no LPIPS), target EMA μ = {s['target_ema']}; {n_data:,} MNIST images in [−1, 1]; {s['steps']} "
                f"Adam steps (lr {s['lr']}, {s['warmup']} warm-up steps, then constant), batch {s['batch']}, "
                f"saved EMA {s['ema']}, seed {s['seed']}")
-    return {
-        "format": FORMAT, "arch": net.arch(), "t_min": T_MIN,
-        "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        # No wall-clock time in the record: the same settings give the same bytes (and sha256).
-        "training": {"summary": summary, **settings, "final_loss": final_loss,
-                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "data": SPLIT_RULE,
-                     "command": REBUILD},
-    }
+    return weight_record(FORMAT, net.arch(), net, summary, settings, final_loss, REBUILD, t_min=T_MIN)
 
 
 def main(argv: Optional[list] = None) -> int:

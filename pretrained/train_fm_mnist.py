@@ -23,8 +23,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .fm_mnist import FORMAT, REBUILD, WEIGHTS_FILE, FlowUNet
-from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
-from .training import check_counts, lr_factor, write_weights
+from .mnist_data import epoch_batches, mnist_split
+from .training import check_counts, lr_factor, weight_record, write_weights
 
 __all__ = ["train", "main", "DEFAULTS", "ARCH"]
 
@@ -79,14 +79,7 @@ def _record(net: FlowUNet, arch: dict, settings: dict, final_loss: float, n_data
                f"{tuple(arch['channels'])}, {sum(p.numel() for p in net.parameters()):,} parameters; {s['steps']} "
                f"Adam steps (lr {s['lr']}, {s['warmup']} warm-up steps, cosine decay), batch {s['batch']}, saved "
                f"EMA {s['ema']}, seed {s['seed']}")
-    return {
-        "format": FORMAT, "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
-        "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        # No wall-clock time in the record: the same settings give the same bytes (and sha256).
-        "training": {"summary": summary, **settings, "final_loss": final_loss,
-                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "data": SPLIT_RULE,
-                     "command": REBUILD},
-    }
+    return weight_record(FORMAT, arch, net, summary, settings, final_loss, REBUILD)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -35,7 +35,7 @@ from .ldm_mnist import AE_FORMAT, FORMAT, REBUILD, WEIGHTS_FILE, LatentAutoencod
     read_autoencoder
 from .mnist_data import SPLIT_RULE, epoch_batches, mnist_split
 from .train_gmm2d import save_atomic
-from .training import lr_factor
+from .training import lr_factor, weight_record
 
 __all__ = ["train_autoencoder", "train_latent", "measure_autoencoder", "canonical", "main", "AE_DEFAULTS",
            "LATENT_DEFAULTS", "AE_ARCH", "LATENT_ARCH"]
@@ -163,14 +163,7 @@ def _record(net: LatentUNet, arch: dict, ae_record: dict, settings: dict, final_
                f"Adam steps (lr {s['lr']}, {s['warmup']} warm-up steps, cosine decay), batch {s['batch']}, saved "
                f"EMA {s['ema']}, seed {s['seed']}")
     autoencoder = {k: ae_record[k] for k in ("arch", "latent_scale", "state_dict", "training")}
-    return {
-        "format": FORMAT, "arch": _plain(arch), "autoencoder": autoencoder,
-        "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        # No wall-clock time in the record: the same settings give the same bytes (and sha256).
-        "training": {"summary": summary, **settings, "final_loss": final_loss,
-                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "data": SPLIT_RULE,
-                     "command": REBUILD},
-    }
+    return weight_record(FORMAT, arch, net, summary, settings, final_loss, REBUILD, autoencoder=autoencoder)
 
 
 def measure_autoencoder(path: Path = WEIGHTS_FILE, n: int = 500) -> dict:
