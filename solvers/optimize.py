@@ -17,6 +17,10 @@ from a calibration batch of starting states, in three deterministic stages:
    against the reference, from the better of the default and the DP grid, within a fixed budget of
    ``evaluations`` solver runs.
 
+With ``free_start=True`` the grid's first time is free too: the starting states are then used unchanged at
+a later, lower noise level, skipping the first stretch of the ODE (diffusers' "leading" timesteps do this by
+construction); the error is still measured against the solution from the original start.
+
 Cost (batched model calls on the calibration batch, all counted in ``OptimizedGrid.nfe``): the reference
 (adaptive Dormand–Prince at ``reference_rtol`` and its check at 10× that; problem-dependent), plus
 ``candidates`` − 1 for the DP initialiser, plus up to ``evaluations`` + 2 solver runs (the default grid, the DP
@@ -41,7 +45,7 @@ from .loop import NonFiniteError, check_call, sample
 from .model import DiffusionModel
 from .registry import get_solver
 
-__all__ = ["OptimizedGrid", "optimize_timesteps"]
+__all__ = ["OptimizedGrid", "optimize_timesteps", "start_state"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class OptimizedGrid:
 
     Attributes:
         timesteps: the optimised grid: ``steps + 1`` strictly decreasing solver times with the default grid's
-            ends (pass it as ``solvers.sample(..., timesteps=opt.timesteps)``).
+            ends (with ``free_start`` the first may be later) (pass it as ``solvers.sample(..., timesteps=
+            opt.timesteps)``).
         default_timesteps: the grid it started from (``solvers.grids.make_grid`` with the given spacing).
         error_before, error_after: the RMS error (over every entry of the calibration batch) of the solver's
             final samples against the reference, on the default grid and on the optimised one.
@@ -82,7 +87,7 @@ class OptimizedGrid:
 def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str, steps: int,
                        t_start: Optional[float] = None, t_end: Optional[float] = None, spacing: str = "logsnr",
                        denoise_to_zero: bool = True, evaluations: int = 120, candidates: int = 64,
-                       reference_rtol: float = 1e-6, **solver_options) -> OptimizedGrid:
+                       reference_rtol: float = 1e-6, free_start: bool = False, **solver_options) -> OptimizedGrid:
     """A time grid for ``solver`` at ``steps`` steps that minimises its error on ``model`` (module docstring).
 
     Args:
@@ -98,6 +103,13 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         evaluations: the search budget: solver runs on the calibration batch (fixed; no early random exit).
         candidates: levels of the DP initialiser's fine grid (≥ 2·steps).
         reference_rtol: tolerance of the reference solution (``atol`` the same).
+        free_start: let the grid's first time move below ``t_start``: ``x_T`` (the state at ``t_start``) is then
+            taken as the prior's draw at the grid's later first time (:func:`start_state`: unchanged on VP
+            schedules; what ``solvers.initial_noise(..., t=opt.timesteps[0])`` gives from the same seeds),
+            skipping the first stretch of the ODE without a model call — what diffusers' "leading" timesteps
+            do (800, 600, … at 5 of 1,000 steps), which pays where the state barely moves at the highest noise
+            levels.  The error is still measured against the solution from ``t_start``; the search keeps the
+            skip only where it lowers that error.
         **solver_options: the solver's options (e.g. ``official_d2=True`` for dpmpp_3m).
 
     Returns:
@@ -115,48 +127,60 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
             model call.
     """
     check_call(model, x_T, "x_T", None, steps)
+    if not isinstance(free_start, bool):
+        raise TypeError(f"free_start must be True or False, got {free_start!r}")
     slv = _check_solver(solver, solver_options)
     _check_budget(evaluations, candidates, reference_rtol, steps)
     default = make_grid(model.schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
                         denoise_to_zero=denoise_to_zero)
     slv.check(_points(model, default))
-    tail, transitions, coord, fine = _search_space(model, default, denoise_to_zero, candidates)
+    tail, transitions, coords, fine = _search_space(model, default, denoise_to_zero, candidates, free_start)
     ref, trajectory, ref_nfe, ref_err = _reference(model, x_T, fine + tail, reference_rtol)
-    objective = _Objective(model, x_T, ref, solver, solver_options)
+    objective = _Objective(model, x_T, ref, solver, solver_options, default[0])
     error_before = objective(default)
     best, best_err = default, error_before
     method = f"default grid ({spacing}): no free level to move at {steps} step(s)"
-    if coord is not None:
-        best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, default,
-                                  error_before, evaluations)
+    for coord in coords:
+        best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, best, best_err,
+                                  evaluations)
+    if coords:
+        name = coords[0].name
+        free = (f"; then again with the first time free, from the better of that grid and a free-start DP grid"
+                if free_start else "")
         method = (f"reference: adaptive dopri5 at rtol=atol={reference_rtol:g}; initial grid: the better of the "
-                  f"default ({spacing}) and GITS-style DP over {candidates} levels uniform in {coord.name}; "
-                  f"compass search on the softmax logits of the {coord.name} increments of the "
-                  f"{transitions - 1} free levels, {objective.runs} solver runs")
+                  f"default ({spacing}) and GITS-style DP over {candidates} levels uniform in {name}; "
+                  f"compass search on the softmax logits of the {name} increments of the "
+                  f"{transitions - 1} free levels{free}; {objective.runs} solver runs")
     return OptimizedGrid(
         timesteps=tuple(best), default_timesteps=tuple(default), error_before=error_before, error_after=best_err,
-        nfe=ref_nfe + (len(fine) - 1 if coord else 0) + objective.nfe, nfe_reference=ref_nfe,
+        nfe=ref_nfe + (len(fine) - 1) * len(coords) + objective.nfe, nfe_reference=ref_nfe,
         reference_error=ref_err, solver=slv.name, options=slv.options(), method=method,
         evaluations=objective.runs, calibration_size=int(x_T.shape[0]))
 
 
-def _search_space(model: DiffusionModel, default: list, denoise_to_zero: bool, candidates: int):
+def _search_space(model: DiffusionModel, default: list, denoise_to_zero: bool, candidates: int,
+                  free_start: bool = False):
     """(the kept final step to σ = 0 as a list, the number of transitions between noise levels, the search
-    coordinate or None when no level is free, the DP's fine candidate levels)."""
+    coordinates — with the first time kept, then (``free_start``) free; none where no level can move —, the
+    DP's fine candidate levels)."""
     to_zero = denoise_to_zero and len(default) > 2
     tail = [default[-1]] if to_zero else []          # the final step to σ = 0, kept as it is
-    levels = default[:-1] if to_zero else default    # the noise levels: the first and last are kept
+    levels = default[:-1] if to_zero else default    # the noise levels: the first (unless free) and last are kept
     transitions = len(levels) - 1
-    coord = _Coordinate(model.schedule, levels[0], levels[-1]) if transitions > 1 else None
-    fine = coord.levels(torch.zeros(candidates - 1, dtype=torch.float64)) if coord else levels
-    return tail, transitions, coord, fine
+    coords = [_Coordinate(model.schedule, levels[0], levels[-1], free) for free in (False, True)
+              if (free and free_start) or (not free and transitions > 1)]
+    fine = (_Coordinate(model.schedule, levels[0], levels[-1]).levels(torch.zeros(candidates - 1,
+                                                                                  dtype=torch.float64))
+            if coords else levels)
+    return tail, transitions, coords, fine
 
 
-def _improve(model, objective, coord, fine: list, trajectory: list, tail: list, transitions: int, default: list,
-             error_before: float, evaluations: int) -> tuple[list, float]:
-    """Stages 2–3: the better of the default grid and the DP grid, then the compass search from it."""
-    best, best_err = default, error_before
-    dp_grid = [fine[i] for i in _dp_path(model, fine, trajectory[:len(fine)], transitions)] + tail
+def _improve(model, objective, coord, fine: list, trajectory: list, tail: list, transitions: int, start: list,
+             start_err: float, evaluations: int) -> tuple[list, float]:
+    """Stages 2–3 in one coordinate: the better of ``start`` (the default grid, or the fixed-start search's
+    result) and the DP grid, then the compass search from it."""
+    best, best_err = start, start_err
+    dp_grid = [fine[i] for i in _dp_path(model, fine, trajectory[:len(fine)], transitions, coord.free_start)] + tail
     dp_err = objective(dp_grid)
     if dp_err < best_err:
         best, best_err = dp_grid, dp_err
@@ -188,6 +212,16 @@ def _check_budget(evaluations, candidates, reference_rtol, steps: int) -> None:
         raise ValueError(f"reference_rtol must be a number in [1e-12, 1e-3], got {reference_rtol!r}")
 
 
+def start_state(schedule, x_T: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
+    """The starting states drawn at ``t_from`` as the prior's draw at a later ``t_to`` (a free-start grid's
+    first time): scaled by ``schedule.prior_std(t_to) / prior_std(t_from)`` — unchanged on VP schedules,
+    σ'/σ on VE and flow schedules — which is what :func:`solvers.initial_noise` with ``t=t_to`` gives from the
+    same seeds."""
+    if t_to == t_from:
+        return x_T
+    return x_T * (schedule.prior_std(t_to) / schedule.prior_std(t_from))
+
+
 def _points(model: DiffusionModel, grid: list):
     from .base import points_at
     return points_at(model.schedule, model, grid)
@@ -212,9 +246,12 @@ def _reference(model, x_T, grid: list, rtol: float) -> tuple[torch.Tensor, list,
     return run.samples, states, run.nfe + check.nfe, _rms(run.samples, check.samples)
 
 
-def _dp_path(model: DiffusionModel, levels: list, trajectory: list, transitions: int) -> list:
+def _dp_path(model: DiffusionModel, levels: list, trajectory: list, transitions: int,
+             free_start: bool = False) -> list:
     """GITS-style initial grid: the indices 0 = i_0 < … < i_K = len(levels) − 1 (K = ``transitions``) whose
-    first-order (DDIM) steps from the reference states have the least summed RMS local error.
+    first-order (DDIM) steps from the reference states have the least summed RMS local error.  With
+    ``free_start`` i_0 may be any level, at the cost of the skip: the RMS difference between the start
+    state and the reference state at level i_0.
 
     One model call per level but the last (the denoised output on the reference trajectory).
     """
@@ -233,6 +270,9 @@ def _dp_path(model: DiffusionModel, levels: list, trajectory: list, transitions:
     best = torch.full((transitions + 1, m), math.inf, dtype=torch.float64)
     back = torch.zeros((transitions + 1, m), dtype=torch.long)
     best[0, 0] = 0.0
+    if free_start:
+        best[0, 1:] = torch.tensor([_rms(start_state(model.schedule, trajectory[0], levels[0], levels[i]),
+                                         trajectory[i]) for i in range(1, m)], dtype=torch.float64)
     for k in range(1, transitions + 1):
         total = best[k - 1][:, None] + cost
         best[k], back[k] = total.min(dim=0)
@@ -275,8 +315,9 @@ class _Objective:
     A grid the solver cannot use (points merged by rounding) or that gives NaN/Inf scores +inf.
     """
 
-    def __init__(self, model, x_T, ref, solver: str, options: dict):
+    def __init__(self, model, x_T, ref, solver: str, options: dict, t0: float):
         self.model, self.x_T, self.ref, self.solver, self.options = model, x_T, ref, solver, options
+        self.t0 = t0
         self.runs = 0
         self.nfe = 0
 
@@ -287,7 +328,8 @@ class _Objective:
             return math.inf
         self.runs += 1
         try:
-            res = sample(self.model, self.x_T, self.solver, timesteps=grid, timing=False, **self.options)
+            x = start_state(self.model.schedule, self.x_T, self.t0, grid[0])
+            res = sample(self.model, x, self.solver, timesteps=grid, timing=False, **self.options)
         except NonFiniteError:
             self.nfe += len(grid) - 1
             return math.inf
@@ -299,11 +341,15 @@ class _Coordinate:
     """The monotone search coordinate s (λ, or −t where λ is infinite at an end) between the levels hi > lo.
 
     A grid's levels between hi and lo are s-increments; ``logits`` ↔ ``levels`` maps them through a softmax,
-    so every logit vector gives a strictly increasing s (decreasing t) from s(hi) to s(lo).
+    so every logit vector gives a strictly increasing s (decreasing t) from s(hi) to s(lo).  With
+    ``free_start`` the first increment is the skipped stretch before the grid's first level (which is then
+    not ``hi``); it is kept at least ``SKIP_FLOOR`` of a mean step so that the search can grow it.
     """
 
-    def __init__(self, schedule, hi: float, lo: float):
-        self.schedule = schedule
+    SKIP_FLOOR = 0.02
+
+    def __init__(self, schedule, hi: float, lo: float, free_start: bool = False):
+        self.schedule, self.free_start = schedule, free_start
         lam = [float(schedule.log_snr(torch.tensor(v, dtype=torch.float64))) for v in (hi, lo)]
         self.use_lam = all(math.isfinite(v) for v in lam)
         self.name = "log-SNR λ" if self.use_lam else "t"
@@ -322,10 +368,17 @@ class _Coordinate:
         """The grid levels hi, …, lo (len(logits) + 1 of them) whose s-increments are softmax(logits)."""
         frac = torch.cumsum(torch.softmax(logits, 0), 0)[:-1]
         inner = self.t(self.s0 + (self.s1 - self.s0) * frac) if frac.numel() else []
-        return [self.hi] + inner + [self.lo]
+        return ([] if self.free_start else [self.hi]) + inner + [self.lo]
 
     def logits(self, levels: list) -> torch.Tensor:
-        """The logits (log of the s-increments) of a grid's levels from hi to lo."""
+        """The logits (log of the s-increments) of a grid's levels from hi (or, free, from before) to lo."""
         s = self.s(levels)
-        s[0], s[-1] = self.s0, self.s1
-        return torch.log(torch.diff(s).clamp_min(1e-12 * abs(self.s1 - self.s0)))
+        if not self.free_start:
+            s[0] = self.s0
+        s[-1] = self.s1
+        if self.free_start:
+            s = torch.cat([torch.tensor([self.s0], dtype=torch.float64), s])
+        inc = torch.diff(s).clamp_min(1e-12 * abs(self.s1 - self.s0))
+        if self.free_start:
+            inc[0] = inc[0].clamp_min(self.SKIP_FLOOR * abs(self.s1 - self.s0) / (len(inc) - 1))
+        return torch.log(inc)

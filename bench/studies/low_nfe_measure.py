@@ -11,11 +11,14 @@ Three tables, printed as Markdown:
   consistent (2·φ₃) and the published (φ₃, ``official_d2=True``) second-difference weight.
 * ``variants`` — the same for UniPC (B(h) = bh1 / bh2, order 2 / 3), DEIS (order 1 / 2 / 3) and iPNDM
   (constant-step / variable-step weights).
+* ``network`` — the multistep and variants rows on a real network, ``ddpm_mnist`` (DiscreteVP, its default
+  log-SNR grid ending at σ = 0), against a 1000-step DPM-Solver++(3M) solution of the same ODE from the same
+  x_T (32 held-out samples; the MNIST DDPM from the assets folder).
 * ``optimized`` — default vs :func:`solvers.optimize_timesteps` grids, calibrated on seeds 0–63, scored on
   held-out seeds 1000–1255.
 
-Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|variants|optimized ...]`` (all three by default;
-a few minutes on two CPU cores).
+Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|variants|network|optimized ...]`` (all by
+default; a few minutes on two CPU cores).
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def adaptive_table(n: int = 64) -> list[str]:
 
 
 MULTISTEP = [("dpmpp_2m", {"lower_order_final": True}), ("dpmpp_2m", {"lower_order_final": False}),
-             ("dpmpp_3m", {"lower_order_final": True}), ("dpmpp_3m", {"lower_order_final": False}),
+             ("dpmpp_3m", {"lower_order_final": True, "official_d2": False}),
+             ("dpmpp_3m", {"lower_order_final": False, "official_d2": False}),
              ("dpmpp_3m", {"lower_order_final": True, "official_d2": True}),
              ("dpmpp_3m", {"lower_order_final": False, "official_d2": True})]
 
@@ -131,6 +135,27 @@ def _variant_table(variants: list, n: int) -> list[str]:
                 cells = [f"**{e:.2e}**" if e == best[s] else f"{e:.2e}" for (s, _), e in zip(variants, errs)]
                 label = "ends at σ=0" if to_zero else "ends at t=1e-3"
                 rows.append(f"| {name} | {label} | {steps} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def network_table(n: int = 32, steps_list=(5, 10, 20)) -> list[str]:
+    """RMS error on ``ddpm_mnist`` of every (solver, options) of MULTISTEP and VARIANTS at 5/10/20 steps on the
+    default grid, against the 1000-step reference; each solver's best variant in bold."""
+    from bench.plan import default_spacing
+    from bench.studies.low_nfe import problem
+    variants = MULTISTEP + VARIANTS
+    p = problem("ddpm_mnist", n)
+    rows = ["| steps | solver | variant | error |", "|---|---|---|---|"]
+    for steps in steps_list:
+        errs = []
+        for s, o in variants:
+            spacing, _ = default_spacing(p.card, p.model.schedule, s, steps)
+            grid = solvers.make_grid(p.model.schedule, steps, spacing=spacing)
+            errs.append(p.error(solvers.sample(p.model, p.x_T, s, timesteps=grid, timing=False, **o).samples))
+        best = {s: min(e for (s2, _), e in zip(variants, errs) if s2 == s) for s, _ in variants}
+        for (s, o), e in zip(variants, errs):
+            cell = f"**{e:.3g}**" if e == best[s] else f"{e:.3g}"
+            rows.append(f"| {steps} | {s} | {', '.join(f'{k}={v}' for k, v in o.items())} | {cell} |")
     return rows
 
 
@@ -175,7 +200,7 @@ def optimized_table() -> list[str]:
 
 
 TABLES = {"adaptive": adaptive_table, "multistep": multistep_table, "variants": variants_table,
-          "optimized": optimized_table}
+          "network": network_table, "optimized": optimized_table}
 
 
 def main(argv=None) -> None:
