@@ -94,8 +94,9 @@ def problem(name: str, n_held: int) -> Problem:
     return Problem(name, card, model, noise[0], target.double(), noise[1])
 
 
-def ours(p: Problem, nfe: int) -> list[tuple[str, float]]:
-    """(label, error) of our solvers on their default grids and, for OPTIMISED, on optimised grids."""
+def ours(p: Problem, nfe: int) -> list[tuple[str, float, Callable]]:
+    """(label, error, sampler: x_T → samples) of our solvers on their default grids and, for OPTIMISED, on
+    optimised grids."""
     out = []
     for solver in OURS:
         steps = steps_for(nfe, solver in TWO_CALLS)
@@ -103,20 +104,26 @@ def ours(p: Problem, nfe: int) -> list[tuple[str, float]]:
             continue
         spacing, _ = default_spacing(p.card, p.model.schedule, solver, steps)
         grid = solvers.make_grid(p.model.schedule, steps, spacing=spacing)
-        out.append((f"{solver} ({spacing})", _run(p, solver, grid)))
+        out.append(_scored(p, f"{solver} ({spacing})", _ours_sampler(p, solver, grid)))
         if solver in OPTIMISED:
             opt = solvers.optimize_timesteps(p.model, p.x_cal, solver=solver, steps=steps, spacing=spacing,
                                              free_start=True,
                                              **(OPTIMIZER_NETWORK if p.card.kind != "analytic" else {}))
-            out.append((f"{solver} (optimized)", _run(p, solver, list(opt.timesteps))))
+            out.append(_scored(p, f"{solver} (optimized)", _ours_sampler(p, solver, list(opt.timesteps))))
     return out
 
 
-def _run(p: Problem, solver: str, grid) -> float:
+def _ours_sampler(p: Problem, solver: str, grid) -> Callable:
+    return lambda x: solvers.sample(p.model, x, solver, timesteps=list(grid), timing=False).samples
+
+
+def _scored(p: Problem, label: str, sampler: Callable) -> tuple[str, float, Callable]:
+    """(label, the error of ``sampler`` on the scored start points — inf where it gives NaN/Inf —, sampler)."""
     try:
-        return p.error(solvers.sample(p.model, p.x_T, solver, timesteps=list(grid), timing=False).samples)
+        x = sampler(p.x_T)
     except solvers.NonFiniteError:
-        return math.inf
+        return label, math.inf, sampler
+    return label, (p.error(x) if torch.isfinite(x).all() else math.inf), sampler
 
 
 # -- k-diffusion ------------------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def k_sigmas(kd, grid: str, n: int, smin: float, smax: float) -> torch.Tensor:
     return kd.get_sigmas_vp(n)
 
 
-def k_diffusion(p: Problem, nfe: int, kd) -> list[tuple[str, float]]:
+def k_diffusion(p: Problem, nfe: int, kd) -> list[tuple[str, float, Callable]]:
     sched = p.model.schedule
     t_end = float(sched.default_t_end)
     smin, smax = (float(sched.sigma_ve(torch.tensor([t], dtype=torch.float64))[0]) for t in (t_end, sched.t_max))
@@ -160,11 +167,15 @@ def k_diffusion(p: Problem, nfe: int, kd) -> list[tuple[str, float]]:
             if grid == "vp":
                 sigmas[0] = smax  # its own grid starts at t = 1 too; the same x_T
             extra = {"eta": 0.0} if name in ("dpmpp_2s_ancestral", "dpmpp_3m_sde") else {}
-            with torch.no_grad():
-                x = getattr(kd, f"sample_{name}")(den, p.x_T / a0, sigmas, disable=True, **extra)
-            err = p.error(x) if torch.isfinite(x).all() else math.inf
-            out.append((f"{name} ({grid})", err))
+            out.append(_scored(p, f"{name} ({grid})", _k_sampler(kd, name, den, sigmas, a0, extra)))
     return out
+
+
+def _k_sampler(kd, name: str, den: Callable, sigmas: torch.Tensor, a0: float, extra: dict) -> Callable:
+    def run(x):
+        with torch.no_grad():
+            return getattr(kd, f"sample_{name}")(den, x / a0, sigmas.to(x.dtype), disable=True, **extra)
+    return run
 
 
 # -- diffusers --------------------------------------------------------------------------------------------------
@@ -176,7 +187,7 @@ DIFFUSERS = {"DDIM": ("DDIMScheduler", {"set_alpha_to_one": True, "clip_sample":
 DIFFUSERS_GRIDS = {"default": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}}
 
 
-def diffusers_samplers(p: Problem, nfe: int) -> list[tuple[str, float]]:
+def diffusers_samplers(p: Problem, nfe: int) -> list[tuple[str, float, Callable]]:
     import diffusers
     abar = p.model.schedule.alphas_cumprod.double()
     betas = (1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])).tolist()
@@ -189,35 +200,68 @@ def diffusers_samplers(p: Problem, nfe: int) -> list[tuple[str, float]]:
             cls = getattr(diffusers, cls_name)
             if grid == "karras" and "use_karras_sigmas" not in cls.__init__.__code__.co_varnames:
                 continue
-            sch = cls(num_train_timesteps=len(betas), trained_betas=betas, **kw, **gkw)
-            out.append((f"{label} ({grid})", _diffusers_loop(p, sch, steps)))
+            make = (lambda cls=cls, gkw=gkw, kw=kw: cls(num_train_timesteps=len(betas), trained_betas=betas, **kw,
+                                                         **gkw))
+            out.append(_scored(p, f"{label} ({grid})", _diffusers_sampler(p, make, steps)))
     return out
 
 
-def _diffusers_loop(p: Problem, sch, steps: int) -> float:
+def _diffusers_sampler(p: Problem, make: Callable, steps: int) -> Callable:
     """What a diffusers pipeline runs: set_timesteps, scale the noise, scale_model_input → ε → step."""
-    sch.set_timesteps(steps)
-    x = p.x_T.float() * sch.init_noise_sigma
-    mt = p.model.schedule.model_time
-    with torch.no_grad():
-        for t in sch.timesteps:
-            inp = sch.scale_model_input(x, t)
-            eps = p.model.raw(inp, float(mt(torch.tensor([float(t)], dtype=torch.float64))[0]))
-            x = sch.step(eps, t, x).prev_sample
-    return p.error(x) if torch.isfinite(x).all() else math.inf
+    def run(x_T):
+        sch = make()  # a fresh scheduler each run: the multistep ones keep state
+        sch.set_timesteps(steps)
+        x = x_T.float() * sch.init_noise_sigma
+        mt = p.model.schedule.model_time
+        with torch.no_grad():
+            for t in sch.timesteps:
+                inp = sch.scale_model_input(x, t)
+                eps = p.model.raw(inp, float(mt(torch.tensor([float(t)], dtype=torch.float64))[0]))
+                x = sch.step(eps, t, x).prev_sample
+        return x
+    return run
 
 
 # -- the report -------------------------------------------------------------------------------------------------
-def _best(rows: list[tuple[str, float]]) -> tuple[str, float]:
-    return min(rows, key=lambda r: r[1]) if rows else ("—", math.inf)
+def _best(rows: list[tuple]) -> tuple:
+    return min(rows, key=lambda r: r[1]) if rows else ("—", math.inf, None)
 
 
-def _cell(best: tuple[str, float]) -> str:
-    label, err = best
+def _cell(best: tuple) -> str:
+    label, err = best[:2]
     return "—" if not math.isfinite(err) and label == "—" else f"{err:.3g} {label}"
 
 
-def study(names: list[str], n_held: int, nfes, say) -> list[str]:
+FD_NFES = (4, 5, 6, 8, 10)
+FD_BATCH = 250
+
+
+def fd_table(p: Problem, picks: list[tuple], n: int, say) -> list[str]:
+    """FD-ResNet-20 against the card's reference data (mnist-test for ddpm_mnist) of ``n`` held-out samples
+    (seeds 1000 …) from each picked sampler: ``picks`` are (NFE, who, (label, error, sampler))."""
+    from bench.datasets import reference_statistics
+    from bench.features import UInt8Images, create_extractor, extract_features, to_uint8_rgb
+    from bench.metrics import frechet_distance, gaussian_statistics
+    ext, layer, ext_name = create_extractor("fd_resnet20")
+    ref = reference_statistics(p.card.reference, ext, layer, ext_name, floor_n=n)
+    seeds = list(range(HELD_OUT.start, HELD_OUT.start + n))
+    x_T = solvers.initial_noise((n, *p.card.sample_shape), seeds=seeds, schedule=p.model.schedule)
+    floor = ref["floor"]
+    rows = [f"### {p.name}: FD-ResNet-20 of the best samplers by ODE error, NFE ≤ {max(FD_NFES)}", "",
+            f"{n:,} samples (seeds {seeds[0]}–{seeds[-1]}) against {p.card.reference} (n_ref = {ref['n']:,}); the "
+            f"noise floor ({n:,} reference images against the rest) is {floor[0]:.2f} ± {floor[1]:.2f}. "
+            "A Fréchet distance in CIFAR-10 ResNet-20 features, not FID.", "",
+            "| NFE | who | sampler (grid) | ODE error (scored samples) | FD-ResNet-20 |", "|---|---|---|---|---|"]
+    for nfe, who, (label, err, sampler) in picks:
+        samples = torch.cat([sampler(x_T[i:i + FD_BATCH]) for i in range(0, n, FD_BATCH)])
+        feats = extract_features(ext, layer, UInt8Images(to_uint8_rgb(p.card.to_images(samples))))
+        fd = frechet_distance(*gaussian_statistics(feats), ref["mu"], ref["sigma"])
+        rows.append(f"| {nfe} | {who} | {label} | {err:.3g} | {fd:.2f} |")
+        say(f"{p.name} NFE {nfe} {who} {label}: FD-ResNet-20 {fd:.2f}")
+    return rows + [""]
+
+
+def study(names: list[str], n_held: int, nfes, say, fd_samples: int = 0) -> list[str]:
     from solvers.interop.k_diffusion import load_peer
     try:
         kd = load_peer("sampling")
@@ -232,6 +276,7 @@ def study(names: list[str], n_held: int, nfes, say) -> list[str]:
         p = problem(name, n_held if name != "ddpm_mnist" else min(n_held, 32))
         detail = [f"### {name} ({p.x_T.shape[0]} held-out samples)", "",
                   "| NFE | sampler (grid) | error |", "|---|---|---|"]
+        picks = []
         for nfe in nfes:
             mine = ours(p, nfe)
             kdr = k_diffusion(p, nfe, kd) if kd is not None else []
@@ -243,8 +288,13 @@ def study(names: list[str], n_held: int, nfes, say) -> list[str]:
             ratio = f"**{eo / peer:.2f}×**" if math.isfinite(peer) else "—"
             summary.append(f"| {name} | {nfe} | " + " | ".join(_cell(c) for c in cells) + f" | {ratio} |")
             for who, rows in (("ours", mine), ("k-diffusion", kdr), ("diffusers", dfr)):
-                detail += [f"| {nfe} | {who}: {label} | {err:.3g} |" for label, err in sorted(rows, key=lambda r: r[1])]
+                detail += [f"| {nfe} | {who}: {label} | {err:.3g} |" for label, err, _ in sorted(rows, key=lambda r: r[1])]
             say(f"{name} NFE {nfe}: ours {eo:.3g}, best peer {peer:.3g}")
+            if nfe in FD_NFES:
+                picks += [(nfe, who, _best(rows)) for who, rows in (("ours", mine), ("k-diffusion", kdr),
+                                                                    ("diffusers", dfr)) if rows]
+        if fd_samples and p.card.kind == "image" and picks:
+            detail = fd_table(p, picks, fd_samples, say) + detail
         lines += detail + ["", f"({time.perf_counter() - t0:.0f} s)", ""]
     if kd is None:
         summary.append(f"\nk-diffusion was not available: {note}")
@@ -259,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="reports/low_nfe.md", help="the report (markdown)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated NFE budgets")
+    ap.add_argument("--fd-samples", type=int, default=1000,
+                    help="ddpm_mnist: samples for the FD-ResNet-20 of each group's best sampler at NFE ≤ 10 "
+                         "(0: skip; needs the MNIST test set and the ResNet-20 from the assets folder)")
     argv_used = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv_used)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -269,7 +322,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     nfes = tuple(int(v) for v in args.nfe.split(","))
-    body = study(names, args.held_out, nfes, lambda s: print(f"bench.low_nfe: {s}", file=sys.stderr, flush=True))
+    if args.fd_samples < 0 or args.fd_samples == 1:
+        ap.error(f"--fd-samples must be 0 (skip) or at least 2, got {args.fd_samples}")
+    body = study(names, args.held_out, nfes, lambda s: print(f"bench.low_nfe: {s}", file=sys.stderr, flush=True),
+                 fd_samples=args.fd_samples)
     head = ["# Best quality at 4–20 model calls: ours against k-diffusion and diffusers", "",
             (__doc__ or "").split("\n\n", 2)[2].strip(), "",
             f"Produced by `{' '.join(['python -m bench.low_nfe', *map(shlex.quote, argv_used)])}` "

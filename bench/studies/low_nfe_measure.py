@@ -8,12 +8,16 @@ Three tables, printed as Markdown:
   trampoline``; its ``sampling.py`` is loaded by file path, without the package's heavy ``__init__``).
 * ``multistep`` — dpmpp_2m / dpmpp_3m at 5, 10 and 20 steps on grids that end at σ = 0 (the default) and
   that do not (``denoise_to_zero=False``), with ``lower_order_final`` True / False and, for 3M, the
-  consistent (2·φ₃) and the published (φ₃, ``official_d2=True``) second-difference weight.
+  consistent (2·φ₃) and the published (φ₃, ``official_d2=True``) second-difference weight, and the
+  order-2 steps' form (``solver_type``) other than its default ("auto": midpoint where lowered, else φ₂).
 * ``variants`` — the same for UniPC (B(h) = bh1 / bh2, order 2 / 3), DEIS (order 1 / 2 / 3) and iPNDM
   (constant-step / variable-step weights).
 * ``network`` — the multistep and variants rows on a real network, ``ddpm_mnist`` (DiscreteVP, its default
   log-SNR grid ending at σ = 0), against a 1000-step DPM-Solver++(3M) solution of the same ODE from the same
   x_T (32 held-out samples; the MNIST DDPM from the assets folder).
+* ``peers`` — each of our solvers with its default options against k-diffusion's implementation of the same
+  method on the same grid (each of k-diffusion's grids: Karras ρ = 7, exponential, polyexponential, VP) at
+  5 / 10 / 20 steps, and the ratio ours ÷ theirs.
 * ``optimized`` — default vs :func:`solvers.optimize_timesteps` grids, calibrated on seeds 0–63, scored on
   held-out seeds 1000–1255.
 
@@ -109,7 +113,9 @@ MULTISTEP = [("dpmpp_2m", {"lower_order_final": True}), ("dpmpp_2m", {"lower_ord
              ("dpmpp_3m", {"lower_order_final": True, "official_d2": False}),
              ("dpmpp_3m", {"lower_order_final": False, "official_d2": False}),
              ("dpmpp_3m", {"lower_order_final": True, "official_d2": True}),
-             ("dpmpp_3m", {"lower_order_final": False, "official_d2": True})]
+             ("dpmpp_3m", {"lower_order_final": False, "official_d2": True}),
+             ("dpmpp_3m", {"lower_order_final": False, "solver_type": "midpoint"}),
+             ("dpmpp_3m", {"lower_order_final": True, "solver_type": "heun"})]
 
 
 VARIANTS = [("unipc", {"variant": "bh2", "solver_order": 2}), ("unipc", {"variant": "bh1", "solver_order": 2}),
@@ -159,6 +165,48 @@ def network_table(n: int = 32, steps_list=(5, 10, 20)) -> list[str]:
     return rows
 
 
+# our solver (default options) → k-diffusion's sampler of the same method and its options
+SAME_METHOD = {"ddim": ("euler", {}), "heun": ("heun", {}), "dpmpp_2m": ("dpmpp_2m", {}),
+               "dpmpp_2s": ("dpmpp_2s_ancestral", {"eta": 0.0}), "dpmpp_3m": ("dpmpp_3m_sde", {"eta": 0.0})}
+
+
+def same_method_rows(sampling, name: str, n: int, steps_list=(5, 10, 20)) -> list[tuple]:
+    """(problem, our solver, grid, steps, our error, k-diffusion's error) for every SAME_METHOD pair on every
+    k-diffusion grid, both from the same x_T on the same σ levels, against the exact ODE solution."""
+    from bench.studies.low_nfe import KD_GRIDS, k_denoiser, k_sigmas
+    mix = _mixture(name)
+    model, x_T = mix.as_model(VP), _noise(mix, range(1000, 1000 + n))
+    exact = mix.ode_solution(VP, x_T, VP.t_max, VP.t_zero, rtol=1e-10, atol=1e-12, per_sample=False)
+    smin, smax = (float(VP.sigma_ve(torch.tensor(t, dtype=torch.float64))) for t in (VP.default_t_end, VP.t_max))
+    a0, den, out = float(VP.alpha(torch.tensor(VP.t_max, dtype=torch.float64))), k_denoiser(model), []
+    for steps in steps_list:
+        for grid_name in KD_GRIDS:
+            sigmas = k_sigmas(sampling, grid_name, steps, smin, smax).double()
+            sigmas[0] = smax  # k-diffusion's VP grid starts at t = 1 too: the same x_T
+            grid = [float(v) for v in VP.t_from_sigma_ve(sigmas[:-1])] + [VP.t_zero]
+            for ours, (theirs, opts) in SAME_METHOD.items():
+                mine = solvers.sample(model, x_T, ours, timesteps=grid, timing=False).samples
+                with torch.no_grad():
+                    kd = getattr(sampling, f"sample_{theirs}")(den, x_T / a0, sigmas, disable=True, **opts)
+                out.append((name, ours, grid_name, steps, _rms(mine, exact), _rms(kd, exact)))
+    return out
+
+
+def peers_table(n: int = 256) -> list[str]:
+    """Ours (default options) vs k-diffusion's same method on the same grid; the ratio ours ÷ theirs."""
+    sampling = load_k_diffusion_sampling()
+    if sampling is None:
+        return ["k-diffusion is not installed: `pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
+                "torchdiffeq trampoline`"]
+    rows = ["| problem | ours (k-diffusion) | grid | steps | ours | k-diffusion | ours ÷ theirs |",
+            "|---|---|---|---|---|---|---|"]
+    for name in PROBLEMS:
+        for prob, ours, grid, steps, e_ours, e_kd in same_method_rows(sampling, name, n):
+            rows.append(f"| {prob} | {ours} ({SAME_METHOD[ours][0]}) | {grid} | {steps} | {e_ours:.3g} | "
+                        f"{e_kd:.3g} | {e_ours / e_kd:.3f} |")
+    return rows
+
+
 def multistep_table(n: int = 256) -> list[str]:
     """RMS error of the DPM-Solver++ multistep variants at NFE 5/10/20 (see :func:`_variant_table`)."""
     return _variant_table(MULTISTEP, n)
@@ -200,7 +248,7 @@ def optimized_table() -> list[str]:
 
 
 TABLES = {"adaptive": adaptive_table, "multistep": multistep_table, "variants": variants_table,
-          "network": network_table, "optimized": optimized_table}
+          "network": network_table, "peers": peers_table, "optimized": optimized_table}
 
 
 def main(argv=None) -> None:

@@ -87,8 +87,9 @@ PEERS: dict[str, PeerSpec] = {
                      options={"variance": "small"}),
     "dpmpp_2m": PeerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", {**_DPM, "solver_order": 2}),
     "dpmpp_3m": PeerSpec("dpmpp_3m", "DPMSolverMultistepScheduler", {**_DPM, "solver_order": 3},
-                         options={"official_d2": True},
-                         note="diffusers' (and the official code's) second-difference weight: official_d2=True"),
+                         options={"official_d2": True, "solver_type": "midpoint"},
+                         note="diffusers' (and the official code's) second-difference weight: official_d2=True; "
+                              "its default order-2 form: solver_type='midpoint'"),
     "dpmpp_2s": PeerSpec("dpmpp_2s", "DPMSolverSinglestepScheduler", {**_DPM, "solver_order": 2},
                          note="same method family and cost per model call; diffusers' intermediate point is "
                               "the next grid timestep, ours the λ-midpoint, so the samples differ"),

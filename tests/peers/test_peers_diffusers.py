@@ -133,11 +133,12 @@ def _record_orders(sched) -> list:
     return orders
 
 
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 @pytest.mark.parametrize("solver_order", [2, 3])
 @pytest.mark.parametrize("steps, final_sigmas_type, lower_order_final", [
     (8, "zero", True), (8, "zero", False), (20, "zero", True),
     (8, "sigma_min", True), (8, "sigma_min", False), (20, "sigma_min", True)])
-def test_dpmpp_multistep_matches_diffusers(solver_order, steps, final_sigmas_type, lower_order_final):
+def test_dpmpp_multistep_matches_diffusers(solver_order, steps, final_sigmas_type, lower_order_final, solver_type):
     """DPM-Solver++(2M)/(3M) vs ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")``, with the
     final-step order policy matched explicitly and the orders compared step by step.
 
@@ -150,17 +151,19 @@ def test_dpmpp_multistep_matches_diffusers(solver_order, steps, final_sigmas_typ
 
     3M uses ``official_d2=True`` (our default): the second difference weighed by φ₃, as diffusers and the
     official DPM-Solver code do; ``test_dpmpp_3m_consistent_weight_is_not_diffusers`` shows that our
-    consistent 2·φ₃ weight differs far beyond the tolerance.
+    consistent 2·φ₃ weight differs far beyond the tolerance.  ``solver_type`` (the order-2 steps' form,
+    midpoint or φ₂ = diffusers' "heun") is given to both.
     """
     key = "dpmpp_2m" if solver_order == 2 else "dpmpp_3m"
     spec = P.PEERS[key]
     sched = P.make_scheduler(spec.scheduler, **{**spec.config, "final_sigmas_type": final_sigmas_type,
-                                                "lower_order_final": lower_order_final})
+                                                "lower_order_final": lower_order_final, "solver_type": solver_type})
     P.set_timesteps(sched, steps)
     their_orders = _record_orders(sched)
     grid = P.our_grid(sched, SCHEDULE)
     ours_lof = lower_order_final and steps < 15
-    x_T, res, our_levels = _ours(spec.solver, grid, **{**spec.options, "lower_order_final": ours_lof})
+    x_T, res, our_levels = _ours(spec.solver, grid, **{**spec.options, "lower_order_final": ours_lof,
+                                                       "solver_type": solver_type})
     net = P.SigmaModel(MIXTURE, _peer_sigma_of(sched))
     theirs = P.run_peer(sched, net, P.peer_start(sched, x_T, SCHEDULE, grid[0]))
 
@@ -168,7 +171,8 @@ def test_dpmpp_multistep_matches_diffusers(solver_order, steps, final_sigmas_typ
     assert res.nfe == len(net.levels) == steps
     assert our_levels == pytest.approx(net.levels, rel=1e-12)
     err = (res.samples - theirs).abs().max().item()
-    print(f"{key} {steps} steps {final_sigmas_type} lower_order_final={lower_order_final} orders {res.orders}: "
+    print(f"{key} {solver_type} {steps} steps {final_sigmas_type} lower_order_final={lower_order_final} "
+          f"orders {res.orders}: "
           f"max |ours − diffusers| = {err:.2e}")  # shown with pytest -rP
     assert err < TOL_F32_STATE, f"max |ours − diffusers| = {err:.3g}"
 

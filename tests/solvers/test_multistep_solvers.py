@@ -143,6 +143,8 @@ def test_declared_orders_follow_the_options():
     ("deis", {"variable": "lambda"}, "variable must be 'logrho', 'rho' or 't'"),
     ("ipndm", {"solver_order": 5}, "solver_order must be an integer from 1 to 4"),
     ("ipndm", {"variable_step": "no"}, "variable_step must be True or False"),
+    ("dpmpp_2m", {"solver_type": "auto"}, "dpmpp_2m: solver_type must be 'midpoint' or 'heun'"),
+    ("dpmpp_3m", {"solver_type": "bh2"}, "dpmpp_3m: solver_type must be 'auto', 'midpoint' or 'heun'"),
 ])
 def test_bad_options_raise(name, options, message):
     with pytest.raises(ValueError, match=message):

@@ -169,7 +169,8 @@ def test_dpmpp_2m_is_algorithm_2(name):
 @pytest.mark.parametrize("name", sorted(GRIDS))
 def test_dpmpp_3m_is_the_official_third_order_update(name, official_d2, weight):
     s, grid = GRIDS[name]
-    res = check(s, grid, "dpmpp_3m", dpmpp_3m_reference(weight), lower_order_final=False, official_d2=official_d2)
+    res = check(s, grid, "dpmpp_3m", dpmpp_3m_reference(weight), lower_order_final=False, official_d2=official_d2,
+                solver_type="midpoint")
     assert res.orders == [1, 2] + [3] * (len(grid) - 3)
 
 
@@ -188,8 +189,8 @@ def test_dpmpp_final_step_to_the_data_returns_the_denoised_prediction():
     x = x_T(s, grid[0])
     for solver, ref in (("dpmpp_2m", dpmpp_2m_reference), ("dpmpp_3m", dpmpp_3m_reference(1.0)),  # default weight
                         ("dpmpp_2s", dpmpp_2s_reference(0.5))):
-        res = library(s, x, grid, solver, lower_order_final=False) if solver != "dpmpp_2s" else \
-            library(s, x, grid, solver)
+        res = library(s, x, grid, solver, lower_order_final=False, solver_type="midpoint") \
+            if solver != "dpmpp_2s" else library(s, x, grid, solver)
         before = ref(s, x.clone(), grid[:-1])
         torch.testing.assert_close(res.samples, D(s, before, grid[-2]), rtol=1e-10, atol=1e-10)
 
