@@ -26,7 +26,8 @@ Cost (batched model calls on the calibration batch, all counted in ``OptimizedGr
 ``candidates`` − 1 for the DP initialiser, plus up to ``evaluations`` + 2 solver runs (the default grid, the DP
 grid, the search) × the solver's calls per grid (``steps`` for the multistep solvers).  Measured with the
 defaults on the exact 2-D and 64-D mixtures (64 samples): reference ≈ 650 calls; in total 1,345 / 1,955 /
-3,175 calls at 5 / 10 / 20 steps — the cost of sampling the batch ~200 times at that step count.
+3,175 calls at 5 / 10 / 20 steps — the cost of sampling the batch ~200 times at that step count.  With
+``free_start`` a second DP initialiser and a second search follow (about twice the cost).
 
 The search coordinate is the log-SNR λ where it is finite at both ends of the range (VP, VE/EDM, DiscreteVP
 schedules), otherwise the solver time t (rectified flow from t = 1, where α = 0).  Nothing random is used:
@@ -116,7 +117,8 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         :class:`OptimizedGrid`.  Its ``error_after`` is never above ``error_before`` (the default grid is a
         candidate of the search).
 
-    Cost: about 200 sampling runs of the calibration batch (all counted in ``nfe``; the module docstring
+    Cost: about 200 sampling runs of the calibration batch, twice that with ``free_start`` (all counted in
+    ``nfe``; the module docstring
     breaks it down, with measurements).
 
     Raises:

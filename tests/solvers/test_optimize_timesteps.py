@@ -115,9 +115,11 @@ def _exact_from(schedule, x_T, t_start, grid):
 def test_a_free_start_skips_the_first_stretch_and_is_scored_from_the_true_start(optimized):
     """free_start: the first time may move below t_start, x_T then stands for the state there; the error is
     still that against the solution from t_start, never above the fixed-start search's, and it generalises."""
-    model, fixed, _ = optimized
+    _, fixed, _ = optimized
+    model, calls = _counting_model()
     free = solvers.optimize_timesteps(model, _noise(range(32)), solver="dpmpp_2m", steps=5, evaluations=40,
                                       free_start=True)
+    assert free.nfe == len(calls)  # the second DP and search counted too
     ts = free.timesteps
     assert len(ts) == 6 and all(a > b for a, b in zip(ts, ts[1:]))
     assert ts[0] < 1.0 and (ts[-2], ts[-1]) == (VP.default_t_end, 0.0)
