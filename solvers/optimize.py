@@ -17,9 +17,13 @@ from a calibration batch of starting states, in three deterministic stages:
    against the reference, from the better of the default and the DP grid, within a fixed budget of
    ``evaluations`` solver runs.
 
-With ``free_start=True`` the grid's first time is free too: the starting states are then used unchanged at
-a later, lower noise level, skipping the first stretch of the ODE (diffusers' "leading" timesteps do this by
-construction); the error is still measured against the solution from the original start.
+With ``free_start=True`` the grid's first time is free too: the starting states stand for the prior's draw at
+that later, lower noise level (:func:`start_state`: unchanged on VP schedules, scaled by σ'/σ on VE and flow
+schedules — what ``solvers.initial_noise(..., t=opt.timesteps[0])`` gives from the same seeds), skipping the
+first stretch of the ODE without a model call, as diffusers' "leading" timesteps (800, 600, … at 5 of 1,000
+steps) do by construction; it pays where the state barely moves at the highest noise levels.  The error is
+still measured against the solution from the original start, and this second search starts from the
+fixed-start result, so it keeps the skip only where it lowers that error.
 
 Cost (batched model calls on the calibration batch, all counted in ``OptimizedGrid.nfe``): the reference
 (adaptive Dormand–Prince at ``reference_rtol`` and its check at 10× that; problem-dependent), plus
@@ -104,13 +108,9 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         evaluations: the search budget: solver runs on the calibration batch (fixed; no early random exit).
         candidates: levels of the DP initialiser's fine grid (≥ 2·steps).
         reference_rtol: tolerance of the reference solution (``atol`` the same).
-        free_start: let the grid's first time move below ``t_start``: ``x_T`` (the state at ``t_start``) is then
-            taken as the prior's draw at the grid's later first time (:func:`start_state`: unchanged on VP
-            schedules; what ``solvers.initial_noise(..., t=opt.timesteps[0])`` gives from the same seeds),
-            skipping the first stretch of the ODE without a model call — what diffusers' "leading" timesteps
-            do (800, 600, … at 5 of 1,000 steps), which pays where the state barely moves at the highest noise
-            levels.  The error is still measured against the solution from ``t_start``; the search keeps the
-            skip only where it lowers that error.
+        free_start: let the first time move later: ``x_T`` then stands for the prior's draw there
+            (:func:`start_state`), skipping the first stretch of the ODE as diffusers' "leading" timesteps do;
+            the error is still that against the solution from ``t_start`` (module docstring).
         **solver_options: the solver's options (e.g. ``official_d2=True`` for dpmpp_3m).
 
     Returns:
@@ -118,8 +118,7 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
         candidate of the search).
 
     Cost: about 200 sampling runs of the calibration batch, twice that with ``free_start`` (all counted in
-    ``nfe``; the module docstring
-    breaks it down, with measurements).
+    ``nfe``; the module docstring breaks it down, with measurements).
 
     Raises:
         TypeError: a model that is not a DiffusionModel; an x_T that is not a real floating tensor; an unknown
@@ -129,10 +128,8 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
             model call.
     """
     check_call(model, x_T, "x_T", None, steps)
-    if not isinstance(free_start, bool):
-        raise TypeError(f"free_start must be True or False, got {free_start!r}")
     slv = _check_solver(solver, solver_options)
-    _check_budget(evaluations, candidates, reference_rtol, steps)
+    _check_budget(evaluations, candidates, reference_rtol, steps, free_start)
     default = make_grid(model.schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
                         denoise_to_zero=denoise_to_zero)
     slv.check(_points(model, default))
@@ -141,23 +138,28 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
     objective = _Objective(model, x_T, ref, solver, solver_options, default[0])
     error_before = objective(default)
     best, best_err = default, error_before
-    method = f"default grid ({spacing}): no free level to move at {steps} step(s)"
     for coord in coords:
         best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, best, best_err,
                                   evaluations)
-    if coords:
-        name = coords[0].name
-        free = (f"; then again with the first time free, from the better of that grid and a free-start DP grid"
-                if free_start else "")
-        method = (f"reference: adaptive dopri5 at rtol=atol={reference_rtol:g}; initial grid: the better of the "
-                  f"default ({spacing}) and GITS-style DP over {candidates} levels uniform in {name}; "
-                  f"compass search on the softmax logits of the {name} increments of the "
-                  f"{transitions - 1} free levels{free}; {objective.runs} solver runs")
+    method = (_method(coords, spacing, candidates, reference_rtol, transitions, free_start, objective.runs)
+              if coords else f"default grid ({spacing}): no free level to move at {steps} step(s)")
     return OptimizedGrid(
         timesteps=tuple(best), default_timesteps=tuple(default), error_before=error_before, error_after=best_err,
         nfe=ref_nfe + (len(fine) - 1) * len(coords) + objective.nfe, nfe_reference=ref_nfe,
         reference_error=ref_err, solver=slv.name, options=slv.options(), method=method,
         evaluations=objective.runs, calibration_size=int(x_T.shape[0]))
+
+
+def _method(coords: list, spacing: str, candidates: int, reference_rtol: float, transitions: int,
+            free_start: bool, runs: int) -> str:
+    """What :func:`optimize_timesteps` did, in words."""
+    name = coords[0].name
+    free = ("; then again with the first time free, from the better of that grid and a free-start DP grid"
+            if free_start else "")
+    return (f"reference: adaptive dopri5 at rtol=atol={reference_rtol:g}; initial grid: the better of the "
+            f"default ({spacing}) and GITS-style DP over {candidates} levels uniform in {name}; compass search on "
+            f"the softmax logits of the {name} increments of the {transitions - 1} free levels{free}; {runs} "
+            "solver runs")
 
 
 def _search_space(model: DiffusionModel, default: list, denoise_to_zero: bool, candidates: int,
@@ -202,8 +204,11 @@ def _check_solver(solver: str, options: dict):
     return slv
 
 
-def _check_budget(evaluations, candidates, reference_rtol, steps: int) -> None:
-    """Refuse a bad search budget, DP grid size or reference tolerance (ValueError) before any model call."""
+def _check_budget(evaluations, candidates, reference_rtol, steps: int, free_start=False) -> None:
+    """Refuse a bad search budget, DP grid size or reference tolerance (ValueError) or a free_start that is
+    not a bool (TypeError) before any model call."""
+    if not isinstance(free_start, bool):
+        raise TypeError(f"free_start must be True or False, got {free_start!r}")
     if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 0:
         raise ValueError(f"evaluations must be an integer >= 0 (solver runs of the search), got {evaluations!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2 * check_steps(steps):
