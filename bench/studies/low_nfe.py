@@ -26,6 +26,7 @@ seeds — generous to the peers); ours likewise over solvers × {default, optimi
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import shlex
@@ -200,8 +201,7 @@ def diffusers_samplers(p: Problem, nfe: int) -> list[tuple[str, float, Callable]
             cls = getattr(diffusers, cls_name)
             if grid == "karras" and "use_karras_sigmas" not in cls.__init__.__code__.co_varnames:
                 continue
-            make = (lambda cls=cls, gkw=gkw, kw=kw: cls(num_train_timesteps=len(betas), trained_betas=betas, **kw,
-                                                         **gkw))
+            make = functools.partial(cls, num_train_timesteps=len(betas), trained_betas=betas, **kw, **gkw)
             out.append(_scored(p, f"{label} ({grid})", _diffusers_sampler(p, make, steps)))
     return out
 
