@@ -249,14 +249,14 @@ def fd_table(p: Problem, picks: list[tuple], n: int, say) -> list[str]:
     floor = ref["floor"]
     rows = [f"### {p.name}: FD-ResNet-20 of the best samplers by ODE error, NFE ≤ {max(FD_NFES)}", "",
             f"{n:,} samples (seeds {seeds[0]}–{seeds[-1]}) against {p.card.reference} (n_ref = {ref['n']:,}); the "
-            f"noise floor ({n:,} reference images against the rest) is {floor[0]:.2f} ± {floor[1]:.2f}. "
+            f"noise floor ({n:,} reference images against the rest) is {floor[0]:.3g} ± {floor[1]:.2g}. "
             "A Fréchet distance in CIFAR-10 ResNet-20 features, not FID.", "",
             "| NFE | who | sampler (grid) | ODE error (scored samples) | FD-ResNet-20 |", "|---|---|---|---|---|"]
     for nfe, who, (label, err, sampler) in picks:
         samples = torch.cat([sampler(x_T[i:i + FD_BATCH]) for i in range(0, n, FD_BATCH)])
         feats = extract_features(ext, layer, UInt8Images(to_uint8_rgb(p.card.to_images(samples))))
         fd = frechet_distance(*gaussian_statistics(feats), ref["mu"], ref["sigma"])
-        rows.append(f"| {nfe} | {who} | {label} | {err:.3g} | {fd:.2f} |")
+        rows.append(f"| {nfe} | {who} | {label} | {err:.3g} | {fd:.3f} |")
         say(f"{p.name} NFE {nfe} {who} {label}: FD-ResNet-20 {fd:.2f}")
     return rows + [""]
 
