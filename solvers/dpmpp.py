@@ -141,7 +141,8 @@ class DPMSolverPP3M(DPMSolverPPMultistep):
     Measured against k-diffusion's 3M on its own grids (``python -m bench.studies.low_nfe_measure peers``,
     exact mixtures, 256 samples): the midpoint form everywhere was 0.36–0.93× k-diffusion's error at 5 steps
     but up to 1.07× at 10 (64-D, polyexponential grid); the φ₂ form everywhere equals k-diffusion's at
-    10–20 steps and was up to 1.07× worse at 5; ``"auto"`` keeps the better of the two in every case.
+    10–20 steps and was up to 1.07× worse at 5; ``"auto"`` is never worse than k-diffusion's (0.36–0.93× at
+    5 steps, equal at 10–20), though the midpoint form stays 0.6 % better in one of the 24 cases (2-D, 10 steps).
 
     Order 3 (warm-up steps of order 1 and 2) with ``official_d2=False``; 2 as h → 0 with the published weight;
     1 model call per step.

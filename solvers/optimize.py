@@ -139,14 +139,15 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
     objective = _Objective(model, x_T, ref, solver, solver_options, default[0])
     error_before = objective(default)
     best, best_err = default, error_before
+    cost = _dp_costs(model, fine, trajectory[:len(fine)]) if coords else None
     for coord in coords:
-        best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, best, best_err,
-                                  evaluations)
+        best, best_err = _improve(model, objective, coord, fine, trajectory, tail, transitions, cost, best,
+                                  best_err, evaluations)
     method = (_method(coords, spacing, candidates, reference_rtol, transitions, free_start, objective.runs)
               if coords else f"default grid ({spacing}): no free level to move at {steps} step(s)")
     return OptimizedGrid(
         timesteps=tuple(best), default_timesteps=tuple(default), error_before=error_before, error_after=best_err,
-        nfe=ref_nfe + (len(fine) - 1) * len(coords) + objective.nfe, nfe_reference=ref_nfe,
+        nfe=ref_nfe + (len(fine) - 1 if coords else 0) + objective.nfe, nfe_reference=ref_nfe,
         reference_error=ref_err, solver=slv.name, options=slv.options(), method=method,
         evaluations=objective.runs, calibration_size=int(x_T.shape[0]))
 
@@ -180,12 +181,14 @@ def _search_space(model: DiffusionModel, default: list, denoise_to_zero: bool, c
     return tail, transitions, coords, fine
 
 
-def _improve(model, objective, coord, fine: list, trajectory: list, tail: list, transitions: int, start: list,
-             start_err: float, evaluations: int) -> tuple[list, float]:
+def _improve(model, objective, coord, fine: list, trajectory: list, tail: list, transitions: int,
+             cost: torch.Tensor, start: list, start_err: float, evaluations: int) -> tuple[list, float]:
     """Stages 2–3 in one coordinate: the compass search from the better of ``start`` (the default grid) and
     the DP grid; with the first time free, from each of ``start`` (the fixed-start search's result) and the
     free-start DP grid — a local search, it can end in a better grid from a worse start —, the better kept."""
-    dp_grid = [fine[i] for i in _dp_path(model, fine, trajectory[:len(fine)], transitions, coord.free_start)] + tail
+    skip = (torch.tensor([_rms(start_state(model.schedule, trajectory[0], fine[0], t), trajectory[i])
+                          for i, t in enumerate(fine)], dtype=torch.float64) if coord.free_start else None)
+    dp_grid = [fine[i] for i in _dp_path(cost, transitions, skip)] + tail
     dp_err = objective(dp_grid)
     if coord.free_start:
         found = [_compass_search(objective, coord, g, e, tail, evaluations)
@@ -257,15 +260,10 @@ def _reference(model, x_T, grid: list, rtol: float) -> tuple[torch.Tensor, list,
     return run.samples, states, run.nfe + check.nfe, _rms(run.samples, check.samples)
 
 
-def _dp_path(model: DiffusionModel, levels: list, trajectory: list, transitions: int,
-             free_start: bool = False) -> list:
-    """GITS-style initial grid: the indices 0 = i_0 < … < i_K = len(levels) − 1 (K = ``transitions``) whose
-    first-order (DDIM) steps from the reference states have the least summed RMS local error.  With
-    ``free_start`` i_0 may be any level, at the cost of the skip: the RMS difference between the start
-    state and the reference state at level i_0.
-
-    One model call per level but the last (the denoised output on the reference trajectory).
-    """
+def _dp_costs(model: DiffusionModel, levels: list, trajectory: list) -> torch.Tensor:
+    """cost[i, j]: the RMS local error of one first-order (DDIM) step from the reference state at level i to
+    level j > i (inf elsewhere).  One model call per level but the last (the denoised output on the reference
+    trajectory)."""
     m = len(levels)
     pts = _points(model, levels)
     with torch.no_grad():
@@ -277,13 +275,20 @@ def _dp_path(model: DiffusionModel, levels: list, trajectory: list, transitions:
             q = pts[j]
             x_hat = trajectory[i] * (q.sigma / p.sigma) + den[i] * (q.alpha - p.alpha * q.sigma / p.sigma)
             cost[i, j] = _rms(x_hat, trajectory[j])
+    return cost
+
+
+def _dp_path(cost: torch.Tensor, transitions: int, skip: Optional[torch.Tensor] = None) -> list:
+    """GITS-style initial grid: the indices 0 = i_0 < … < i_K = m − 1 (K = ``transitions``) whose steps have the
+    least summed ``cost`` (:func:`_dp_costs`).  With ``skip`` (a free start) i_0 may be any level, at the cost
+    ``skip[i_0]``: the RMS difference between the start state and the reference state there."""
+    m = cost.shape[0]
     # best[k, j]: least cost of reaching level j in k steps; back[k, j]: the level before j on that path.
     best = torch.full((transitions + 1, m), math.inf, dtype=torch.float64)
     back = torch.zeros((transitions + 1, m), dtype=torch.long)
     best[0, 0] = 0.0
-    if free_start:
-        best[0, 1:] = torch.tensor([_rms(start_state(model.schedule, trajectory[0], levels[0], levels[i]),
-                                         trajectory[i]) for i in range(1, m)], dtype=torch.float64)
+    if skip is not None:
+        best[0, 1:] = skip[1:]
     for k in range(1, transitions + 1):
         total = best[k - 1][:, None] + cost
         best[k], back[k] = total.min(dim=0)

@@ -21,7 +21,7 @@ Three tables, printed as Markdown:
 * ``optimized`` — default vs :func:`solvers.optimize_timesteps` grids, calibrated on seeds 0–63, scored on
   held-out seeds 1000–1255.
 
-Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|variants|network|optimized ...]`` (all by
+Run: ``python -m bench.studies.low_nfe_measure [adaptive|multistep|variants|network|peers|optimized ...]`` (all by
 default; a few minutes on two CPU cores).
 """
 from __future__ import annotations
