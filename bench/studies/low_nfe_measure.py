@@ -26,6 +26,7 @@ default; a few minutes on two CPU cores).
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -85,28 +86,47 @@ def _kd_adaptive(sampling, mix, x_T, rtol: float) -> tuple[float, torch.Tensor]:
     return calls[0], y * a1
 
 
+ADAPTIVE_RTOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+
+
 def adaptive_table(n: int = 64) -> list[str]:
-    """Calls per sample and RMS error of the adaptive methods (and k-diffusion's) at rtol 1e-2 … 1e-4."""
+    """Calls per sample and RMS error of the adaptive methods (and k-diffusion's) at rtol 1e-2 … 1e-4, and the
+    calls dpm23 needs for k-diffusion's error at each tolerance ÷ k-diffusion's calls (log-log interpolated
+    along dpm23's curve, which is also run at rtol 3e-5 to cover the tightest)."""
     sampling = load_k_diffusion_sampling()
     rows = ["| problem | rtol | " + " | ".join(f"{m} calls / error" for m in ("dpm23", "bs3")) +
-            " | k-diffusion dpm_adaptive calls / error |", "|---|---|---|---|---|"]
+            " | k-diffusion dpm_adaptive calls / error | dpm23 calls at k-diffusion's error ÷ its calls |",
+            "|---|---|---|---|---|---|"]
     for name in PROBLEMS:
         mix = _mixture(name)
         model, x_T = mix.as_model(VP), _noise(mix, range(n))
         ref = _exact(mix, x_T, [T0, T1])
-        for rtol in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
-            cells = []
-            for method in ("dpm23", "bs3"):
-                res = solvers.sample(model, x_T, "adaptive", timesteps=[T0, T1], rtol=rtol, atol=rtol / 10,
-                                     method=method)
-                cells.append(f"{sum(res.nfe_per_sample) / n:.1f} / {_rms(res.samples, ref):.2e}")
+        runs = {(m, r): _adaptive_run(model, x_T, ref, m, r) for m in ("dpm23", "bs3") for r in ADAPTIVE_RTOLS}
+        curve = [runs["dpm23", r] for r in ADAPTIVE_RTOLS] + [_adaptive_run(model, x_T, ref, "dpm23", 3e-5)]
+        for rtol in ADAPTIVE_RTOLS:
+            cells = [f"{c:.1f} / {e:.2e}" for c, e in (runs["dpm23", rtol], runs["bs3", rtol])]
             if sampling is None:
-                cells.append("(not installed)")
+                cells += ["(not installed)", "—"]
             else:
                 calls, out = _kd_adaptive(sampling, mix, x_T, rtol)
-                cells.append(f"{calls} / {_rms(out, ref):.2e}")
+                err = _rms(out, ref)
+                cells += [f"{calls} / {err:.2e}", f"{_calls_at(curve, err) / calls:.2f}"]
             rows.append(f"| {name} | {rtol:g} | " + " | ".join(cells) + " |")
     return rows
+
+
+def _adaptive_run(model, x_T, ref, method: str, rtol: float) -> tuple[float, float]:
+    """(mean model calls per sample, RMS error) of the adaptive solver at ``rtol`` (atol = rtol/10)."""
+    res = solvers.sample(model, x_T, "adaptive", timesteps=[T0, T1], rtol=rtol, atol=rtol / 10, method=method)
+    return sum(res.nfe_per_sample) / len(res.nfe_per_sample), _rms(res.samples, ref)
+
+
+def _calls_at(curve: list, err: float) -> float:
+    """Calls at ``err`` on a (calls, error) curve of falling errors, log-log interpolated (NaN outside it)."""
+    for (c0, e0), (c1, e1) in zip(curve, curve[1:]):
+        if e1 <= err <= e0:
+            return c0 * (c1 / c0) ** (math.log(e0 / err) / math.log(e0 / e1))
+    return math.nan
 
 
 MULTISTEP = [("dpmpp_2m", {"lower_order_final": True}), ("dpmpp_2m", {"lower_order_final": False}),
@@ -170,9 +190,14 @@ SAME_METHOD = {"ddim": ("euler", {}), "heun": ("heun", {}), "dpmpp_2m": ("dpmpp_
                "dpmpp_2s": ("dpmpp_2s_ancestral", {"eta": 0.0}), "dpmpp_3m": ("dpmpp_3m_sde", {"eta": 0.0})}
 
 
-def same_method_rows(sampling, name: str, n: int, steps_list=(5, 10, 20)) -> list[tuple]:
-    """(problem, our solver, grid, steps, our error, k-diffusion's error) for every SAME_METHOD pair on every
-    k-diffusion grid, both from the same x_T on the same σ levels, against the exact ODE solution."""
+# non-default forms of 3M's order-2 steps, against the same k-diffusion sampler (the measurement behind "auto")
+SAME_METHOD_VARIANTS = (("dpmpp_3m", {"solver_type": "midpoint"}), ("dpmpp_3m", {"solver_type": "heun"}))
+
+
+def same_method_rows(sampling, name: str, n: int, steps_list=(5, 10, 20), variants=()) -> list[tuple]:
+    """(problem, our solver, grid, steps, our error, k-diffusion's error, our options) for every SAME_METHOD
+    pair (default options) and every (solver, options) of ``variants`` on every k-diffusion grid, both from the
+    same x_T on the same σ levels, against the exact ODE solution."""
     from bench.studies.low_nfe import KD_GRIDS, k_denoiser, k_sigmas
     mix = _mixture(name)
     model, x_T = mix.as_model(VP), _noise(mix, range(1000, 1000 + n))
@@ -184,16 +209,18 @@ def same_method_rows(sampling, name: str, n: int, steps_list=(5, 10, 20)) -> lis
             sigmas = k_sigmas(sampling, grid_name, steps, smin, smax).double()
             sigmas[0] = smax  # k-diffusion's VP grid starts at t = 1 too: the same x_T
             grid = [float(v) for v in VP.t_from_sigma_ve(sigmas[:-1])] + [VP.t_zero]
-            for ours, (theirs, opts) in SAME_METHOD.items():
-                mine = solvers.sample(model, x_T, ours, timesteps=grid, timing=False).samples
+            for ours, options in [(o, {}) for o in SAME_METHOD] + list(variants):
+                theirs, opts = SAME_METHOD[ours]
+                mine = solvers.sample(model, x_T, ours, timesteps=grid, timing=False, **options).samples
                 with torch.no_grad():
                     kd = getattr(sampling, f"sample_{theirs}")(den, x_T / a0, sigmas, disable=True, **opts)
-                out.append((name, ours, grid_name, steps, _rms(mine, exact), _rms(kd, exact)))
+                out.append((name, ours, grid_name, steps, _rms(mine, exact), _rms(kd, exact), options))
     return out
 
 
 def peers_table(n: int = 256) -> list[str]:
-    """Ours (default options) vs k-diffusion's same method on the same grid; the ratio ours ÷ theirs."""
+    """Ours (default options, and SAME_METHOD_VARIANTS) vs k-diffusion's same method on the same grid; the
+    ratio ours ÷ theirs."""
     sampling = load_k_diffusion_sampling()
     if sampling is None:
         return ["k-diffusion is not installed: `pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
@@ -201,8 +228,10 @@ def peers_table(n: int = 256) -> list[str]:
     rows = ["| problem | ours (k-diffusion) | grid | steps | ours | k-diffusion | ours ÷ theirs |",
             "|---|---|---|---|---|---|---|"]
     for name in PROBLEMS:
-        for prob, ours, grid, steps, e_ours, e_kd in same_method_rows(sampling, name, n):
-            rows.append(f"| {prob} | {ours} ({SAME_METHOD[ours][0]}) | {grid} | {steps} | {e_ours:.3g} | "
+        for prob, ours, grid, steps, e_ours, e_kd, options in same_method_rows(sampling, name, n,
+                                                                               variants=SAME_METHOD_VARIANTS):
+            label = ours + "".join(f", {k}={v}" for k, v in options.items())
+            rows.append(f"| {prob} | {label} ({SAME_METHOD[ours][0]}) | {grid} | {steps} | {e_ours:.3g} | "
                         f"{e_kd:.3g} | {e_ours / e_kd:.3f} |")
     return rows
 
