@@ -12,7 +12,7 @@ from pretrained import cfg_mnist, checkpoints, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from pretrained.fm_mnist import FlowUNet
 from solvers.schedules import VPCosine
-from tests.pretrained.mnist_marks import needs_mnist, Payload
+from tests.pretrained.mnist_marks import Payload, held_out_fd, needs_mnist, real_and_blurred
 
 SMALL = dict(channels=(8, 16, 16), emb=32, n_freq=4)
 
@@ -248,18 +248,9 @@ def test_guided_digits_are_the_digits_asked_for(guided_digits, one_thread):
 
 @needs_mnist
 def test_guided_digits_are_closer_to_real_digits_than_to_blurred_ones(guided_digits, tmp_path, one_thread):
-    from bench import datasets, features, metrics
-    from pretrained.mnist_data import mnist_split
-    ext, layer, name = features.create_extractor("fd_mnist", "cpu")
-    ref = datasets.reference_statistics("mnist-heldout", ext, layer, name, cache_dir=tmp_path, floor_n=N)
-    spec, floor = metrics.get_metric("fd_mnist"), ref["floor"][0]
-
-    def fd(images: torch.Tensor) -> float:   # uint8 (N, 1, 28, 28)
-        rgb = images.expand(-1, 3, -1, -1).contiguous()
-        return spec.value(features.extract_features(ext, layer, features.UInt8Images(rgb)), ref)
-
-    real = mnist_split("train")[0][:N]
-    blurred = torch.nn.functional.avg_pool2d(real.float(), 3, 1, 1).to(torch.uint8)
+    from bench import features
+    fd, floor = held_out_fd(tmp_path, N)
+    real, blurred = real_and_blurred(N)
     fd_real, fd_blurred = fd(real), fd(blurred)
     assert floor < fd_real < 3 * floor and fd_blurred > 10 * floor   # the yardsticks mean what they say
     assert fd(features.to_uint8_rgb(guided_digits[0])[:, :1]) < math.sqrt(fd_real * fd_blurred)

@@ -11,7 +11,7 @@ from bench import plan
 from pretrained import checkpoints, cm_mnist, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from solvers.schedules import RectifiedFlow
-from tests.pretrained.mnist_marks import needs_mnist, Payload
+from tests.pretrained.mnist_marks import Payload, held_out_fd, needs_mnist, real_and_blurred
 
 
 
@@ -187,17 +187,7 @@ FACTOR, N = 5.0, 300
 @pytest.fixture(scope="module")
 def fd_heldout(tmp_path_factory):
     """(fd(uint8 images (N, 1, 28, 28)) → FD (MNIST classifier) against the held-out images, noise floor)."""
-    from bench import datasets, features, metrics
-    ext, layer, name = features.create_extractor("fd_mnist", "cpu")
-    ref = datasets.reference_statistics("mnist-heldout", ext, layer, name,
-                                        cache_dir=tmp_path_factory.mktemp("refstats"), floor_n=N)
-    spec = metrics.get_metric("fd_mnist")
-
-    def fd(images: torch.Tensor) -> float:
-        rgb = images.expand(-1, 3, -1, -1).contiguous()
-        return spec.value(features.extract_features(ext, layer, features.UInt8Images(rgb)), ref)
-
-    return fd, ref["floor"][0]
+    return held_out_fd(tmp_path_factory.mktemp("refstats"), N)
 
 
 def _samples(name: str, solver: str, steps: int, **options) -> torch.Tensor:
@@ -212,10 +202,8 @@ def _samples(name: str, solver: str, steps: int, **options) -> torch.Tensor:
 
 @needs_mnist
 def test_two_consistency_steps_beat_the_teacher_at_two_model_calls(fd_heldout, one_thread):
-    from pretrained.mnist_data import mnist_split
     fd, floor = fd_heldout
-    real = mnist_split("train")[0][:N]
-    blurred = torch.nn.functional.avg_pool2d(real.float(), 3, 1, 1).to(torch.uint8)
+    real, blurred = real_and_blurred(N)
     fd_blurred = fd(blurred)
     assert fd(real) < FACTOR * floor < fd_blurred   # the yardsticks mean what the comment above says
     cm_two = fd(_samples("cm_mnist", "consistency", 2))

@@ -10,7 +10,7 @@ import solvers
 from pretrained import checkpoints, fm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from solvers.schedules import RectifiedFlow
-from tests.pretrained.mnist_marks import needs_mnist, Payload
+from tests.pretrained.mnist_marks import Payload, held_out_fd, needs_mnist, real_and_blurred
 
 
 
@@ -99,18 +99,9 @@ FACTOR, N = 5.0, 300
 
 @needs_mnist
 def test_samples_score_within_5x_the_held_out_noise_floor(tmp_path, one_thread):
-    from bench import datasets, features, metrics
-    from pretrained.mnist_data import mnist_split
-    ext, layer, name = features.create_extractor("fd_mnist", "cpu")
-    ref = datasets.reference_statistics("mnist-heldout", ext, layer, name, cache_dir=tmp_path, floor_n=N)
-    spec, floor = metrics.get_metric("fd_mnist"), ref["floor"][0]
-
-    def fd(images: torch.Tensor) -> float:   # uint8 (N, 1, 28, 28)
-        rgb = images.expand(-1, 3, -1, -1).contiguous()
-        return spec.value(features.extract_features(ext, layer, features.UInt8Images(rgb)), ref)
-
-    real = mnist_split("train")[0][:N]
-    blurred = torch.nn.functional.avg_pool2d(real.float(), 3, 1, 1).to(torch.uint8)
+    from bench import features
+    fd, floor = held_out_fd(tmp_path, N)
+    real, blurred = real_and_blurred(N)
     assert fd(real) < FACTOR * floor < fd(blurred)
     card, model = pretrained.get_card("fm_mnist"), pretrained.load("fm_mnist")
     x_T = solvers.initial_noise((N, 1, 28, 28), seeds=list(range(N)), schedule=model.schedule)

@@ -13,7 +13,7 @@ from pretrained import checkpoints, ldm_mnist, toy
 from pretrained.checkpoints import CheckpointError
 from pretrained.train_gmm2d import save_atomic
 from solvers.schedules import VPCosine
-from tests.pretrained.mnist_marks import needs_mnist, Payload
+from tests.pretrained.mnist_marks import Payload, held_out_fd, needs_mnist, real_and_blurred
 
 
 
@@ -195,18 +195,9 @@ FACTOR, N = 5.0, 300
 
 @needs_mnist
 def test_decoded_samples_score_within_5x_the_held_out_noise_floor(tmp_path, one_thread):
-    from bench import datasets, features, metrics
-    from pretrained.mnist_data import mnist_split
-    ext, layer, name = features.create_extractor("fd_mnist", "cpu")
-    ref = datasets.reference_statistics("mnist-heldout", ext, layer, name, cache_dir=tmp_path, floor_n=N)
-    spec, floor = metrics.get_metric("fd_mnist"), ref["floor"][0]
-
-    def fd(images: torch.Tensor) -> float:   # uint8 (N, 1, 28, 28)
-        rgb = images.expand(-1, 3, -1, -1).contiguous()
-        return spec.value(features.extract_features(ext, layer, features.UInt8Images(rgb)), ref)
-
-    real = mnist_split("train")[0][:N]
-    blurred = F.avg_pool2d(real.float(), 3, 1, 1).to(torch.uint8)
+    from bench import features
+    fd, floor = held_out_fd(tmp_path, N)
+    real, blurred = real_and_blurred(N)
     assert fd(real) < FACTOR * floor < fd(blurred)
     card, model = pretrained.get_card("ldm_mnist"), pretrained.load("ldm_mnist")
     x_T = solvers.initial_noise((N, 4, 7, 7), seeds=list(range(N)), schedule=model.schedule)
