@@ -160,9 +160,20 @@ def _card(path: Path, data: dict) -> ModelCard:
                                                                                              options),
                      data["sample_shape"], prediction=data.get("prediction", "from the scheduler config"),
                      schedule_name=schedule_name, description=data.get("description", f"card file {path}"),
-                     data_range=data.get("data_range", (-1.0, 1.0)), reference=data.get("reference", NO_REFERENCE),
+                     data_range=data.get("data_range", (-1.0, 1.0)), reference=_reference(path, data),
                      default_num_samples=int(data.get("default_num_samples", 256)),
                      default_batch_size=int(data.get("default_batch_size", 64)), notes=data.get("notes", ""))
+
+
+def _reference(path: Path, data: dict) -> str:
+    """The card's ``reference``: a data set name as written; a file or folder (it exists beside the card, or the
+    value looks like a path: a separator, ``~``, ``$`` or ``.npz``) relative to the card's folder."""
+    value = str(data.get("reference", NO_REFERENCE))
+    if value == NO_REFERENCE:
+        return value
+    looks_like_path = any(c in value for c in "/\\~$") or value.lower().endswith(".npz")
+    beside = _expand(path, value)
+    return str(beside) if looks_like_path or beside.exists() else value
 
 
 def _load(path: Path, data: dict, device: str, options: dict) -> solvers.DiffusionModel:

@@ -178,6 +178,22 @@ def test_a_card_file_builds_the_network_with_its_weights_and_schedule(tmp_path):
     assert row["model"] == "tiny" and row["status"] == "ok" and np.isfinite(row["metric.ref_error"])
 
 
+@pytest.mark.parametrize("reference, resolved", [
+    ("my_stats.npz", "cards/my_stats.npz"), ("images", "cards/images"), ("sub/stats.npz", "cards/sub/stats.npz"),
+    ("mnist-test", "mnist-test"), ("none", "none"),
+])
+def test_a_card_files_relative_reference_is_relative_to_the_card(tmp_path, monkeypatch, reference, resolved):
+    (tmp_path / "cards" / "images").mkdir(parents=True)
+    (tmp_path / "cards" / "my_stats.npz").write_bytes(b"")
+    body = FACTORY_CARD.format(sha="0" * 64).replace("sample_shape = [2]",
+                                                      f'sample_shape = [2]\nreference = "{reference}"')
+    (tmp_path / "cards" / "card.toml").write_text(body)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the current directory plays no part
+    card = resolve_card(str(tmp_path / "cards" / "card.toml"))
+    assert card.reference == (str(tmp_path / resolved) if "/" in resolved else resolved)
+
+
 class _Crafted:
     """A pickle that, unpickled unrestricted, creates the file ``marker``."""
 
