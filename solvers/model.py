@@ -13,6 +13,8 @@ no solver ever branches on the prediction type.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Literal, Optional, Tuple, Union
 
 import torch
@@ -245,10 +247,18 @@ def classifier_free_guidance(fn: Callable[..., torch.Tensor], cond, uncond, scal
 
     Args:
         fn: ``fn(x, t, c)``; ``cond`` and ``uncond`` are tensors with one row per sample.
-        scale: guidance scale w (1 = conditional model alone, 0 = unconditional).
+        scale: guidance scale w, a finite real number (1 = conditional model alone, 0 = unconditional).
+
+    Raises:
+        TypeError: an ``fn`` that is not callable.
+        ValueError: a scale that is not a finite real number; cond and uncond of different shapes.
     """
     if not callable(fn):
         raise TypeError("fn must be callable as fn(x, t, c)")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"classifier_free_guidance: scale must be a finite real number (the guidance weight w: "
+                         f"1 = the conditional model alone, 0 = the unconditional one), got {scale!r}")
+    scale = float(scale)
     if torch.is_tensor(cond) and torch.is_tensor(uncond) and cond.shape != uncond.shape:
         raise ValueError(f"cond and uncond must have the same shape, got {tuple(cond.shape)} and "
                          f"{tuple(uncond.shape)}")

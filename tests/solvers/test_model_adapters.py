@@ -5,6 +5,8 @@ predicts ε, the score, x0, v or the velocity exactly must be turned into exactl
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +149,37 @@ def test_classifier_free_guidance_rejects_mismatched_conditions():
     guided = solvers.classifier_free_guidance(fn, torch.ones(3), torch.zeros(3), 1.0)
     with pytest.raises(ValueError, match="cond has 3 rows for a batch of 4"):
         guided(torch.zeros(4, 2), torch.zeros(4))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), np.float32("nan"), 1 + 2j, "2",
+                                   None, True])
+def test_classifier_free_guidance_refuses_a_scale_that_is_not_a_finite_real_number(scale):
+    """A NaN/Inf, complex or non-numeric scale is refused when the wrapper is built, naming the value and what is
+    valid (before, NaN/Inf went through every step and surfaced at the end as a NonFiniteError)."""
+    calls = []
+
+    def fn(x, t, c):
+        calls.append(x.shape[0])
+        return x
+
+    with pytest.raises(ValueError, match=r"classifier_free_guidance: scale must be a finite real number \(the "
+                                         r"guidance weight w: 1 = the conditional model alone, 0 = the "
+                                         r"unconditional one\), got " + re.escape(repr(scale))):
+        solvers.classifier_free_guidance(fn, torch.ones(3), torch.zeros(3), scale)
+    assert calls == []
+
+
+@pytest.mark.parametrize("scale", [2, np.float32(2.0), np.int64(2), -0.5])
+def test_classifier_free_guidance_takes_any_finite_real_scale(scale):
+    """Integers, NumPy scalars and negative weights are finite real numbers: out_u + w·(out_c − out_u)."""
+    schedule = schedules.VPLinear()
+    fn, eps_cond, eps_uncond, _ = _two_class_network(schedule)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.full((3,), 0.4, dtype=torch.float64)
+    out = solvers.classifier_free_guidance(fn, torch.ones(3), torch.zeros(3), scale)(x, t)
+    out_c, out_u = eps_cond(x, t), eps_uncond(x, t)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, out_u + float(scale) * (out_c - out_u), rtol=0.0, atol=0.0)
 
 
 def _constant_x0_model(values: torch.Tensor, **kwargs) -> solvers.DiffusionModel:
