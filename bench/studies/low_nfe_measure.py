@@ -34,6 +34,7 @@ import torch
 import pretrained
 import solvers
 from solvers import schedules
+from solvers.interop.k_diffusion import PEER_INSTALL
 
 VP = schedules.VPLinear()
 T0, T1 = 1.0, 1e-3
@@ -223,8 +224,7 @@ def peers_table(n: int = 256) -> list[str]:
     ratio ours ÷ theirs."""
     sampling = load_k_diffusion_sampling()
     if sampling is None:
-        return ["k-diffusion is not installed: `pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
-                "torchdiffeq trampoline`"]
+        return [f"k-diffusion is not installed: `{PEER_INSTALL}`"]
     rows = ["| problem | ours (k-diffusion) | grid | steps | ours | k-diffusion | ours ÷ theirs |",
             "|---|---|---|---|---|---|---|"]
     for name in PROBLEMS:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 import solvers  # noqa: E402
 from bench.studies import peers as P  # noqa: E402
 from bench.studies import perf  # noqa: E402
+from solvers.interop.k_diffusion import PEER_INSTALL  # noqa: E402
 
 TINY_SHAPE = (3, 8, 8)
 TINY_STEPS = 5
@@ -180,16 +181,18 @@ def test_overhead_refuses_unknown_peers(tmp_path):
     assert e.value.code == 2 and not (tmp_path / "x.md").exists()
 
 
+@pytest.mark.peer
 @pytest.mark.skipif(_has_kdiffusion(), reason="k-diffusion is installed here")
 def test_kdiffusion_peer_without_the_package_says_how_to_get_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         perf.main(["overhead", "--peers", "diffusers,k-diffusion", "--methods", "ddim", "--batches", "1",
                    "--steps", "2", "--repeats", "1", "--out", str(tmp_path / "x.md")])
-    assert e.value.code == 2 and "pip install k-diffusion" in capsys.readouterr().err
+    assert e.value.code == 2 and PEER_INSTALL in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not _has_kdiffusion(), reason="k-diffusion is not installed (it is not a dependency of this "
                                                   "project; the overhead benchmark compares with it when present)")
+@pytest.mark.peer
 @pytest.mark.parametrize("key", sorted(perf.KDIFFUSION_SAMPLERS))
 def test_kdiffusion_runner_counts_the_same_model_calls(key):
     ours, _ = perf.overhead_runners(key, batch=2, steps=TINY_STEPS, shape=TINY_SHAPE)
