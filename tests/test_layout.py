@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -17,6 +19,7 @@ def test_every_test_folder_is_a_package():
     assert not missing, f"add __init__.py to: {missing}"
 
 
+@pytest.mark.slow
 def test_plain_pytest_from_another_folder_imports_the_real_packages(tmp_path):
     code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--collect-only', "
             f"'{TESTS / 'solvers' / 'test_schedules.py'}']))")

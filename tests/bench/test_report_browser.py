@@ -20,8 +20,9 @@ from bench import run as run_mod
 WIDTH = 1400
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found on PATH (install Debian's "
-                                "`chromium`: `apt-get install -y chromium`; .ci/run installs it where absent)")
+pytestmark = [pytest.mark.peer,
+              pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found on PATH (install Debian's `chromium`: "
+                                 "`apt-get install -y chromium`; .ci/run installs it where absent)")]
 
 # Collects, once the page has loaded, each image's load state and its natural and shown widths, and the
 # headings, into a <pre> that --dump-dom prints.

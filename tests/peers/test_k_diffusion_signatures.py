@@ -25,6 +25,8 @@ from solvers.interop import from_k_diffusion
 from solvers.interop import k_diffusion as K
 from solvers.noise import STREAM_SOLVER, SeedStreams
 
+pytestmark = pytest.mark.peer  # its comparisons need k-diffusion (.ci/run's second pass installs it)
+
 MIXTURE = gmm_nd(dim=8, n_components=3, spread=1.5, std=0.4, seed=1)
 SEEDS = [10, 11, 12]
 TOL = 1e-10

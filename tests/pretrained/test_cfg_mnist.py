@@ -234,6 +234,7 @@ def guided_digits():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_guided_digits_are_the_digits_asked_for(guided_digits, one_thread):
     from pretrained.train_cfg_mnist import class_accuracy, guided_images
@@ -246,6 +247,7 @@ def test_guided_digits_are_the_digits_asked_for(guided_digits, one_thread):
     assert class_accuracy(unguided, labels[:100]) < 0.3
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_guided_digits_are_closer_to_real_digits_than_to_blurred_ones(guided_digits, tmp_path, one_thread):
     from bench import features

@@ -200,6 +200,7 @@ def _samples(name: str, solver: str, steps: int, **options) -> torch.Tensor:
     return features.to_uint8_rgb(card.to_images(res.samples))[:, :1]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_two_consistency_steps_beat_the_teacher_at_two_model_calls(fd_heldout, one_thread):
     fd, floor = fd_heldout
@@ -211,6 +212,7 @@ def test_two_consistency_steps_beat_the_teacher_at_two_model_calls(fd_heldout, o
     assert cm_two < fd_blurred < teacher_two
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_four_consistency_steps_score_within_5x_the_held_out_noise_floor(fd_heldout, one_thread):
     fd, floor = fd_heldout

@@ -97,6 +97,7 @@ def test_training_refuses_bad_settings_before_any_work(capsys):
 FACTOR, N = 5.0, 300
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_samples_score_within_5x_the_held_out_noise_floor(tmp_path, one_thread):
     from bench import features

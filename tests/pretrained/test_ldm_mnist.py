@@ -168,6 +168,7 @@ def test_training_refuses_bad_settings_before_any_work(capsys, tmp_path):
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_one_stage_at_a_time_writes_the_same_bytes_as_both_at_once(tmp_path, one_thread):
     from pretrained.train_ldm_mnist import main
@@ -193,6 +194,7 @@ def test_one_stage_at_a_time_writes_the_same_bytes_as_both_at_once(tmp_path, one
 FACTOR, N = 5.0, 300
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_decoded_samples_score_within_5x_the_held_out_noise_floor(tmp_path, one_thread):
     from bench import features

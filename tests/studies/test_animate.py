@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.studies import animate
 
 
+@pytest.mark.slow
 def test_the_default_output_is_runs_not_the_committed_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reports").mkdir()

@@ -9,6 +9,7 @@ import pytest
 from bench.studies import low_nfe
 
 
+@pytest.mark.slow
 def test_the_study_writes_its_report_and_ours_beats_the_peers_at_5_calls(tmp_path):
     out = tmp_path / "low_nfe.md"
     assert low_nfe.main(["--models", "gmm2d", "--held-out", "16", "--nfe", "5", "--out", str(out)]) == 0
@@ -37,6 +38,7 @@ def test_an_unknown_problem_is_refused(capsys):
     assert "unknown problem(s) nope; valid: gmm2d, gmm, ddpm_mnist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_variants_table_marks_each_solvers_best_variant(monkeypatch):
     from bench.studies import low_nfe_measure
     monkeypatch.setattr(low_nfe_measure, "PROBLEMS", ("gmm2d",))
@@ -51,6 +53,7 @@ def test_the_variants_table_marks_each_solvers_best_variant(monkeypatch):
         assert cells[2].strip().startswith("**")   # a solver alone in the table is its own best
 
 
+@pytest.mark.peer
 def test_each_default_is_no_worse_than_k_diffusions_same_method_on_its_grids():
     """Our solvers with their default options against k-diffusion's implementation of the same method on the
     same σ levels (Karras, exponential, polyexponential, VP grids; 5 / 10 / 20 steps; exact mixtures): never
