@@ -208,7 +208,7 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
             is the same whatever the batch size or composition.
         dtype: dtype of the solver state: a real floating ``torch.dtype`` or its name (``torch.float64`` or
             ``"float64"``); anything else raises TypeError.  The network is called in the model's
-            ``input_dtype`` (default: the state's).
+            ``input_dtype`` (default: a network module's own dtype, else the state's), its output cast back.
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm progress bar over the steps.
         on_nonfinite: ``"raise"`` (a :class:`NonFiniteError` naming the samples) or ``"flag"`` (set

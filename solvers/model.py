@@ -54,6 +54,16 @@ def lanewise(fn: Callable[..., object], *vectors: torch.Tensor):
     return out[:n]
 
 
+def network_dtype(fn) -> Optional[torch.dtype]:
+    """The dtype a network must be called in: that of its floating parameters and buffers when ``fn`` is a
+    ``torch.nn.Module`` whose floating tensors all share one dtype; ``None`` (unknown) otherwise — a plain
+    function, a module without floating tensors or with several floating dtypes (mixed precision)."""
+    if not isinstance(fn, torch.nn.Module):
+        return None
+    dtypes = {p.dtype for p in (*fn.parameters(), *fn.buffers()) if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 class DiffusionModel:
     """A network with its schedule and parameterisation, seen by the solvers as a denoiser.
 
@@ -66,8 +76,10 @@ class DiffusionModel:
         clip_x0: optional ``(low, high)``: clamp the predicted x0 to this range (DDPM's ``clip_sample``).
         dynamic_threshold: optional percentile p in (0, 1): Imagen's dynamic thresholding — per sample,
             s = max(1, quantile(|x0|, p)), then x0 ← clamp(x0, −s, s)/s·``clip_x0`` bound (1 by default).
-        input_dtype: dtype the network is called in (the solver state may be float64); ``None`` keeps
-            the state's dtype.
+        input_dtype: dtype the network is called in (its input x and time t; the output is cast back to the
+            state's dtype, so the solver state may be float64 for a float32 network, as in EDM).  ``None``:
+            the dtype of ``fn``'s floating parameters and buffers when ``fn`` is a ``torch.nn.Module`` whose
+            floating tensors all have one dtype (:func:`network_dtype`), else the state's dtype.
         rows_per_sample: network batch rows per sample in one call (2 under classifier-free guidance);
             taken from ``fn.rows_per_sample`` when present.
 
@@ -101,7 +113,7 @@ class DiffusionModel:
         self.prediction = prediction
         self.clip_x0 = None if clip_x0 is None else (float(clip_x0[0]), float(clip_x0[1]))
         self.dynamic_threshold = dynamic_threshold
-        self.input_dtype = None if input_dtype is None else as_float_dtype(input_dtype, "input_dtype")
+        self.input_dtype = network_dtype(fn) if input_dtype is None else as_float_dtype(input_dtype, "input_dtype")
         self.rows_per_sample = int(rows_per_sample or getattr(fn, "rows_per_sample", 1))
 
     def conversion(self, t: float) -> tuple[float, float]:

@@ -182,6 +182,56 @@ def test_classifier_free_guidance_takes_any_finite_real_scale(scale):
     torch.testing.assert_close(out, out_u + float(scale) * (out_c - out_u), rtol=0.0, atol=0.0)
 
 
+class _TimeScaledLinear(torch.nn.Module):
+    """fn(x, t) = W·x·t + b, recording the dtypes it was called with (a torch.nn.Module network)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            self.lin.weight.copy_(0.1 * torch.arange(16.0).reshape(4, 4).sin())
+            self.lin.bias.fill_(0.05)
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append((x.dtype, t.dtype))
+        return self.lin(x) * t[:, None]
+
+
+@pytest.mark.parametrize("net_dtype, state_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_a_network_module_is_called_in_its_own_dtype_and_the_state_keeps_its_own(net_dtype, state_dtype):
+    """A float32 module with a float64 x_T, or the reverse, samples (before: torch's dtype error inside the first
+    step): the network is called in its parameters' dtype (x and t), its output cast back; the state keeps its
+    dtype (EDM's convention: a float64 state for a float32 network).  The same as giving input_dtype."""
+    schedule = schedules.VPLinear()
+    net = _TimeScaledLinear().to(net_dtype)
+    model = solvers.DiffusionModel(net, schedule=schedule)
+    assert model.input_dtype == net_dtype
+    x_T = solvers.initial_noise((3, 4), seeds=range(3), dtype=state_dtype)
+    res = solvers.sample(model, x_T, "dpmpp_2m", 4)
+    assert res.samples.dtype == state_dtype
+    assert net.seen == [(net_dtype, net_dtype)] * res.nfe
+    explicit = solvers.DiffusionModel(net, schedule=schedule, input_dtype=net_dtype)
+    torch.testing.assert_close(res.samples, solvers.sample(explicit, x_T, "dpmpp_2m", 4).samples, rtol=0, atol=0)
+    # Against the whole computation in float64: float32 rounding only.
+    exact = solvers.sample(solvers.DiffusionModel(_TimeScaledLinear().double(), schedule=schedule),
+                           x_T.double(), "dpmpp_2m", 4).samples
+    torch.testing.assert_close(res.samples.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_network_dtype_is_inferred_only_where_it_is_unambiguous():
+    """An explicit input_dtype wins; a plain function, or a module whose floating parameters have several
+    dtypes (or none), leaves the network to be called in the state's dtype, as before."""
+    schedule = schedules.VPLinear()
+    net = _TimeScaledLinear()
+    assert solvers.DiffusionModel(net, schedule=schedule, input_dtype=torch.float64).input_dtype == torch.float64
+    assert solvers.DiffusionModel(lambda x, t: net(x, t), schedule=schedule).input_dtype is None
+    mixed = _TimeScaledLinear()
+    mixed.lin.bias.data = mixed.lin.bias.data.double()
+    assert solvers.DiffusionModel(mixed, schedule=schedule).input_dtype is None
+    assert solvers.DiffusionModel(torch.nn.Identity(), schedule=schedule).input_dtype is None
+
+
 def _constant_x0_model(values: torch.Tensor, **kwargs) -> solvers.DiffusionModel:
     """An x0-prediction model that always predicts ``values`` (one row per sample)."""
     return solvers.DiffusionModel(lambda x, t: values.to(x.dtype).clone(), schedule=schedules.VPLinear(),
