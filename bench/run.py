@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,12 @@ from .sweep import (REPEAT_BUDGET_S, REPEAT_CAP, REPEAT_SHARE, SEED_STRIDE, AllC
 __all__ = ["build_parser", "run", "main", "DEFAULTS"]
 
 DEFAULTS = {"model": "gmm2d", "solvers": DEFAULT_SOLVERS, "steps": "1,2,5,10,20,50"}
+# What a user who stopped a run, or whose disk filled up, needs to know: nothing finished is lost.
+RESUME_HINT = ("Every cell finished before this is recorded in the results folder; run the same command again to "
+               "resume (the cells already done are skipped)")
+INTERRUPTED = f"interrupted (Ctrl-C). {RESUME_HINT}"
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,7 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     The library's known user-facing errors are printed as one line (the traceback too with ``--debug``):
     2 for bad input, missing or unreadable weights and a results folder this run must not touch; 1 for an
-    unavailable metric and for a sweep in which every cell failed.  Anything else is a bug and raises.
+    unavailable metric, for a sweep in which every cell failed and for a full disk; 130 for Ctrl-C (the last
+    two say that the finished cells are kept and the same command resumes).  Anything else is a bug and raises.
     """
     from pretrained.checkpoints import CheckpointError, WeightsNotFoundError
 
@@ -302,17 +310,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _report_error(e, 2, "--debug" in argv)
     except (OfflineFeatureExtractorError, ReferenceDataError, AllCellsFailedError) as e:
         return _report_error(e, 1, "--debug" in argv)
+    except KeyboardInterrupt as e:
+        return _report_error(e, INTERRUPTED_STATUS, "--debug" in argv, INTERRUPTED)
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        return _report_error(e, 1, "--debug" in argv, f"{e.strerror} ({e.filename or 'writing the results'}). "
+                             f"{RESUME_HINT}")
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 
 
-def _report_error(error: BaseException, status: int, debug: bool) -> int:
+def _report_error(error: BaseException, status: int, debug: bool, message: Optional[str] = None) -> int:
+    """Print ``message`` (default: the error's own text) as one line, after the traceback with ``--debug``."""
     if debug:
         import traceback
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-    print(f"bench.run: error: {error}", file=sys.stderr)
+    print(f"bench.run: error: {message or error}", file=sys.stderr)
     return status
 
 
