@@ -51,7 +51,15 @@ from .loop import NonFiniteError, check_call, sample
 from .model import DiffusionModel
 from .registry import get_solver
 
-__all__ = ["OptimizedGrid", "optimize_timesteps", "start_state"]
+__all__ = ["OptimizedGrid", "optimize_timesteps", "start_state", "MAX_STEPS", "MAX_CANDIDATES"]
+
+# The DP initialiser scores one step between every pair of its candidate levels (2·steps by default) on the
+# calibration batch and keeps the reference state at each level: its work grows with the square of the step
+# count.  The bound covers the finest grids in use (1,000 steps of a DiscreteVP); far above it a grid is no
+# longer worth optimising.
+MAX_STEPS = 1_000
+MAX_CANDIDATES = 2 * MAX_STEPS
+DEFAULT_CANDIDATES = 64
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class OptimizedGrid:
 
 def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str, steps: int,
                        t_start: Optional[float] = None, t_end: Optional[float] = None, spacing: str = "logsnr",
-                       denoise_to_zero: bool = True, evaluations: int = 120, candidates: int = 64,
+                       denoise_to_zero: bool = True, evaluations: int = 120, candidates: Optional[int] = None,
                        reference_rtol: float = 1e-6, free_start: bool = False, **solver_options) -> OptimizedGrid:
     """A time grid for ``solver`` at ``steps`` steps that minimises its error on ``model`` (module docstring).
 
@@ -102,12 +110,12 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
             seeds disjoint from those the grid will be used on); 32–256 samples are typical.
         solver: a deterministic fixed-grid solver's name (stochastic solvers and ``adaptive`` are refused:
             the error to optimise would be a random variable, or there is no grid).
-        steps: the grid's step count (≥ 1).
+        steps: the grid's step count (1 … :data:`MAX_STEPS`).
         t_start, t_end, spacing, denoise_to_zero: the default grid, as in :func:`solvers.sample`.  Its
             first and last times are kept; with ``denoise_to_zero`` the last noise level ``t_end`` is kept too
             (the final step to σ = 0 returns the model's denoised output there).
         evaluations: the search budget: solver runs on the calibration batch (fixed; no early random exit).
-        candidates: levels of the DP initialiser's fine grid (≥ 2·steps).
+        candidates: levels of the DP initialiser's grid, 2·steps … :data:`MAX_CANDIDATES` (None: max(64, 2·steps)).
         reference_rtol: tolerance of the reference solution (``atol`` the same).
         free_start: let the first time move later: ``x_T`` then stands for the prior's draw there
             (:func:`start_state`), skipping the first stretch of the ODE as diffusers' "leading" timesteps do;
@@ -124,13 +132,13 @@ def optimize_timesteps(model: DiffusionModel, x_T: torch.Tensor, *, solver: str,
     Raises:
         TypeError: a model that is not a DiffusionModel; an x_T that is not a real floating tensor; an unknown
             solver option.
-        ValueError: an unknown, adaptive or stochastic solver; a bad ``steps``, ``evaluations``,
-            ``candidates`` or ``reference_rtol``; a default grid the arguments cannot build — all before any
-            model call.
+        ValueError: an unknown, adaptive or stochastic solver; a bad ``steps`` (or one above
+            :data:`MAX_STEPS`), ``evaluations``, ``candidates`` or ``reference_rtol``; a default grid the
+            arguments cannot build — all before any model call.
     """
     check_call(model, x_T, "x_T", None, steps)
     slv = _check_solver(solver, solver_options)
-    _check_budget(evaluations, candidates, reference_rtol, steps, free_start)
+    candidates = _check_budget(evaluations, candidates, reference_rtol, steps, free_start)
     default = make_grid(model.schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end,
                         denoise_to_zero=denoise_to_zero)
     slv.check(_points(model, default))
@@ -211,19 +219,28 @@ def _check_solver(solver: str, options: dict):
     return slv
 
 
-def _check_budget(evaluations, candidates, reference_rtol, steps: int, free_start=False) -> None:
-    """Refuse a bad search budget, DP grid size or reference tolerance (ValueError) or a free_start that is
-    not a bool (TypeError) before any model call."""
+def _check_budget(evaluations, candidates, reference_rtol, steps: int, free_start=False) -> int:
+    """The DP grid's number of levels (``candidates``, ``None``: max(64, 2·steps)), after refusing a step count
+    above :data:`MAX_STEPS`, a bad search budget, DP grid size or reference tolerance (ValueError) or a
+    free_start that is not a bool (TypeError), before any model call."""
     if not isinstance(free_start, bool):
         raise TypeError(f"free_start must be True or False, got {free_start!r}")
     if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 0:
         raise ValueError(f"evaluations must be an integer >= 0 (solver runs of the search), got {evaluations!r}")
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2 * check_steps(steps):
-        raise ValueError(f"candidates must be an integer >= 2·steps = {2 * steps} (levels of the DP grid), "
+    if check_steps(steps) > MAX_STEPS:
+        raise ValueError(f"optimize_timesteps handles at most {MAX_STEPS:,} steps (its DP initialiser scores every "
+                         f"pair of 2·steps levels on the calibration batch, work growing with steps²), got "
+                         f"steps={steps}; give fewer steps, or sample on a default spacing at this count")
+    candidates = max(DEFAULT_CANDIDATES, 2 * steps) if candidates is None else candidates
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or not (
+            2 * steps <= candidates <= MAX_CANDIDATES):
+        raise ValueError(f"candidates must be an integer in [{2 * steps}, {MAX_CANDIDATES}] (levels of the DP grid: "
+                         f"at least 2·steps, at most MAX_CANDIDATES; None: max({DEFAULT_CANDIDATES}, 2·steps)), "
                          f"got {candidates!r}")
     if isinstance(reference_rtol, bool) or not isinstance(reference_rtol, (int, float)) or not (
             1e-12 <= reference_rtol <= 1e-3):
         raise ValueError(f"reference_rtol must be a number in [1e-12, 1e-3], got {reference_rtol!r}")
+    return candidates
 
 
 def start_state(schedule, x_T: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:

@@ -179,6 +179,31 @@ def test_one_step_has_nothing_to_move():
     assert "no free level" in res.method
 
 
+@pytest.mark.parametrize("steps", [40, 50])
+def test_more_than_32_steps_get_a_dp_grid_of_twice_as_many_levels(steps):
+    """The DP's candidate levels default to max(64, 2·steps), so any step count up to the limit is optimised
+    (before, the fixed default of 64 refused every count above 32 — `bench.run --spacing optimized`)."""
+    model, calls = _counting_model()
+    res = solvers.optimize_timesteps(model, _noise(range(4)), solver="dpmpp_2m", steps=steps, evaluations=4)
+    ts, default = res.timesteps, res.default_timesteps
+    assert len(ts) == steps + 1 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert (ts[0], ts[-2], ts[-1]) == (default[0], default[-2], default[-1])
+    assert f"DP over {2 * steps} levels" in res.method
+    assert res.error_after <= res.error_before and res.nfe == len(calls)
+
+
+def test_a_step_count_above_the_optimiser_limit_is_refused_before_any_model_call():
+    """Above solvers.optimize.MAX_STEPS the DP over every pair of 2·steps levels is refused up front, saying so;
+    the limit itself passes the checks."""
+    limit = solvers.optimize.MAX_STEPS
+    model, calls = _counting_model()
+    with pytest.raises(ValueError, match=rf"optimize_timesteps handles at most {limit:,} steps.*got steps={limit + 1}"):
+        solvers.optimize_timesteps(model, _noise(range(4)), solver="dpmpp_2m", steps=limit + 1)
+    with pytest.raises(ValueError, match=rf"candidates must be an integer in \[{2 * limit}, {2 * limit}\]"):
+        solvers.optimize_timesteps(model, _noise(range(4)), solver="dpmpp_2m", steps=limit, candidates=2 * limit + 1)
+    assert calls == []
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"solver": "adaptive", "steps": 5}, ValueError, "chooses its own steps"),
     ({"solver": "ddpm", "steps": 5}, ValueError, "draws noise"),
