@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["frechet_distance", "gaussian_statistics", "frechet_distance_features", "sliced_wasserstein",
+__all__ = ["frechet_distance", "gaussian_statistics", "FeatureMoments", "frechet_distance_features", "sliced_wasserstein",
            "projections", "rmse", "MetricSpec", "DataDistance", "ExactODEError", "FeatureFrechet", "MnistFrechet",
            "ClassAccuracy",
            "MNIST_REFERENCES", "METRICS",
@@ -35,6 +35,62 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centred = f - mu
     sigma = centred.T @ centred / (f.shape[0] - 1)
     return mu, sigma
+
+
+class FeatureMoments:
+    """Running mean and covariance of feature vectors, batch by batch: memory O(d²) whatever the sample count.
+
+    Batches are merged with Chan, Golub and LeVeque's pairwise update (the mean and the centred sum of outer
+    products M2 of each part; "Updating formulae and a pairwise algorithm for computing sample variances",
+    1979), which is exact and keeps the cancellation of a one-pass sum of squares out, so the statistics equal
+    :func:`gaussian_statistics` of all the features at once up to rounding, in any batch split or rank order.
+    """
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self.m2 = np.zeros((dim, dim), np.float64)
+
+    def add(self, features: np.ndarray) -> "FeatureMoments":
+        """Add a batch (n, d) of feature vectors; returns self.
+
+        Raises:
+            ValueError: a batch of another dimension, or non-finite features.
+        """
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.mean.size:
+            raise ValueError(f"feature batch of shape {f.shape}; expected (n, {self.mean.size})")
+        if not np.isfinite(f).all():
+            raise ValueError("features contain NaN or Inf")
+        if len(f):
+            part = FeatureMoments(self.mean.size)
+            part.n, part.mean = len(f), f.mean(axis=0)
+            centred = f - part.mean
+            part.m2 = centred.T @ centred
+            self.merge(part)
+        return self
+
+    def merge(self, other: "FeatureMoments") -> "FeatureMoments":
+        """Fold ``other``'s statistics into these (another rank's, or another batch's); returns self."""
+        if other.mean.size != self.mean.size:
+            raise ValueError(f"cannot merge moments of dimension {other.mean.size} into {self.mean.size}")
+        n = self.n + other.n
+        if other.n:
+            delta = other.mean - self.mean
+            self.m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+            self.mean = self.mean + delta * (other.n / n)
+            self.n = n
+        return self
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and (unbiased, n − 1) covariance, as :func:`gaussian_statistics`.
+
+        Raises:
+            ValueError: fewer than two samples.
+        """
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+        return self.mean.copy(), self.m2 / (self.n - 1)
 
 
 def _numerical_zero(w: np.ndarray) -> float:
@@ -228,7 +284,8 @@ class FeatureFrechet(MetricSpec):
         return super().unfit_reason(card)
 
     def value(self, features, reference) -> float:
-        mu, sigma = gaussian_statistics(features)
+        """``features``: the cell's feature vectors (n, d), or their :class:`FeatureMoments`."""
+        mu, sigma = features.statistics() if isinstance(features, FeatureMoments) else gaussian_statistics(features)
         return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
 
     def reference_for(self, card) -> str:

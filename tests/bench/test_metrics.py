@@ -56,6 +56,36 @@ def test_gaussian_statistics_is_the_unbiased_covariance_and_rejects_bad_input():
         M.gaussian_statistics(np.full((3, 2), np.nan))
 
 
+@pytest.mark.parametrize("splits", [[50], [1, 49], [7, 0, 20, 23], [2] * 25])
+def test_feature_moments_batch_by_batch_equal_the_statistics_of_all_features_at_once(splits):
+    # far from the origin, where a one-pass sum of squares would lose the covariance to cancellation
+    x = 1e4 + np.random.default_rng(4).standard_normal((50, 6))
+    mu, sigma = M.gaussian_statistics(x)
+    moments, start = M.FeatureMoments(6), 0
+    for size in splits:
+        moments.add(x[start:start + size])
+        start += size
+    got_mu, got_sigma = moments.statistics()
+    np.testing.assert_allclose(got_mu, mu, rtol=1e-12)
+    np.testing.assert_allclose(got_sigma, sigma, rtol=1e-9, atol=1e-9)
+
+
+def test_feature_moments_of_ranks_merge_in_any_order_and_refuse_bad_batches():
+    x = np.random.default_rng(5).standard_normal((40, 3))
+    a, b = M.FeatureMoments(3).add(x[:15]), M.FeatureMoments(3).add(x[15:])
+    for merged in (M.FeatureMoments(3).merge(a).merge(b), M.FeatureMoments(3).merge(b).merge(a)):
+        np.testing.assert_allclose(merged.statistics()[1], np.cov(x, rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
+        M.FeatureMoments(3).add(x[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        M.FeatureMoments(3).add(np.full((2, 3), np.inf))
+    with pytest.raises(ValueError, match="at least 2"):
+        M.FeatureMoments(3).add(x[:1]).statistics()
+    ref = dict(zip(("mu", "sigma"), M.gaussian_statistics(x + 1)))
+    spec = M.METRICS["fd_resnet20"]
+    assert spec.value(M.FeatureMoments(3).add(x), ref) == pytest.approx(spec.value(x, ref), rel=1e-12)
+
+
 def test_sliced_wasserstein_of_a_shift():
     # Shifting every sample by v shifts each projection by θ·v, so SW2² = mean_θ (θ·v)², whose expectation over
     # uniform directions in R^d is |v|²/d.
