@@ -116,8 +116,12 @@ def make_grid(schedule: Schedule, steps: int, *, spacing: str = "logsnr", t_star
     Raises:
         ValueError: bad steps, unknown spacing, a spacing that does not fit the schedule, or a range that
             leaves the schedule's.
+        TypeError: a ``denoise_to_zero`` that is not a bool (a string such as ``"no"`` would read as True).
     """
     steps = check_steps(steps)
+    if not isinstance(denoise_to_zero, (bool, np.bool_)):
+        raise TypeError(f"denoise_to_zero must be True or False, got {denoise_to_zero!r}")
+    denoise_to_zero = bool(denoise_to_zero)
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     check_real("make_grid", "rho", rho, low=0.0, low_open=True)

@@ -224,13 +224,14 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
 
     Raises:
         TypeError: a model that is not a DiffusionModel; an x_T or dtype that is not real floating; an unknown
-            solver option; a network that does not return a tensor.
+            solver option; a callback that is not callable; a ``denoise_to_zero`` that is not a bool; a network
+            that does not return a tensor.
         ValueError: a bad argument (steps, grid, seeds, solver option value …), each checked before the first
             model call.
         NonFiniteError: NaN/Inf in the result (with ``on_nonfinite="raise"``).
     """
     dtype = check_call(model, x_T, "x_T", dtype, steps)
-    _check_outcome_options(on_nonfinite, rng)
+    _check_outcome_options(on_nonfinite, rng, callback)
     slv = get_solver(solver, **solver_options)
     grid, points, tables, spacing_used, denoise_used = _grid_for_call(
         model, timesteps, steps, spacing, t_start, t_end, denoise_to_zero)
@@ -246,11 +247,15 @@ def sample(model: DiffusionModel, x_T: torch.Tensor, solver: str = "dpmpp_2m", s
                         nonfinite=nonfinite, seeds=seed_list, nfe_per_sample=ctx.nfe_per_sample())
 
 
-def _check_outcome_options(on_nonfinite: str, rng: str) -> None:
-    """Check :func:`sample`'s ``on_nonfinite`` (``"raise"`` or ``"flag"``) and ``rng`` before any work."""
+def _check_outcome_options(on_nonfinite: str, rng: str, callback) -> None:
+    """Check :func:`sample`'s ``on_nonfinite`` (``"raise"`` or ``"flag"``), ``rng`` and ``callback`` (None or
+    callable) before any work."""
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     check_rng(rng)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(info: StepInfo), got "
+                        f"{type(callback).__name__} {callback!r}")
 
 
 def _grid_for_call(model: DiffusionModel, timesteps, steps, spacing, t_start, t_end, denoise_to_zero):

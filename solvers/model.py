@@ -84,7 +84,8 @@ class DiffusionModel:
             taken from ``fn.rows_per_sample`` when present.
 
     Raises:
-        ValueError: unknown prediction, or one the schedule cannot support (``"v"`` needs α² + σ² = 1).
+        ValueError: unknown prediction, or one the schedule cannot support (``"v"`` needs α² + σ² = 1); a
+            ``rows_per_sample`` (argument or ``fn`` attribute) that is not a positive integer.
         TypeError: an ``input_dtype`` that is not real floating.
     """
 
@@ -114,7 +115,11 @@ class DiffusionModel:
         self.clip_x0 = None if clip_x0 is None else (float(clip_x0[0]), float(clip_x0[1]))
         self.dynamic_threshold = dynamic_threshold
         self.input_dtype = network_dtype(fn) if input_dtype is None else as_float_dtype(input_dtype, "input_dtype")
-        self.rows_per_sample = int(rows_per_sample or getattr(fn, "rows_per_sample", 1))
+        rows = getattr(fn, "rows_per_sample", 1) if rows_per_sample is None else rows_per_sample
+        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
+            raise ValueError(f"rows_per_sample must be a positive integer (network batch rows per sample in one "
+                             f"call: 1, or 2 under classifier-free guidance), got {rows!r}")
+        self.rows_per_sample = int(rows)
 
     def conversion(self, t: float) -> tuple[float, float]:
         """Coefficients (a, b) with x0 = a·x + b·fn(x, t) at solver time t (host floats).

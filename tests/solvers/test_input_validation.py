@@ -4,6 +4,7 @@ and non-finite model output under the adaptive solver."""
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -210,6 +211,46 @@ def test_make_grid_rho_must_be_a_positive_finite_number():
     for rho in (math.nan, math.inf, 0.0, -1.0, True):
         with pytest.raises(ValueError, match=f"make_grid: rho must be in \\(0, inf\\) and finite, got {rho}"):
             grids.make_grid(SCHEDULE, 4, spacing="karras", rho=rho)
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 0, 1, None, 1.0])
+def test_denoise_to_zero_must_be_a_bool(flag, counted):
+    """denoise_to_zero="no" (or 0/1/None) was read for its truth value — "no" and "False" ended at σ = 0 as True
+    would; now make_grid and sample refuse it before any model call, saying what is accepted."""
+    net, model = counted
+    with pytest.raises(TypeError, match=rf"denoise_to_zero must be True or False, got {re.escape(repr(flag))}"):
+        grids.make_grid(SCHEDULE, 4, denoise_to_zero=flag)
+    with pytest.raises(TypeError, match=rf"denoise_to_zero must be True or False, got {re.escape(repr(flag))}"):
+        solvers.sample(model, x_T(), "euler", 3, denoise_to_zero=flag)
+    assert net.calls == 0
+    assert grids.make_grid(SCHEDULE, 4, denoise_to_zero=np.bool_(False)) == grids.make_grid(
+        SCHEDULE, 4, denoise_to_zero=False)
+
+
+@pytest.mark.parametrize("callback", [3, "print", [print]])
+def test_a_callback_that_is_not_callable_is_refused_before_the_first_step(callback, counted):
+    """Before, sample ran the first step (a model call) and then failed with "'int' object is not callable"."""
+    net, model = counted
+    with pytest.raises(TypeError, match=rf"callback must be None or callable as callback\(info: StepInfo\), got "
+                                        rf"{type(callback).__name__} {re.escape(repr(callback))}"):
+        solvers.sample(model, x_T(), "euler", 3, callback=callback)
+    assert net.calls == 0
+
+
+@pytest.mark.parametrize("rows", [0, -2, 2.5, True, "2"])
+def test_rows_per_sample_must_be_a_positive_integer(rows):
+    """rows_per_sample (network rows per sample in one call) counts SampleResult.model_rows: 0 silently became 1,
+    −2 gave negative row counts and 2.5 was truncated to 2; now each is refused, argument or fn attribute."""
+    with pytest.raises(ValueError, match=rf"rows_per_sample must be a positive integer .*got {re.escape(repr(rows))}"):
+        solvers.DiffusionModel(lambda x, t: x, schedule=SCHEDULE, rows_per_sample=rows)
+
+    def fn(x, t):
+        return x
+
+    fn.rows_per_sample = rows
+    with pytest.raises(ValueError, match=rf"rows_per_sample must be a positive integer .*got {re.escape(repr(rows))}"):
+        solvers.DiffusionModel(fn, schedule=SCHEDULE)
+    assert solvers.DiffusionModel(fn, schedule=SCHEDULE, rows_per_sample=np.int64(3)).rows_per_sample == 3
 
 
 # -- what the model returns --------------------------------------------------------------------------
