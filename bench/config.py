@@ -27,6 +27,8 @@ __all__ = ["SweepConfig", "make_config", "parse_repeats", "network_setting"]
 class SweepConfig:
     """What one ``python -m bench.run`` sweeps and how (see ``--help`` for each option's meaning).
 
+    ``model_source`` is ``--model`` as given; ``model_digest`` the content digest of what defines the model
+    (:func:`bench.provenance.model_digest`: a run setting and part of every cache key), "" until it is loaded.
     ``model_options`` holds the loader's options (``--model-opt`` and ``--weights``) as sorted (name, value)
     pairs; :attr:`model_kwargs` gives them as a fresh dict.  ``batch_size`` is a count or ``"auto"`` until the
     model is loaded; ``repeats`` is a count or None (automatic).
@@ -58,6 +60,8 @@ class SweepConfig:
     inception_weights: Optional[str] = None
     resnet20_weights: Optional[str] = None
     guidance: tuple[float, ...] = ()  # classifier-free guidance scales (class-conditional models; () otherwise)
+    model_source: str = ""  # what --model was given (a zoo name, pkg.module:ATTR or a card file's path)
+    model_digest: str = ""  # what the model is (bench.provenance.model_digest), set once the model is loaded
 
     @property
     def model_kwargs(self) -> dict:
@@ -113,7 +117,8 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
         out_dir=Path(args.out or Path("runs") / safe_filename(card.name)), rng=args.rng, autocast=args.autocast,
         channels_last=args.channels_last, compile=args.compile, cuda_graph=args.cuda_graph, force=args.force,
         quiet=args.quiet, no_report=args.no_report, save_samples=args.save_samples, cache_dir=args.cache_dir,
-        inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights, guidance=guidance)
+        inception_weights=args.inception_weights, resnet20_weights=args.resnet20_weights, guidance=guidance,
+        model_source=str(args.model))
 
 
 def _check_conditional_fast_paths(args: argparse.Namespace, card) -> None:

@@ -11,13 +11,16 @@ differs from it by about 7× its error (third order: 2³ − 1), and that estima
 Cost: (REF_STEPS + REF_STEPS / 2) model calls per sample, once per distinct (grid start, grid end) of the
 sweep; the solutions are cached in ``OUT/reference_solutions/`` keyed by a hash of x_T, the time range, the
 model and the run settings — and, for a class-conditional model, the guidance scale and the labels, whose guided
-ODE it solves — so a resumed or extended sweep reuses them.
+ODE it solves — so a resumed or extended sweep reuses them.  Each file holds what it is for and a digest of its
+arrays, checked before it is used: a file that fails the check (edited, cut short, of another model) is named and
+solved again.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -77,7 +80,7 @@ class ReferenceSolutions:
             t_last = min(float(grid[-2]), float(sched.default_t_end))
         key = self._key(x_T, t_from, t_last, to_zero, cond)
         if key not in self._memory:
-            self._memory[key] = self._cached(key) or self._compute(key, x_T, t_from, t_last, to_zero, cond)
+            self._memory[key] = self._cached(key, x_T) or self._compute(key, x_T, t_from, t_last, to_zero, cond)
         return self._memory[key]
 
     def _key(self, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool, cond=None) -> str:
@@ -93,12 +96,23 @@ class ReferenceSolutions:
     def _path(self, key: str) -> Optional[Path]:
         return None if self.out_dir is None else Path(self.out_dir) / CACHE_FOLDER / f"{key}.npz"
 
-    def _cached(self, key: str):
+    def _cached(self, key: str, x_T: torch.Tensor):
+        """The checked cached solution for ``x_T`` (None where there is none, or it fails its check: one line
+        says why, and it is solved again)."""
         path = self._path(key)
         if path is None or not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return z["solution"], z["error"]
+        shape = (x_T.shape[0], int(np.prod(x_T.shape[1:])))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                solution, error, check = z["solution"], z["error"], json.loads(str(z["check"]))
+            problem = _solution_problem(solution, error, check, key, shape)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            problem = f"unreadable: {type(e).__name__}: {e}"
+        if problem is None:
+            return solution, error
+        self.say(f"the cached reference solution {path} fails its check ({problem}); solving it again")
+        return None
 
     def _compute(self, key: str, x_T: torch.Tensor, t_from: float, t_last: float, to_zero: bool, cond=None):
         n = x_T.shape[0]
@@ -109,9 +123,10 @@ class ReferenceSolutions:
         coarse = self._integrate(x_T, REF_STEPS // 2, t_from, t_last, to_zero, cond)
         out = fine, (coarse - fine) / (2 ** ORDER - 1)
         path = self._path(key)
-        if path is not None:
+        if path is not None:  # with what it is for and a digest of its content, checked when it is read back
+            check = {"key": key, "shape": list(out[0].shape), "sha256": _arrays_digest(*out)}
             buf = io.BytesIO()
-            np.savez_compressed(buf, solution=out[0], error=out[1])
+            np.savez_compressed(buf, solution=out[0], error=out[1], check=np.array(json.dumps(check)))
             atomic_write_bytes(path, buf.getvalue())
         return out
 
@@ -126,3 +141,24 @@ class ReferenceSolutions:
             res = solvers.sample(model, x_T[b:b + self.batch_size], solver=REF_SOLVER, timesteps=grid, timing=False)
             parts.append(res.samples.detach().to(torch.float64).reshape(res.samples.shape[0], -1).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, int(np.prod(x_T.shape[1:]))))
+
+
+def _arrays_digest(*arrays: np.ndarray) -> str:
+    """sha256 over the arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.dtype.str} {a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _solution_problem(solution: np.ndarray, error: np.ndarray, check: dict, key: str,
+                      shape: tuple) -> Optional[str]:
+    """Why a cached solution cannot be used for start points of flattened ``shape`` (None where it can)."""
+    if not isinstance(check, dict) or check.get("key") != key:
+        return "it was made for other start points, model or settings"
+    if solution.shape != shape or error.shape != shape:
+        return f"its arrays are {solution.shape} and {error.shape}, not one row per start point {shape}"
+    if check.get("sha256") != _arrays_digest(solution, error):
+        return "its content does not match its digest: edited or damaged"
+    return None

@@ -77,6 +77,7 @@ class Evaluator:
                                         "stated per cell)")
                 self.solutions = ReferenceSolutions(
                     self.model, self.cfg.out_dir, {"model": self.cfg.model, "options": self.cfg.model_options_json(),
+                                                   "model_digest": self.cfg.model_digest,
                                                    "dtype": self.cfg.dtype, "network": self.cfg.network,
                                                    "device": torch.device(self.device).type},
                     self.cfg.batch_size, say=self.say, condition=self.card.condition)

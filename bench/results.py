@@ -44,9 +44,12 @@ LOCK_FILE = "results.lock"  # held while a process reads-modifies-writes results
 METRIC_PREFIX = "metric."
 # The settings that must agree between every row of one results directory.
 RUN_SETTING_COLUMNS = ("model", "model_options", "num_samples", "seed", "metrics", "dtype", "device_type",
-                       "reference", "reference_size", "network", "rng")
+                       "reference", "reference_size", "network", "rng", "model_digest")
 # Settings added after the first results files were written: a file without the column was made with this value.
 RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
+# Settings added later whose old value is unknown (what the model's files held then): a row that does not record
+# one is not compared on it; rows that do must agree.
+RUN_SETTINGS_UNRECORDED_BEFORE = ("model_digest",)
 # The conditions that change wall-clock without changing the samples: rows timed under other values are not
 # comparable.  A row that does not record one (a file from before the column) is not compared on it.
 TIMING_SETTING_COLUMNS = {"threads": "--threads", "batch_size": "--batch-size"}
@@ -97,7 +100,7 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
            "t_end": cell.grid[-1], "timesteps": json.dumps([float(t) for t in cell.grid]),
            "grid_calibration": json.dumps(getattr(cell, "calibration", None) or {}, default=str), "nfe": float("nan"), "nfe_declared": cell.nfe_declared,
            "network_rows": float("nan"),
-           "model_options": settings["model_options"],
+           "model_options": settings["model_options"], "model_digest": settings.get("model_digest", ""),
            "num_samples": run["num_samples"], "batch_size": run["batch_size"], "seed": run["seed"],
            "dtype": settings["dtype"], "device": run["device"], "device_type": settings["device_type"],
            "world_size": run["world_size"], "metrics": settings["metrics"], "reference": reference,
@@ -149,12 +152,16 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
         return
     diffs = []
     for k in RUN_SETTING_COLUMNS:
+        if k in RUN_SETTINGS_UNRECORDED_BEFORE and (k not in existing.columns or existing[k].isna().all()):
+            continue
         if k not in existing.columns:
             if k in RUN_SETTING_DEFAULTS and _normalise(settings.get(k)) == RUN_SETTING_DEFAULTS[k]:
                 continue
             diffs.append(f"{k}: (missing in the file) vs {settings.get(k)!r}")
             continue
         values = [_normalise(v) for v in existing[k].tolist()]
+        if k in RUN_SETTINGS_UNRECORDED_BEFORE:
+            values = [v for v in values if v is not None]
         if k in RUN_SETTING_DEFAULTS:
             # Rows written before the setting existed are empty in its column once a newer run has added it
             # (an old file extended by a default run): they were made with the default.
@@ -162,7 +169,9 @@ def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathL
         old = sorted({str(v) for v in values})
         new = str(_normalise(settings.get(k)))
         if old != [new]:
-            diffs.append(f"{k}: {', '.join(old)} in the file vs {new} now")
+            why = " (the files that define the model — its module, card file or weights — changed)" \
+                if k == "model_digest" else ""
+            diffs.append(f"{k}: {', '.join(old)} in the file vs {new} now{why}")
     if diffs:
         raise IncompatibleResultsError(
             f"{Path(out_dir) / RESULTS_CSV} holds results made with other run settings ("

@@ -9,6 +9,7 @@ writes the report.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import solvers
 from . import metrics as M
 from .config import SweepConfig
 from .distributed import Dist
+from .provenance import model_digest
 from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells, sample_labels
 from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
 from .results import (METRIC_PREFIX, IncompatibleResultsError, atomic_write_text, check_run_settings, environment,
@@ -236,10 +238,56 @@ def _calibrated(sweep: Sweep, cell: Cell) -> Cell:
     return dataclasses.replace(cell, grid=[float(t) for t in record["optimized"]], calibration=record)
 
 
+def _calibration_key(sweep: Sweep, cell: Cell) -> str:
+    """What an optimised grid depends on besides the cell: the model's identity (its digest and loader options),
+    the calibration batch (seed, size, dtype, noise generator) and how the network is called."""
+    cfg = sweep.cfg
+    point = [cell.key, cfg.model_digest, cfg.model_options_json(), cfg.seed, min(CALIBRATION_SAMPLES, cfg.num_samples),
+             cfg.dtype, cfg.rng, cfg.network, torch.device(sweep.device).type]
+    return hashlib.sha256(json.dumps(point, default=str).encode()).hexdigest()[:32]
+
+
+def _record_digest(record: dict) -> str:
+    """sha256 of a cached grid record's content (every field but its ``digest``)."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _grid_problem(record: Any, key: str, length: int) -> Optional[str]:
+    """Why a cached grid record cannot be used (None where it can): its digest, its key, its grid's shape."""
+    if not isinstance(record, dict) or record.get("digest") != _record_digest(record):
+        return "its content does not match its digest: edited or damaged"
+    if record.get("cache_key") != key:
+        return "it was made for another model or run settings"
+    grid = record.get("optimized")
+    if not isinstance(grid, list) or len(grid) != length or not all(isinstance(t, (int, float)) for t in grid) \
+            or not all(math.isfinite(t) for t in grid) or any(a <= b for a, b in zip(grid, grid[1:])):
+        return f"its grid is not {length} finite, decreasing times"
+    return None
+
+
+def _cached_calibration(sweep: Sweep, cell: Cell, path: Path, key: str) -> Optional[dict]:
+    """The checked record at ``path``; None where there is none or it fails its check (one line says why)."""
+    if not path.exists():
+        return None
+    try:
+        problem = _grid_problem(record := json.loads(path.read_text()), key, len(cell.grid))
+    except (OSError, ValueError) as e:
+        problem = f"unreadable: {type(e).__name__}: {e}"
+    if problem is None:
+        return record
+    say(sweep, f"the cached grid {path} fails its check ({problem}); computing it again")
+    return None
+
+
 def _calibration_record(sweep: Sweep, cell: Cell) -> dict:
-    path = sweep.out_dir / CALIBRATION_FOLDER / f"{cell.key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    """The cell's optimised grid and how it was found: from ``OUT/optimized_grids/`` where a checked record of
+    this model and run settings is there, else calibrated now and written there (atomically)."""
+    key = _calibration_key(sweep, cell)
+    path = sweep.out_dir / CALIBRATION_FOLDER / f"{cell.cell_id}-{key[:16]}.json"
+    cached = _cached_calibration(sweep, cell, path, key)
+    if cached is not None:
+        return cached
     n = min(CALIBRATION_SAMPLES, sweep.cfg.num_samples)
     seeds = calibration_seeds(sweep.cfg.seed, n)
     say(sweep, f"optimizing the {cell.label} × {cell.steps}-step grid on {n} calibration samples (seeds "
@@ -255,7 +303,9 @@ def _calibration_record(sweep: Sweep, cell: Cell) -> dict:
               "error_before": opt.error_before, "error_after": opt.error_after, "nfe": opt.nfe,
               "reference_error": opt.reference_error, "calibration_samples": n,
               "calibration_seeds": f"{seeds[-1]}…{seeds[0]}", "method": opt.method, "guidance": cell.guidance,
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "cache_key": key}
+    record = json.loads(json.dumps(record, default=str))  # as it reads back, so that its digest checks
+    record["digest"] = _record_digest(record)
     atomic_write_text(path, json.dumps(record, indent=1))
     return record
 
@@ -336,6 +386,8 @@ def load_and_plan(sweep: Sweep) -> None:
         raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
+    # what the model is, hashed once: a run setting and part of every cache key (reference solutions, grids)
+    sweep.cfg = cfg = replace(cfg, model_digest=model_digest(cfg.model_source or card.name, card, options))
     if card.decoder is not None:
         try:
             sweep.decoder = card.decoder(device=sweep.device)
@@ -405,7 +457,7 @@ def _run_settings(sweep: Sweep) -> dict:
             "metrics": ",".join(cfg.metrics), "dtype": cfg.dtype, "reference": sweep.card.reference,
             "device_type": torch.device(sweep.device).type, "reference_size": cfg.reference_size,
             "network": cfg.network, "rng": cfg.rng, "threads": torch.get_num_threads(),
-            "batch_size": cfg.batch_size, "model_options": cfg.model_options_json()}
+            "batch_size": cfg.batch_size, "model_options": cfg.model_options_json(), "model_digest": cfg.model_digest}
 
 
 def _cells_to_run(sweep: Sweep) -> list[Cell]:

@@ -75,3 +75,27 @@ def test_the_row_records_every_cell_grid(tmp_path):
     assert len(grid) == 6 and grid[0] == row["t_start"] and grid[-1] == row["t_end"]
     assert json.loads(row["grid_calibration"]) == {}
     assert np.isfinite(row["metric.ode_error"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_a_damaged_cached_grid_is_checked_named_and_computed_again(tmp_path, capsys, damage):
+    out = tmp_path / "opt"
+    args = ["--out", str(out), "--spacing", "optimized", *SWEEP[:-1], "fd_data", "--no-report"]
+    assert run_mod.main(["--quiet", *args]) == 0
+    grid = json.loads(_row(out)["timesteps"])
+    (path,) = (out / CALIBRATION_FOLDER).glob("*.json")
+    text = path.read_text()
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    else:  # still valid JSON, a grid with one time moved
+        record = json.loads(text)
+        record["optimized"][2] = 0.5 * (record["optimized"][1] + record["optimized"][2])
+        path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert run_mod.main([*args, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert f"the cached grid {path} fails its check" in err and "computing it again" in err
+    assert "optimizing the dpmpp_2m × 5-step grid" in err
+    assert json.loads(_row(out)["timesteps"]) == grid and _row(out)["status"] == "ok"
+    assert json.loads(path.read_text())["optimized"] == grid  # written again, whole
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
