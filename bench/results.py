@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -398,11 +398,14 @@ def _lock_file(f, lock: bool) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX if lock else fcntl.LOCK_UN)
 
 
-def record_row(out_dir: os.PathLike, row: dict, settings: dict) -> pd.DataFrame:
+def record_row(out_dir: os.PathLike, row: dict, settings: dict,
+               write_files: Optional[Callable[[], None]] = None) -> pd.DataFrame:
     """Add one cell's row to ``out_dir``'s results without losing another process's rows.
 
     Under :func:`results_lock` the file is read again (another ``bench.run`` into the same directory may have
-    added rows since), checked against this run's ``settings``, given the row and written atomically.
+    added rows since), checked against this run's ``settings``, then ``write_files()`` writes the files that go
+    with the row (its preview, samples, the run's reference data) — only once the check has passed, so a refused
+    run writes nothing — and the row is added and the table written atomically.
 
     Returns:
         The table as written.
@@ -413,6 +416,8 @@ def record_row(out_dir: os.PathLike, row: dict, settings: dict) -> pd.DataFrame:
     with results_lock(out_dir):
         df = load_results(out_dir, quiet=True)
         check_run_settings(df, settings, out_dir)
+        if write_files is not None:
+            write_files()
         df = upsert_row(df, row)
         save_results(df, out_dir)
     return df

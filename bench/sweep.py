@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -493,8 +493,11 @@ def _cells_to_run(sweep: Sweep) -> list[Cell]:
     return todo
 
 
-def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int) -> Optional[str]:
-    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any."""
+def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int,
+              run_files: list) -> Optional[str]:
+    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any.
+    ``run_files``: writers of this run's own files (its reference data), written with its first row and then
+    emptied."""
     dist = sweep.dist
     started = _now()
     t_cell = time.perf_counter()
@@ -521,9 +524,10 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
         return None
     errors = [p["error"] for p in parts if "error" in p]
     row = _base_row(sweep, cell, env, command, started)
+    files: list = []
     if not errors:
         try:
-            _measure_into(row, sweep, evaluator, cell, parts, passes)
+            files = _measure_into(row, sweep, evaluator, cell, parts, passes)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{type(e).__name__}: {e}")
     failure = None
@@ -532,8 +536,10 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
         failure = f"{cell.name}: {errors[0]}"
     row["finished_at"] = _now()
     row["time_cell_s"] = time.perf_counter() - t_cell
-    # record_row re-reads the file under a lock: rows of a concurrent run are kept
-    record_row(sweep.out_dir, row, sweep.settings)
+    # record_row re-reads the file under a lock: rows of a concurrent run are kept; the files are written there,
+    # once the settings check has passed (a refused run writes nothing)
+    record_row(sweep.out_dir, row, sweep.settings, write_files=lambda: [write() for write in run_files + files])
+    run_files.clear()
     if not sweep.cfg.quiet:
         _bar_write(_cell_line(row, sweep.cfg.metrics, {k: M.METRICS[k].label for k in sweep.cfg.metrics}))
     _test_hook(total)
@@ -541,9 +547,9 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
 
 
 def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, parts: list[dict],
-                  passes: list[tuple]) -> None:
-    """The metric values, timings (medians over the timed ``passes``) and preview of a cell from every rank's
-    part, into ``row``."""
+                  passes: list[tuple]) -> list[Callable[[], None]]:
+    """The metric values and timings (medians over the timed ``passes``) of a cell from every rank's part, into
+    ``row``; returns the writers of its preview (and, with --save-samples, its samples), run when it is recorded."""
     t_fin = time.perf_counter()
     values, notes = evaluator.finalize(cell, [p["features"] for p in parts])
     row.update(timing_columns(passes))
@@ -555,12 +561,14 @@ def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, par
     for k in sweep.cfg.metrics:
         row[METRIC_PREFIX + k] = values[k]
     preview = np.concatenate([p["features"]["preview"] for p in parts])
-    save_preview(sweep.out_dir, cell.cell_id, preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
-                  "images" if evaluator.image else "points")
+    files = [lambda: save_preview(sweep.out_dir, cell.cell_id,
+                                  preview[:PREVIEW_IMAGES if evaluator.image else PREVIEW_POINTS],
+                                  "images" if evaluator.image else "points")]
     if sweep.cfg.save_samples:  # every rank's samples, in rank order (the order of the seeds)
         labels = None if parts[0]["labels"] is None else np.concatenate([p["labels"] for p in parts])
-        save_samples(sweep.out_dir, cell.cell_id, np.concatenate([p["samples"] for p in parts]),
-                     sweep.card.data_range, labels=labels)
+        samples = np.concatenate([p["samples"] for p in parts])
+        files.append(lambda: save_samples(sweep.out_dir, cell.cell_id, samples, sweep.card.data_range, labels=labels))
+    return files
 
 
 def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
@@ -655,11 +663,11 @@ def run_sweep(sweep: Sweep, command: str) -> Path:
     env = environment(sweep.device) if sweep.dist.main else {}
     if sweep.dist.main:
         sweep.out_dir.mkdir(parents=True, exist_ok=True)
-        if todo:
-            write_reference(sweep.out_dir, evaluator, sweep.cfg.num_samples, command)
+    # the reference data is written with the first row, once the folder's settings check has passed again
+    run_files = [lambda: write_reference(sweep.out_dir, evaluator, sweep.cfg.num_samples, command)]
     failed: list[str] = []
     for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
-        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo))
+        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo), run_files)
         if failure:
             failed.append(failure)
     _finish(sweep, todo, failed)

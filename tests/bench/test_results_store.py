@@ -360,3 +360,30 @@ def test_a_new_row_has_every_column_with_the_measured_ones_unset():
         assert row[k] != row[k], f"{k} must start as NaN"
     assert row["time_repeats"] == 0 and row["metric_labels"] == '{"fd_data": "FD"}'
     assert list(row)[-3:] == ["hostname", "started_at", "command"]
+
+
+# -- a refused run writes nothing ----------------------------------------------------------------------------------
+def test_a_run_refused_at_its_first_row_leaves_the_reference_data_and_previews_untouched(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Run B checks an empty folder, then, while it prepares its references, run A (another seed) records its
+    rows there: B's first row is refused, and A's reference.json and previews are as A wrote them."""
+    from bench import sweep as sweep_mod
+    first = tmp_path / "a"
+    args = [*SMALL, "--solvers", "ddim", "--steps", "1"]
+    assert _bench(first, *args) == 0
+    out = tmp_path / "b"
+    real = sweep_mod.prepare_references
+
+    def prepare_while_a_writes(*a, **kw):
+        real(*a, **kw)
+        import shutil
+        shutil.copytree(first, out, dirs_exist_ok=True)
+
+    monkeypatch.setattr(sweep_mod, "prepare_references", prepare_while_a_writes)
+    before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _bench(out, *args, "--seed", "1", "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "seed: 0 in the file vs 1 now" in err and err.count("\n") == 1, err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # reference.json, the previews and the results as run A wrote them; nothing of B's
