@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .validation import as_float_dtype, check_shape
+from .validation import as_float_dtype, check_real, check_shape
 
 STREAM_INITIAL = 0
 STREAM_SOLVER = 1
@@ -189,7 +189,8 @@ def initial_noise(shape: Sequence[int], seeds=None, *, schedule=None, t: Optiona
         seeds: one seed per sample (``None`` → 0 … batch−1).
         schedule: when given, the noise is scaled by ``schedule.prior_std(t)`` (1 on VP schedules, σ on
             EDM, so x_T = σ_max·z there).
-        t: the start time (default ``schedule.t_max``).
+        t: the start time (default ``schedule.t_max``): a time a grid may start at, in [``schedule.t_min``,
+            ``schedule.t_max``]; only with ``schedule``.
         dtype: a real floating ``torch.dtype`` or its name (``"float64"``).
         rng: ``"torch"`` (per-sample CPU generators) or ``"philox"`` (counter-based, on ``device``).
 
@@ -197,12 +198,36 @@ def initial_noise(shape: Sequence[int], seeds=None, *, schedule=None, t: Optiona
         A tensor of the given shape; row i depends on seeds[i] only.
 
     Raises:
-        ValueError: a shape that is not a sequence of positive integers; seeds that do not fit the batch.
+        ValueError: a shape that is not a sequence of positive integers; seeds that do not fit the batch; a ``t``
+            without a schedule, or one that is NaN, infinite or outside [``schedule.t_min``, ``schedule.t_max``].
         TypeError: a dtype that is not real floating (normal noise would be truncated).
     """
     shape = check_shape(shape)
     dtype = as_float_dtype(dtype)
+    t_start = _start_time(schedule, t)
     x = make_streams(as_seeds(seeds, shape[0]), STREAM_INITIAL, rng).randn(shape[1:], dtype=dtype, device=device)
     if schedule is not None:
-        x = x * schedule.prior_std(schedule.t_max if t is None else t)
+        x = x * schedule.prior_std(t_start)
     return x
+
+
+def _start_time(schedule, t) -> Optional[float]:
+    """The start time of :func:`initial_noise`: ``t`` (default ``schedule.t_max``) if it is a time a grid may
+    start at, in [``t_min``, ``t_max``]; ``None`` without a schedule.
+
+    Raises:
+        ValueError: a ``t`` without a schedule (it would be ignored); NaN, ±inf, not a number, or outside the range.
+    """
+    if schedule is None:
+        if t is not None:
+            raise ValueError(f"initial_noise: t={t!r} is given without a schedule, so it would be ignored; pass "
+                             "schedule=model.schedule to scale the noise by schedule.prior_std(t), or leave t out")
+        return None
+    if t is None:
+        return float(schedule.t_max)
+    if torch.is_tensor(t) and t.numel() == 1:
+        t = t.item()
+    # the same range, rounding margin included, as validate_grid allows a grid's first time
+    check_real(f"initial_noise on {type(schedule).__name__}", "t", t, low=schedule.t_min,
+               high=schedule.t_max * (1 + 1e-12))
+    return float(t)

@@ -317,3 +317,34 @@ def test_adaptive_flags_a_nan_model_output_and_leaves_the_other_samples_alone():
     # each sample takes its own steps, so a clean sample does not depend on its batch-mates
     assert torch.allclose(res.samples[[0, 2]], clean.samples[[0, 2]], rtol=1e-12, atol=1e-12)
     assert [res.nfe_per_sample[i] for i in (0, 2)] == [clean.nfe_per_sample[i] for i in (0, 2)]
+
+
+# -- initial_noise's start time and invert's callback ----------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [SCHEDULE, schedules.EDM()], ids=["vp", "edm"])
+@pytest.mark.parametrize("t", [math.nan, math.inf, -0.5, 1e-7, 100.5, "1.0", True])
+def test_initial_noise_refuses_a_start_time_outside_the_schedule(schedule, t):
+    """initial_noise(schedule=…, t=NaN) used to return all-NaN noise, and a t outside the schedule noise of a
+    level no sampler could start from (σ = 100.5 on EDM, σ > 1 on VP); each now raises, naming t and the range."""
+    lo, hi = f"{schedule.t_min:g}", f"{schedule.t_max:g}"
+    with pytest.raises(ValueError, match=rf"initial_noise on {type(schedule).__name__}: t must be in \[{lo}, {hi}\] "
+                                         rf"and finite, got {re.escape(repr(t))}"):
+        solvers.initial_noise((2, 3), schedule=schedule, t=t)
+
+
+def test_initial_noise_accepts_every_time_a_grid_may_start_at():
+    """The range ends themselves, a NumPy float and a one-element tensor are start times too."""
+    edm = schedules.EDM()
+    z = solvers.initial_noise((2, 3), dtype=torch.float64)
+    for t in (edm.t_min, edm.t_max, np.float64(3.0), torch.tensor(3.0, dtype=torch.float64)):
+        assert torch.equal(solvers.initial_noise((2, 3), schedule=edm, t=t, dtype=torch.float64), z * float(t))
+    grid = solvers.make_grid(edm, 5)
+    assert torch.equal(solvers.initial_noise((2, 3), schedule=edm, t=grid[0], dtype=torch.float64), z * grid[0])
+
+
+def test_initial_noise_refuses_a_start_time_without_a_schedule():
+    """t without a schedule used to be ignored (unit noise, whatever t); now it says that t needs the schedule."""
+    with pytest.raises(ValueError, match=r"initial_noise: t=80\.0 is given without a schedule, so it would be "
+                                         r"ignored; pass schedule="):
+        solvers.initial_noise((2, 3), t=80.0)
