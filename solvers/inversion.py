@@ -26,7 +26,7 @@ import torch
 
 from .base import StepContext, points_at
 from .grids import make_grid, validate_grid
-from .loop import SampleResult, StepInfo, check_call
+from .loop import SampleResult, StepInfo, check_call, check_callback
 from .model import DiffusionModel
 from .registry import get_solver
 
@@ -60,9 +60,10 @@ def invert(model: DiffusionModel, x0: torch.Tensor, solver: str = "ddim", steps:
 
     Raises:
         ValueError: a stochastic or adaptive solver, a grid that is not increasing or starts at σ = 0, bad steps.
-        TypeError: an x0 or dtype that is not real floating.
+        TypeError: an x0 or dtype that is not real floating; a callback that is not callable.
     """
     dtype = check_call(model, x0, "x0", dtype, steps)
+    check_callback(callback)
     slv = _deterministic_solver(solver, solver_options)
     grid = _increasing_grid(model.schedule, timesteps, steps, spacing, t_from, t_to)
     points = points_at(model.schedule, model, grid)

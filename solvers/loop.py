@@ -253,6 +253,16 @@ def _check_outcome_options(on_nonfinite: str, rng: str, callback) -> None:
     if on_nonfinite not in ("raise", "flag"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'flag', got {on_nonfinite!r}")
     check_rng(rng)
+    check_callback(callback)
+
+
+def check_callback(callback) -> None:
+    """Refuse a ``callback`` of :func:`sample` or :func:`solvers.invert` that is neither None nor callable,
+    before any work (it would fail only after the first step's model calls).
+
+    Raises:
+        TypeError: naming what was given.
+    """
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be None or callable as callback(info: StepInfo), got "
                         f"{type(callback).__name__} {callback!r}")
