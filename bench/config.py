@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from solvers.optimize import MAX_STEPS as MAX_OPTIMIZED_STEPS
+
 from . import metrics as M
 from .autobatch import parse_batch_size
-from .plan import SolverSpec, UsageError, check_seed, parse_assignment, parse_guidance, parse_solvers, parse_steps
+from .plan import (OPTIMIZED, SolverSpec, UsageError, check_seed, parse_assignment, parse_guidance, parse_solvers,
+                   parse_steps)
 from .results import safe_filename
 
 DEFAULT_SOLVERS = "ddim,dpmpp,heun,ddpm"   # what a sweep runs when --solvers is not given (see default_solvers)
@@ -96,9 +99,11 @@ def make_config(args: argparse.Namespace, card, world: int = 1) -> SweepConfig:
     """The frozen configuration of ``args`` for ``card`` in a job of ``world`` processes.
 
     Raises:
-        UsageError: a bad step list, solver, option, size, seed, repeat count or metric (with the valid choices).
+        UsageError: a bad step list (or steps above the optimiser's limit with --spacing optimized), solver,
+            option, size, seed, repeat count or metric (with the valid choices).
     """
     steps = parse_steps(args.steps)
+    _check_optimizable_steps(args.spacing, steps)
     guidance = parse_guidance(getattr(args, "guidance", None), card)
     specs = parse_solvers(default_solvers(card) if args.solvers is None else args.solvers, args.solver_opt)
     num_samples = card.default_num_samples if args.num_samples is None else args.num_samples
@@ -130,6 +135,16 @@ def _check_conditional_fast_paths(args: argparse.Namespace, card) -> None:
                          "each batch's labels (card.condition), a new network call per batch that "
                          f"{flag} would compile or capture again for every batch, inside the timing; run it "
                          "without --compile / --cuda-graph (--autocast and --channels-last apply)")
+
+
+def _check_optimizable_steps(spacing: Optional[str], steps: list[int]) -> None:
+    """--spacing optimized: every step count within the optimiser's limit (else the sweep would fail only when
+    that cell's grid is calibrated, after the model loaded and the other cells ran)."""
+    too_many = [n for n in steps if n > MAX_OPTIMIZED_STEPS]
+    if spacing == OPTIMIZED and too_many:
+        raise UsageError(f"--spacing optimized: --steps {','.join(map(str, too_many))} is above the optimiser's "
+                         f"limit of {MAX_OPTIMIZED_STEPS:,} steps (solvers.optimize.MAX_STEPS); give at most "
+                         f"{MAX_OPTIMIZED_STEPS:,} steps, or another --spacing")
 
 
 def _check_sizes(num_samples: int, reference_size: Optional[int], world: int) -> None:

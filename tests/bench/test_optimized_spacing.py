@@ -99,3 +99,21 @@ def test_a_damaged_cached_grid_is_checked_named_and_computed_again(tmp_path, cap
     assert json.loads(_row(out)["timesteps"]) == grid and _row(out)["status"] == "ok"
     assert json.loads(path.read_text())["optimized"] == grid  # written again, whole
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_steps_above_the_optimizers_limit_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--spacing optimized --steps 5,1001 used to load the model, run the 5-step cell and fail only when the
+    1001-step cell's grid was calibrated; now it is a usage error (status 2) naming the limit, before any load."""
+    from solvers.optimize import MAX_STEPS
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("pretrained.load", no_load)
+    out = tmp_path / "big"
+    assert run_mod.main(["--quiet", "--out", str(out), "--spacing", "optimized", "--solvers", "dpmpp_2m",
+                         "--steps", f"5,{MAX_STEPS + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--spacing optimized: --steps {MAX_STEPS + 1} is above the optimiser's limit of {MAX_STEPS:,} steps"
+            in err), err
+    assert not out.exists()
