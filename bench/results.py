@@ -29,7 +29,7 @@ from .provenance import PROJECT_ROOT, command_line, environment, git_commit  # n
 __all__ = ["SCHEMA_VERSION", "RESULTS_CSV", "IncompatibleResultsError", "atomic_write_bytes", "atomic_write_text",
            "load_results", "save_results", "upsert_row", "record_row", "results_lock", "cell_key",
            "check_run_settings", "row_threads", "timing_columns", "row_timing", "relative_spread",
-           "TIMING_PASS_COLUMNS", "new_row",
+           "TIMING_PASS_COLUMNS", "new_row", "FAILURE_RESULT", "FAILURE_ENVIRONMENT", "redone_on_resume",
            "environment", "git_commit", "command_line", "metric_columns", "METRIC_PREFIX", "safe_filename",
            "REFERENCE_JSON", "write_reference_info", "load_reference_info", "save_preview", "load_preview",
            "save_samples", "SAMPLES"]
@@ -50,6 +50,12 @@ RUN_SETTING_DEFAULTS = {"network": "eager", "rng": "torch"}
 # Settings added later whose old value is unknown (what the model's files held then): a row that does not record
 # one is not compared on it; rows that do must agree.
 RUN_SETTINGS_UNRECORDED_BEFORE = ("model_digest",)
+# Why a failed cell failed (its failure_kind column; empty for a finished cell): its result — the solver diverged,
+# the model raised: recorded, skipped by a rerun, redone with --force — or a fault of its environment — a full
+# disk, memory that ran out, a lost process — which a plain rerun redoes.  A failed row of a file from before the
+# column reads as a result (skipped, as it always was).
+FAILURE_RESULT = "result"
+FAILURE_ENVIRONMENT = "environment"
 # The conditions that change wall-clock without changing the samples: rows timed under other values are not
 # comparable.  A row that does not record one (a file from before the column) is not compared on it.
 TIMING_SETTING_COLUMNS = {"threads": "--threads", "batch_size": "--batch-size"}
@@ -90,7 +96,7 @@ def new_row(cell, *, model: str, model_kind: str, reference: str, changed_option
         env, command, started: the provenance columns.
     """
     row = {"schema_version": SCHEMA_VERSION, "cell_key": cell.key, "cell_id": cell.cell_id, "status": "ok",
-           "error": "", "model": model, "model_kind": model_kind, "solver": cell.solver,
+           "error": "", "failure_kind": "", "model": model, "model_kind": model_kind, "solver": cell.solver,
            "solver_label": cell.label, "solver_options": json.dumps(cell.options, sort_keys=True, default=str),
            "solver_options_changed": json.dumps(changed_options, sort_keys=True, default=str),
            "deterministic": cell.deterministic, "steps": cell.steps,
@@ -140,6 +146,12 @@ def _normalise(v: Any) -> Any:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return None
     return v
+
+
+def redone_on_resume(status: Any, kind: Any) -> bool:
+    """Whether a plain rerun redoes a recorded cell of ``status`` and ``failure_kind``: one that failed by a fault
+    of its environment (a cell that finished, or failed as a result, is skipped unless --force)."""
+    return status == "failed" and kind == FAILURE_ENVIRONMENT
 
 
 def check_run_settings(existing: pd.DataFrame, settings: dict, out_dir: os.PathLike) -> None:

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="redo cells that are already in OUT/results.csv. Without it a rerun skips every recorded "
                         "cell, those recorded as failed included (it says how many): a failure is a result, and "
-                        "redoing it is asked for with --force")
+                        "redoing it is asked for with --force — except a cell that failed by a fault of its "
+                        "environment (a full disk or other I/O error, memory that ran out, a lost process; its "
+                        "failure_kind column says 'environment'), which a plain rerun redoes")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars or per-cell lines (progress bars only when stderr is a terminal; "
                         "otherwise one plain line per cell)")

@@ -33,9 +33,9 @@ from .distributed import Dist
 from .provenance import model_digest
 from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells, sample_labels
 from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
-from .results import (METRIC_PREFIX, IncompatibleResultsError, atomic_write_text, check_run_settings, environment,
-                      load_results, new_row, record_row, results_lock, row_timing, save_preview, save_samples,
-                      timing_columns)
+from .results import (FAILURE_ENVIRONMENT, FAILURE_RESULT, METRIC_PREFIX, IncompatibleResultsError, atomic_write_text,
+                      check_run_settings, environment, load_results, new_row, record_row, redone_on_resume,
+                      results_lock, row_timing, save_preview, save_samples, timing_columns)
 
 __all__ = ["Sweep", "run_sweep", "load_and_plan", "apply_fast_paths", "sample_seeds", "more_passes",
            "AllCellsFailedError", "SEED_STRIDE", "WARMUP_STEPS", "REPEAT_CAP", "REPEAT_BUDGET_S", "REPEAT_SHARE"]
@@ -54,6 +54,21 @@ REPEAT_SHARE = 0.2
 
 class AllCellsFailedError(RuntimeError):
     """Every cell this run tried failed (each is recorded with its reason): nothing was measured."""
+
+
+# Faults of a cell's environment, not results of its solver or model: a full disk or another I/O error, memory
+# that ran out (host or device), a lost process group.  The row records them as such and a plain rerun redoes them.
+ENVIRONMENT_FAULTS = tuple(t for t in (OSError, MemoryError, getattr(torch.cuda, "OutOfMemoryError", None),
+                                       getattr(torch.distributed, "DistError", None)) if t is not None)
+
+
+def failure_kind(error: BaseException) -> str:
+    """Whether a cell's ``error`` is a fault of its environment (:data:`ENVIRONMENT_FAULTS`, or an error marked
+    so), which a rerun redoes, or its result (the solver diverged, the model raised), which stays recorded."""
+    marked = getattr(error, "failure_kind", None)
+    if marked is not None:
+        return marked
+    return FAILURE_ENVIRONMENT if isinstance(error, ENVIRONMENT_FAULTS) else FAILURE_RESULT
 
 
 @dataclass
@@ -231,10 +246,12 @@ def _calibrated(sweep: Sweep, cell: Cell) -> Cell:
         try:
             record = _calibration_record(sweep, cell)
         except Exception as e:  # noqa: BLE001 — the cell's failure, on every rank
-            record = {"error": f"calibrating its grid: {type(e).__name__}: {e}"}
+            record = {"error": f"calibrating its grid: {type(e).__name__}: {e}", "kind": failure_kind(e)}
     record = sweep.dist.broadcast(record)
     if "error" in record:
-        raise RuntimeError(record["error"])
+        error = RuntimeError(record["error"])
+        error.failure_kind = record["kind"]  # a disk full while caching the grid is not the cell's result
+        raise error
     return dataclasses.replace(cell, grid=[float(t) for t in record["optimized"]], calibration=record)
 
 
@@ -337,7 +354,7 @@ def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[t
     """Every timed pass of a cell, each (total, model, solver, decode) of the slowest rank: the first (``gen``, this
     rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
     from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
-    Returns the passes and the error of a failed repeat."""
+    Returns the passes and the (error, failure kind) of a failed repeat."""
     dist = sweep.dist
     passes: list[tuple] = []
     mine, error = (gen["timing"] if gen is not None else None), None
@@ -353,7 +370,7 @@ def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[t
                                desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}")
             mine = mine["timing"]
         except Exception as e:  # noqa: BLE001 — recorded as the cell's failure
-            mine, error = None, f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}"
+            mine, error = None, (f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}", failure_kind(e))
 
 
 def _bar(iterable, **kw):
@@ -472,11 +489,7 @@ def _cells_to_run(sweep: Sweep) -> list[Cell]:
         try:
             existing = load_results(sweep.out_dir)
             check_run_settings(existing, sweep.settings, sweep.out_dir)
-            done = {} if existing.empty else dict(zip(existing["cell_key"], existing["status"]))
-            todo = [c.key for c in cells if cfg.force or c.key not in done]
-            skipped_ok = sum(1 for c in cells if not cfg.force and done.get(c.key) == "ok")
-            skipped_failed = sum(1 for c in cells if not cfg.force and done.get(c.key) == "failed")
-            plan = {"todo": todo, "ok": skipped_ok, "failed": skipped_failed, "error": None}
+            plan = {**_resume_plan(existing, cells, cfg.force), "error": None}
         except IncompatibleResultsError as e:
             plan = {"error": str(e)}
     plan = dist.broadcast(plan)
@@ -488,9 +501,24 @@ def _cells_to_run(sweep: Sweep) -> list[Cell]:
         if plan["ok"] or plan["failed"]:
             msg += f"; skipping {plan['ok']} done" + (f" and {plan['failed']} recorded as failed — --force redoes "
                                                        "them" if plan["failed"] else "")
+        if plan["redone"]:
+            msg += (f"; redoing {plan['redone']} that failed by a fault of its environment (disk, memory, a lost "
+                    "process), not as a result")
         print(msg + f"), {cfg.num_samples} samples each on {sweep.device}"
               + (f" × {dist.world} processes" if dist.world > 1 else "") + f" → {sweep.out_dir}", file=sys.stderr)
     return todo
+
+
+def _resume_plan(existing, cells: list[Cell], force: bool) -> dict:
+    """Which cells a run does given the recorded rows: the keys to run, and how many are skipped as done, skipped
+    as failed (a result) and redone because they failed by a fault of their environment."""
+    recorded = {} if existing.empty else {
+        key: (status, kind) for key, status, kind in zip(existing["cell_key"], existing["status"],
+                                                         existing.get("failure_kind", [None] * len(existing)))}
+    redone = [c.key for c in cells if not force and c.key in recorded and redone_on_resume(*recorded[c.key])]
+    skipped = [recorded[c.key][0] for c in cells if not force and c.key in recorded and c.key not in redone]
+    return {"todo": [c.key for c in cells if force or c.key not in recorded or c.key in redone],
+            "ok": skipped.count("ok"), "failed": skipped.count("failed"), "redone": len(redone)}
 
 
 def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int,
@@ -514,26 +542,26 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
                    "samples": gen["samples"].numpy() if sweep.cfg.save_samples else None,
                    "labels": None if labels is None else labels.numpy()}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
-        payload = {"error": f"{type(e).__name__}: {e}"}
+        payload = {"error": f"{type(e).__name__}: {e}", "kind": failure_kind(e)}
     # the repeats time the sampling only: the samples and the metrics are the first pass's
     passes, repeat_error = _timed_passes(sweep, cell, gen if "error" not in payload else None)
     if repeat_error:
-        payload = {"error": repeat_error}
+        payload = {"error": repeat_error[0], "kind": repeat_error[1]}
     parts = dist.gather(payload)
     if not dist.main:
         return None
-    errors = [p["error"] for p in parts if "error" in p]
+    errors = [(p["error"], p["kind"]) for p in parts if "error" in p]
     row = _base_row(sweep, cell, env, command, started)
     files: list = []
     if not errors:
         try:
             files = _measure_into(row, sweep, evaluator, cell, parts, passes)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append((f"{type(e).__name__}: {e}", failure_kind(e)))
     failure = None
     if errors:
-        row.update({"status": "failed", "error": errors[0]})
-        failure = f"{cell.name}: {errors[0]}"
+        row.update({"status": "failed", "error": errors[0][0], "failure_kind": errors[0][1]})
+        failure = f"{cell.name}: {errors[0][0]}"
     row["finished_at"] = _now()
     row["time_cell_s"] = time.perf_counter() - t_cell
     # record_row re-reads the file under a lock: rows of a concurrent run are kept; the files are written there,

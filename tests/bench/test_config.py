@@ -69,7 +69,8 @@ def test_batch_size_auto_makes_a_new_config(tmp_path):
     apply_fast_paths(sweep)
     assert before.batch_size == "auto"
     assert isinstance(sweep.cfg.batch_size, int) and 1 <= sweep.cfg.batch_size <= 64
-    assert dataclasses.replace(sweep.cfg, batch_size="auto") == before
+    assert before.model_digest == "" and len(sweep.cfg.model_digest) == 32  # what the loaded model is
+    assert dataclasses.replace(sweep.cfg, batch_size="auto", model_digest="") == before
     assert isinstance(sweep, Sweep) and sweep.cells and sweep.model is not None
 
 

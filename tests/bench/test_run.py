@@ -457,3 +457,48 @@ def test_a_log_gets_one_plain_line_per_cell_and_no_carriage_returns(tmp_path, ca
     cell_lines = [line for line in err.splitlines() if " steps: NFE " in line]
     assert len(cell_lines) == 4
     assert [line.split()[:2] for line in cell_lines] == [["ddim", "1"], ["ddim", "2"], ["dpmpp", "1"], ["dpmpp", "2"]]
+
+
+def test_a_cell_failed_by_its_environment_is_redone_by_a_plain_rerun(tmp_path, monkeypatch, capsys):
+    """Disk full while a cell writes its optimised grid is the environment's fault, not a result: the row says
+    so (failure_kind), and a rerun without --force redoes that cell, while a model's failure stays skipped."""
+    import errno
+
+    from bench import results as results_mod
+    out = tmp_path / "enospc"
+    args = ["--out", str(out), "--model", "gmm2d", "--solvers", "dpmpp_2m", "--steps", "2,3", "--spacing",
+            "optimized", "--num-samples", "16", "--metric", "fd_data", "--no-report"]
+    real = results_mod.atomic_write_text
+
+    def disk_full_for_the_two_step_grid(path, text):
+        if "-s2-" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr("bench.sweep.atomic_write_text", disk_full_for_the_two_step_grid)
+    assert run_mod.main(args) == 0
+    df = results(out).set_index("steps")
+    assert df["status"].tolist() == ["failed", "ok"] and df.loc[3, "failure_kind"] != df.loc[3, "failure_kind"]
+    assert df.loc[2, "failure_kind"] == "environment" and "No space left on device" in df.loc[2, "error"]
+    monkeypatch.setattr("bench.sweep.atomic_write_text", real)
+    capsys.readouterr()
+    assert run_mod.main(args) == 0
+    assert ("2 cells (1 to run; skipping 1 done; redoing 1 that failed by a fault of its environment"
+            in capsys.readouterr().err)
+    after = results(out).set_index("steps")
+    assert after["status"].tolist() == ["ok", "ok"] and after.loc[3, "started_at"] == df.loc[3, "started_at"]
+    help_text = " ".join(run_mod.build_parser().format_help().split())
+    assert "a fault of its environment" in help_text
+
+
+def test_failed_rows_of_files_from_before_failure_kind_stay_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(pretrained.CARDS, "nan2d", _nan_card("nan2d"))
+    out = tmp_path / "old"
+    args = ["--out", str(out), "--model", "nan2d", "--solvers", "ddim", "--steps", "1,4", "--no-report"]
+    assert run_mod.main(args) == 0
+    assert results(out).set_index("steps").loc[4, "failure_kind"] == "result"  # the model's NaN: a result
+    results(out).drop(columns=["failure_kind"]).to_csv(out / "results.csv", index=False)
+    capsys.readouterr()
+    assert run_mod.main(args) == 0
+    assert "2 cells (0 to run; skipping 1 done and 1 recorded as failed — --force redoes them)" \
+        in capsys.readouterr().err
