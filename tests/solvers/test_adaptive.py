@@ -8,6 +8,8 @@ asserted.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -104,15 +106,41 @@ def test_final_step_to_zero_denoises_once():
     assert torch.allclose(to_zero.samples, model.denoise(to_end.samples, T1), rtol=0, atol=1e-14)
 
 
-def test_a_sample_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("method", ["dpm23", "bs3"])
+def test_a_sample_does_not_depend_on_its_batch(method):
     """Same samples and per-sample NFE alone, in a smaller batch, or shuffled (to the bit)."""
     model = GAUSS.as_model(VP)
     x_T = _x_T(12)
-    full = solvers.sample(model, x_T, "adaptive", steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5)
+    opts = dict(steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5, method=method)
+    full = solvers.sample(model, x_T, "adaptive", **opts)
+    assert len(set(full.nfe_per_sample)) > 1, "the samples should need different step counts"
     for rows in ([7], [3, 9, 1], list(range(12))[::-1]):
-        part = solvers.sample(model, x_T[rows], "adaptive", steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5)
+        part = solvers.sample(model, x_T[rows], "adaptive", **opts)
         assert torch.equal(part.samples, full.samples[rows])
         assert part.nfe_per_sample == [full.nfe_per_sample[r] for r in rows]
+
+
+def test_bs3_ends_a_sample_at_the_attempt_where_its_model_output_is_nan():
+    """A NaN model output (row 1, third call: the first attempt's first stage) ends that sample as NaN after
+    that attempt: 2 calls for the starting step + 3 for the attempt, no retries; the others are untouched."""
+    net, calls = GAUSS.network(VP, "eps"), []
+
+    def poisoned(x, t):
+        calls.append(1)
+        out = net(x, t)
+        if len(calls) == 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    opts = dict(steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5, method="bs3")
+    res = solvers.sample(solvers.DiffusionModel(poisoned, schedule=VP), _x_T(3), "adaptive", on_nonfinite="flag",
+                         **opts)
+    clean = solvers.sample(GAUSS.as_model(VP), _x_T(3), "adaptive", **opts)
+    assert res.nonfinite.tolist() == [False, True, False] and bool(torch.isnan(res.samples[1]).all())
+    assert res.nfe_per_sample[1] == 2 + 3
+    assert torch.equal(res.samples[[0, 2]], clean.samples[[0, 2]])
+    assert [res.nfe_per_sample[i] for i in (0, 2)] == [clean.nfe_per_sample[i] for i in (0, 2)]
 
 
 def test_nfe_is_not_declared():
@@ -144,6 +172,33 @@ def test_too_few_steps_is_an_error_naming_the_samples():
 def test_bad_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         solvers.get_solver("adaptive", **options)
+
+
+# Euler with Heun as the embedded pair, written FSAL (the second stage is f at the solution, with weight 0).
+EULER_HEUN = dict(c=(0.0, 1.0), a=((), (1.0,)), b=(1.0, 0.0), b_err=(0.5, -0.5), order=1, error_order=2)
+
+
+def test_the_shipped_and_a_minimal_fsal_pair_pass_their_own_checks():
+    import dataclasses
+
+    from solvers.adaptive import TABLEAUS, ButcherTableau
+
+    for tab in TABLEAUS.values():
+        assert ButcherTableau(**{f.name: getattr(tab, f.name) for f in dataclasses.fields(tab)}) == tab
+    assert ButcherTableau("euler_heun", **EULER_HEUN).stages == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"b": (1.1, 0.0)}, "euler_heun: b must sum to 1 and b_err to 0 (consistency)"),
+    ({"b_err": (0.5, -0.4)}, "euler_heun: b must sum to 1 and b_err to 0 (consistency)"),
+    # Heun's method: consistent, c[-1] = 1, but its last stage (a[-1] = (1,)) is not the solution (b = (½, ½)).
+    ({"b": (0.5, 0.5), "b_err": (0.5, -0.5)}, "euler_heun: only FSAL pairs are supported"),
+])
+def test_a_pair_failing_one_check_is_refused_by_that_check(change, message):
+    from solvers.adaptive import ButcherTableau
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        ButcherTableau("euler_heun", **{**EULER_HEUN, **change})
 
 
 def test_tableaus_check_themselves():
