@@ -136,7 +136,8 @@ def test_fd_mnist_with_your_own_reference_is_refused_before_any_work(tmp_path, c
     folder = tmp_path / "digits"
     folder.mkdir()
     from PIL import Image
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    for name in ("a.png", "b.png"):  # two: the fewest a Fréchet distance takes
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / name)
     code = run_mod.main(["--quiet", "--out", str(tmp_path / "o"), "--model", "ddpm_mnist", "--reference", str(folder),
                          "--metric", "fd_mnist"])
     assert code == 2

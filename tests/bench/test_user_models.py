@@ -370,8 +370,20 @@ def test_your_own_image_folder_and_its_statistics_file_give_the_same_fd(tmp_path
 def test_a_pickled_statistics_file_is_refused_unread(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "stats.npz"
     np.savez(bad, mu=np.array([object()], dtype=object), sigma=np.zeros((1, 1)))
-    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(bad), "--metric", "fd_resnet20") == 1
+    # refused with the other bad input (status 2), before the model is loaded
+    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(bad), "--metric", "fd_resnet20") == 2
     assert "pickled arrays are refused" in capsys.readouterr().err
+
+
+def test_statistics_of_another_feature_dimension_are_refused_before_any_cell_samples(tmp_path, monkeypatch, capsys):
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(5), sigma=np.eye(5))
+    assert _unet_card_run(tmp_path, monkeypatch, "--reference", str(stats), "--metric", "fd_resnet20") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bench.run: error: {stats}: the statistics are 5-dimensional but resnet20-cifar10 (layer 64) "
+                   "gives 64-dimensional features; use statistics of that extractor's features (or the metric whose "
+                   "extractor made them)"]
+    assert not (tmp_path / "run" / "results.csv").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
