@@ -30,12 +30,24 @@ is in :data:`TOML_KEYS`; an unknown key is an error (a typo is never silently ig
     diffusers = "vae"                      # samples = decoder.decode(latents / scale).sample
     scale = 0.18215
     data_shape = [3, 64, 64]               # required: the decoded samples' shape (sample_shape is the latents')
+
+Every value is checked when the card is read, before anything is built: its type (:data:`KEY_KINDS`), a
+``name`` that is an identifier (letters, digits, ``_ . -``, starting with a letter or digit, at most 64
+characters: it keys results rows and folders), every string at most :data:`MAX_TEXT_CHARS` characters and the
+card file at most :data:`MAX_CARD_BYTES` bytes (read no further), and the schedule built from its parameters.
+
+A ``sha256`` pins the file the weights are read from.  For a diffusers folder that is the folder's one weights
+file, the one ``from_pretrained`` reads: ``diffusion_pytorch_model[.VARIANT].safetensors``, else ``….bin``
+(``sha256sum folder/diffusion_pytorch_model.safetensors``); its ``config.json`` is not covered, and a folder of
+sharded weights cannot be pinned by one digest (the card is refused).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -48,15 +60,51 @@ from .cards import ModelCard
 from .checkpoints import assets_dir, read_state_dict, verify_file
 from .user_models import NO_REFERENCE, import_object, to_images_in_range as _to_images, user_card
 
-__all__ = ["card_from_toml", "read_card_file", "TOML_KEYS"]
+__all__ = ["card_from_toml", "read_card_file", "TOML_KEYS", "KEY_KINDS", "MAX_CARD_BYTES", "MAX_TEXT_CHARS"]
 
-TOML_KEYS = {
-    "": ("name", "description", "sample_shape", "prediction", "data_range", "reference", "default_num_samples",
-         "default_batch_size", "notes", "network", "schedule", "model", "decoder"),
-    "network": ("factory", "diffusers", "loader", "kwargs", "weights", "sha256", "dtype"),
-    "model": ("clip_x0", "dynamic_threshold"),
-    "decoder": ("factory", "diffusers", "kwargs", "weights", "sha256", "scale", "data_shape", "name"),
+MAX_CARD_BYTES = 1 << 20  # a larger card file is refused unread
+MAX_TEXT_CHARS = 5000  # the longest string a card may hold (its description, notes, paths…): reports copy them
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What a key's value must be: (what the error message says, the test).
+_STRING = ("a string", lambda v: isinstance(v, str))
+_TABLE = ("a table ([section] or { key = value, … })", lambda v: isinstance(v, dict))
+_SHAPE = ("a list of positive integers, e.g. [3, 32, 32]",
+          lambda v: isinstance(v, list) and bool(v) and all(_is_int(s) and s > 0 for s in v))
+_PAIR = ("a list of two finite numbers [low, high], e.g. [-1.0, 1.0]",
+         lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_finite, v)))
+_COUNT = ("a positive integer, e.g. 64", lambda v: _is_int(v) and v > 0)
+_NUMBER = ("a finite number, e.g. 0.18215", _is_finite)
+_FRACTION = ("a number in (0, 1), e.g. 0.995", lambda v: _is_finite(v) and 0 < v < 1)
+_SHA256 = ("64 hexadecimal digits (the file's sha256)",
+           lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None)
+_DTYPE = (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES)
+_PREDICTION = (f"one of {', '.join(solvers.PREDICTIONS)}", lambda v: isinstance(v, str) and v in solvers.PREDICTIONS)
+_NAME = ('a string of letters, digits and _ . - that starts with a letter or digit, at most 64 characters '
+         '(e.g. "my_unet")', lambda v: isinstance(v, str) and NAME_PATTERN.fullmatch(v) is not None)
+
+KEY_KINDS = {
+    "": {"name": _NAME, "description": _STRING, "sample_shape": _SHAPE, "prediction": _PREDICTION,
+         "data_range": _PAIR, "reference": _STRING, "default_num_samples": _COUNT, "default_batch_size": _COUNT,
+         "notes": _STRING, "network": _TABLE, "schedule": _TABLE, "model": _TABLE, "decoder": _TABLE},
+    "network": {"factory": _STRING, "diffusers": _STRING, "loader": _STRING, "kwargs": _TABLE, "weights": _STRING,
+                "sha256": _SHA256, "dtype": _DTYPE},
+    "model": {"clip_x0": _PAIR, "dynamic_threshold": _FRACTION},
+    "decoder": {"factory": _STRING, "diffusers": _STRING, "kwargs": _TABLE, "weights": _STRING, "sha256": _SHA256,
+                "scale": _NUMBER, "data_shape": _SHAPE, "name": _STRING},
+    "schedule": {"name": _STRING, "scheduler_config": _STRING},  # its other keys are the schedule's parameters
 }
+TOML_KEYS = {section: tuple(kinds) for section, kinds in KEY_KINDS.items() if section != "schedule"}
 NETWORK_KINDS = ("factory", "diffusers", "loader")
 
 
@@ -66,12 +114,35 @@ def _load_toml(path: Path) -> dict:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     try:
+        size = path.stat().st_size
+        if size > MAX_CARD_BYTES:
+            raise ValueError(f"{path} has {size:,} bytes, which is larger than a card file may be "
+                             f"({MAX_CARD_BYTES:,} bytes); keep long texts and data in files the card names")
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as e:
         raise ValueError(f"cannot read the card file {path} ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the card as UTF-8") from None
+    except RecursionError:
+        raise ValueError(f"{path}: its arrays or tables are nested too deeply to read; a card's values are "
+                         "strings, numbers, lists of numbers and tables one or two levels deep") from None
+
+
+def _check_values(path: Path, table: dict, section: str) -> None:
+    """Every value of one table of the card is of its key's kind, and no string is longer than allowed."""
+    where = f"[{section}] " if section else ""
+    for key, value in table.items():
+        words, test = KEY_KINDS[section].get(key, (None, None))
+        if test is not None and not test(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"{path}: {where}{key} must be {words}; got {shown}")
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"{path}: {where}{key} has {len(value):,} characters; a card's text is at most "
+                             f"{MAX_TEXT_CHARS:,} (keep longer notes in a file beside the card)")
 
 
 def _check_keys(path: Path, table: dict, section: str) -> None:
@@ -95,10 +166,14 @@ def read_card_file(path: os.PathLike) -> dict:
                          "'Benchmark your own model')")
     data = _load_toml(path)
     _check_keys(path, data, "")
-    for section in ("network", "model", "decoder"):
-        if not isinstance(data.get(section, {}), dict):
-            raise ValueError(f"{path}: {section} must be a table ([{section}])")
-        _check_keys(path, data.get(section, {}), section)
+    _check_values(path, data, "")
+    for section in ("network", "model", "decoder", "schedule"):
+        if section != "schedule":
+            _check_keys(path, data.get(section, {}), section)
+        _check_values(path, data.get(section, {}), section)
+    if "name" not in data and not NAME_PATTERN.fullmatch(path.stem):
+        raise ValueError(f"{path}: the card's name defaults to the file name {path.stem!r}, which is not "
+                         f"{_NAME[0]}; set name = \"...\" in the card")
     if "sample_shape" not in data:
         raise ValueError(f"{path}: sample_shape is required, e.g. sample_shape = [3, 32, 32]")
     kinds = [k for k in NETWORK_KINDS if k in data.get("network", {})]
@@ -115,7 +190,25 @@ def read_card_file(path: os.PathLike) -> dict:
                              "scheduler_config = …)")
         if "prediction" not in data and "scheduler_config" not in data["schedule"]:
             raise ValueError(f"{path}: prediction is required (one of {', '.join(solvers.PREDICTIONS)})")
+        _check_schedule(path, data["schedule"])
     return data
+
+
+def _check_schedule(path: Path, sched: dict) -> None:
+    """The card's [schedule] builds (a schedule is cheap: checked here, before any network is)."""
+    if "scheduler_config" in sched:
+        if len(sched) > 1:
+            raise ValueError(f"{path}: [schedule] scheduler_config gives the whole schedule; drop its other keys "
+                             f"({', '.join(k for k in sched if k != 'scheduler_config')})")
+        return
+    params = {k: v for k, v in sched.items() if k != "name"}
+    name = sched.get("name", "discrete_vp")
+    try:
+        solvers.schedules.get_schedule(name, **params)
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: [schedule] {name} cannot be built from {params} ({reason}); give the "
+                         "parameters solvers.schedules.get_schedule takes, with numbers where it takes numbers") from None
 
 
 def _expand(path: Path, value: str) -> Path:
@@ -197,7 +290,12 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
         if model_opts:
             raise ValueError(f"{path}: with a scheduler_config, its clip_sample/thresholding set the x0 range; "
                              "drop the [model] table")
-        config = json.loads(_expand(path, sched["scheduler_config"]).read_text())
+        config_file = _expand(path, sched["scheduler_config"])
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: [schedule] scheduler_config {config_file} cannot be read as JSON ({e}); give "
+                             "the scheduler_config.json a diffusers scheduler's save_config wrote") from None
         if "prediction" in data:
             theirs = {ours: name for name, ours in PREDICTION_TYPES.items()}
             if data["prediction"] not in theirs:
@@ -240,22 +338,60 @@ def _diffusers_network(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
 
 
 def _diffusers_module(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
-    """The diffusers model saved in the folder ``net["diffusers"]`` (its class named by its config.json)."""
+    """The diffusers model saved in the folder ``net["diffusers"]`` (its class named by its config.json), its
+    weights file checked against the card's ``sha256`` before it is read."""
+    folder = _expand(path, net["diffusers"])
+    config = _diffusers_config(path, folder)
+    weights = _diffusers_weights(path, folder, kwargs.get("variant"))
+    if "sha256" in net:
+        if weights.name.endswith(".index.json"):
+            raise ValueError(f"{path}: {folder} holds sharded weights ({weights.name}), which one sha256 cannot pin; "
+                             "drop sha256 or save the model in one file (save_pretrained(max_shard_size=...))")
+        verify_file(weights, sha256=net["sha256"], what=f"the weights of {path}")
+        kwargs = {**kwargs, "use_safetensors": weights.name.endswith(".safetensors")}  # the file just checked
     try:
         import diffusers
     except ImportError:
         raise ValueError(f"{path}: a diffusers model folder needs diffusers (pip install "
                          "'diffusion-solvers[hub]')") from None
-    folder = _expand(path, net["diffusers"])
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{path}: {folder} is not a diffusers model folder (no config.json)")
-    cls_name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, cls_name, None)
+    cls_name = config.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, str(cls_name), None)
     if cls is None:
         raise ValueError(f"{path}: {folder}/config.json names class {cls_name!r}, which diffusers does not have")
     # from_pretrained reads safetensors, or torch files with weights_only=True (diffusers' load_state_dict)
     # low_cpu_mem_usage=False: the default asks for the optional package accelerate, and says so on stderr
-    return cls.from_pretrained(str(folder), **{"low_cpu_mem_usage": False, **kwargs})
+    try:
+        return cls.from_pretrained(str(folder), **{"low_cpu_mem_usage": False, **kwargs})
+    except (OSError, ValueError, KeyError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: the diffusers {cls_name} in {folder} cannot be loaded ({reason}); save it with "
+                         "save_pretrained") from None
+
+
+def _diffusers_config(path: Path, folder: Path) -> dict:
+    """The folder's config.json as a dict."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: {folder} is not a diffusers model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: {config_file} cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: {config_file} is not a JSON object (what save_pretrained writes)")
+    return config
+
+
+def _diffusers_weights(path: Path, folder: Path, variant: Optional[str]) -> Path:
+    """The weights file ``from_pretrained`` reads in ``folder``: its safetensors file, else its torch file, else
+    the index of sharded weights (diffusers' names, with the variant where one is asked for)."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    names = [f"{stem}.safetensors", f"{stem}.bin", f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{path}: the diffusers folder {folder} has no weights file: expected {names[0]} or "
+                     f"{names[1]} (what save_pretrained writes)")
 
 
 class _Decoder(torch.nn.Module):

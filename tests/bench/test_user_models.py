@@ -245,6 +245,77 @@ def test_bad_card_files_are_refused_with_the_reason(tmp_path, body, message):
     assert message in str(e.value)
 
 
+GOOD_TOP = 'sample_shape = [2]\nprediction = "eps"\n'
+GOOD_NET = '[network]\nfactory = "tests.bench.test_user_models:TinyEps"\n'
+GOOD_SCHED = '[schedule]\nname = "discrete_vp"\n'
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sample_shape = 3\nprediction = 'eps'\n" + GOOD_NET + GOOD_SCHED,
+     "sample_shape must be a list of positive integers, e.g. [3, 32, 32]; got 3"),
+    ("name = { a = 1 }\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED, "name must be a string of letters"),
+    ("description = [1]\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED, "description must be a string; got [1]"),
+    ("reference = 5\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED, "reference must be a string; got 5"),
+    ("data_range = 'x'\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED, "data_range must be a list of two finite numbers"),
+    ("default_num_samples = 'many'\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED,
+     "default_num_samples must be a positive integer"),
+    ("sample_shape = [2]\nprediction = 5\n" + GOOD_NET + GOOD_SCHED, "prediction must be one of eps"),
+    (GOOD_TOP + "schedule = 'x'\n" + GOOD_NET, "schedule must be a table"),
+    (GOOD_TOP + "[network]\nfactory = 5\n" + GOOD_SCHED, "[network] factory must be a string; got 5"),
+    (GOOD_TOP + GOOD_NET + "kwargs = 'x'\n" + GOOD_SCHED, "[network] kwargs must be a table"),
+    (GOOD_TOP + GOOD_NET + "dtype = 'nope'\n" + GOOD_SCHED, "[network] dtype must be one of float32"),
+    (GOOD_TOP + GOOD_NET + "weights = 'w.pt'\nsha256 = 3\n" + GOOD_SCHED, "[network] sha256 must be 64 hexadecimal"),
+    (GOOD_TOP + GOOD_NET + GOOD_SCHED + "num_train_timesteps = 'x'\n", "[schedule] discrete_vp"),
+    (GOOD_TOP + GOOD_NET + GOOD_SCHED + "[model]\nclip_x0 = 'x'\n", "[model] clip_x0 must be a list of two"),
+    (GOOD_TOP + GOOD_NET + GOOD_SCHED + "[decoder]\nfactory = 'a:b'\nscale = 'x'\ndata_shape = [1, 2, 2]\n",
+     "[decoder] scale must be a finite number"),
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply"),
+    ("sample_shape = [2\n", "is not valid TOML"),
+    ("sample_shape = [2]\n" + GOOD_NET + "[schedule]\nscheduler_config = 'nope.json'\n",
+     "[schedule] scheduler_config"),
+], ids=["shape-int", "name-table", "description-list", "reference-int", "range-str", "count-str", "prediction-int",
+        "schedule-str", "factory-int", "kwargs-str", "dtype-name", "sha256-int", "schedule-parameter", "clip-str",
+        "scale-str", "deep-arrays", "deep-tables", "syntax", "scheduler-config-missing"])
+def test_mistyped_card_keys_are_refused_in_one_line_naming_the_key(tmp_path, capsys, body, message):
+    """A value of the wrong type (or TOML that cannot be read) stops the run before any work with one line that
+    names the card file, the key and what it must be."""
+    card = _card(tmp_path, body)
+    assert bench(tmp_path / "o", "--model", str(card), "--num-samples", "4", "--steps", "2", "--solvers", "ddim") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.run: error: ") and err.count("\n") == 1, err[-2000:]
+    assert message in err and str(card) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ['=HYPERLINK("http://x")', "+1", "-2+3", "@SUM(A1)", "a b", "<b>x</b>", "x" * 65],
+                         ids=["formula", "plus", "minus", "at", "space", "html", "too-long"])
+def test_a_card_name_is_an_identifier(tmp_path, name):
+    """The name keys results rows, folders and reports: letters, digits, ``_ . -``, starting with a letter or
+    digit (so never a spreadsheet formula), at most 64 characters."""
+    with pytest.raises(ValueError, match="name must be a string of letters, digits"):
+        resolve_card(str(_card(tmp_path, f"name = '{name}'\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED)))
+
+
+def test_a_file_name_that_is_no_card_name_asks_for_a_name(tmp_path):
+    path = tmp_path / "=cmd.toml"
+    path.write_text(GOOD_TOP + GOOD_NET + GOOD_SCHED)
+    with pytest.raises(ValueError, match=r"defaults to the file name '=cmd'.*set name = "):
+        resolve_card(str(path))
+
+
+def test_card_text_and_card_files_are_bounded(tmp_path):
+    from pretrained.card_files import MAX_CARD_BYTES, MAX_TEXT_CHARS
+    long = "x" * (MAX_TEXT_CHARS + 1)
+    for key in ("notes", "description"):
+        with pytest.raises(ValueError, match=f"{key} has {MAX_TEXT_CHARS + 1:,} characters; a card's text is at "
+                                             f"most {MAX_TEXT_CHARS:,}"):
+            resolve_card(str(_card(tmp_path, f'{key} = "{long}"\n' + GOOD_TOP + GOOD_NET + GOOD_SCHED)))
+    big = _card(tmp_path, GOOD_TOP + GOOD_NET + GOOD_SCHED + "#" * MAX_CARD_BYTES + "\n")
+    with pytest.raises(ValueError, match="is larger than a card file may be"):
+        resolve_card(str(big))
+
+
 def test_a_missing_card_file_is_named(tmp_path, capsys):
     assert bench(tmp_path / "o", "--model", str(tmp_path / "nope.toml")) == 2
     assert "no such card file" in capsys.readouterr().err
@@ -327,6 +398,57 @@ def test_a_latent_card_decodes_the_samples_and_times_the_decoding_apart(tmp_path
 def test_a_decoder_table_needs_its_data_shape(tmp_path):
     with pytest.raises(ValueError, match="data_shape"):
         resolve_card(str(_card(tmp_path, LATENT_CARD.replace("data_shape = [1, 16, 16]\n", ""))))
+
+
+DIFFUSERS_CARD = GOOD_TOP + '[network]\ndiffusers = "unet"\n' + GOOD_SCHED
+
+
+def _fake_diffusers_folder(tmp_path: Path, weights: bytes = b"") -> Path:
+    """A diffusers folder with a config.json and, where ``weights`` is given, a weights file of those bytes."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    if weights:
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    return tmp_path / "unet"
+
+
+def test_a_diffusers_folder_without_weights_is_refused_in_one_line(tmp_path, capsys):
+    _fake_diffusers_folder(tmp_path)
+    card = _card(tmp_path, DIFFUSERS_CARD)
+    assert bench(tmp_path / "o", "--model", str(card), "--num-samples", "4", "--steps", "2", "--solvers", "ddim") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.run: error: ") and err.count("\n") == 1, err[-2000:]
+    assert (f"{card}: the diffusers folder {tmp_path / 'unet'} has no weights file: expected "
+            "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin") in err, err
+
+
+def test_a_diffusers_folder_card_checks_its_sha256_before_reading_the_weights(tmp_path):
+    """The pinned digest is that of the folder's weights file: a different file is refused unread."""
+    folder = _fake_diffusers_folder(tmp_path, weights=b"not the pinned weights")
+    card = resolve_card(str(_card(tmp_path, DIFFUSERS_CARD.replace("\n[schedule]", f"\nsha256 = '{'0' * 64}'\n[schedule]"))))
+    with pytest.raises(pretrained.CheckpointError, match=f"{folder / 'diffusion_pytorch_model.safetensors'}: sha256 is"):
+        pretrained.load(card)
+
+
+def test_a_diffusers_folder_card_with_its_weights_sha256_loads(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet")
+    sha = hashlib.sha256((tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    body = DIFFUSERS_CARD.replace("sample_shape = [2]", "sample_shape = [1, 8, 8]")
+    model = pretrained.load(resolve_card(str(_card(tmp_path, body.replace("\n[schedule]", f"\nsha256 = '{sha}'\n[schedule]")))))
+    torch.testing.assert_close(model.fn.unet.conv_in.weight, unet.conv_in.weight)
+
+
+def test_a_sharded_diffusers_folder_cannot_be_pinned_by_one_sha256(tmp_path):
+    folder = _fake_diffusers_folder(tmp_path)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    card = resolve_card(str(_card(tmp_path, DIFFUSERS_CARD.replace("\n[schedule]", f"\nsha256 = '{'0' * 64}'\n[schedule]"))))
+    with pytest.raises(ValueError, match="sharded weights.*one sha256"):
+        pretrained.load(card)
 
 
 # -- --reference: your own data ----------------------------------------------------------------------------------
