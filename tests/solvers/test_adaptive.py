@@ -96,6 +96,18 @@ def test_interior_grid_points_are_outputs_not_steps(method, extra_calls):
         assert (x - GAUSS.flow_map(VP, x_T, T0, t)).abs().max().item() < 10 * tol
 
 
+def test_dpm23_makes_no_model_call_at_the_end_of_a_grid_that_stops_there():
+    """dpm23's last stage is not at the new point, so f there is a model call of its own, made only where it is
+    used (a next step, or an output time before the end): a sample that reaches the end of [T0, T1] needs none."""
+    net, times = GAUSS.network(VP, "eps"), []
+    model = solvers.DiffusionModel(lambda x, t: times.append(t.flatten().clone()) or net(x, t), schedule=VP)
+    solvers.sample(model, _x_T(4), "adaptive", steps=None, timesteps=[T0, T1], rtol=1e-4, atol=1e-4,
+                   method="dpm23")
+    model_t_end = float(VP.model_time(T1))
+    nearest = min((t - model_t_end).abs().min().item() for t in times)
+    assert nearest > 1e-6 * abs(model_t_end)
+
+
 def test_final_step_to_zero_denoises_once():
     model = GAUSS.as_model(VP)
     x_T = _x_T(4)

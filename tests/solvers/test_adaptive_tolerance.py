@@ -92,3 +92,31 @@ def test_dpm23_where_log_snr_is_infinite_is_refused_before_any_model_call():
         solvers.sample(model, torch.zeros(2, 2, dtype=torch.float64), "adaptive", timesteps=[1.0, 1e-3],
                        method="dpm23")
     assert calls == []
+
+
+def _controlled(norm, err_prev, rejected, error_order=2):
+    """The next step sizes the PI controller picks from steps of size 1 with these error norms."""
+    n = len(norm)
+    norm = torch.tensor(norm, dtype=torch.float64)
+    state = {"h": torch.zeros(n, dtype=torch.float64), "err_prev": torch.tensor(err_prev, dtype=torch.float64),
+             "rejected": torch.tensor(rejected)}
+    solvers.get_solver("adaptive")._control(state, torch.arange(n), torch.ones(n, dtype=torch.float64), norm,
+                                            torch.isfinite(norm) & (norm <= 1.0), error_order)
+    return state["h"].tolist(), state["rejected"].tolist()
+
+
+def test_the_step_size_follows_the_declared_pi_rule():
+    """h·clip(0.9·e_n^(−0.7/k)·e_(n−1)^(0.4/k), 0.2, 5) after an accepted step, k = error order + 1; at most h
+    right after a rejection; h·clip(0.9·e_n^(−1/k), 0.2, 1) after a rejected one (a NaN norm: the floor 0.2)."""
+    k = 3
+    norms, prevs = [0.1, 1e-8, 0.9, 0.1, 2.0, 1e6, float("nan")], [0.5, 1.0, 1e-4, 0.5, 0.5, 0.5, 0.5]
+    rejected_before = [False, False, False, True, False, False, False]
+    h, rejected = _controlled(norms, prevs, rejected_before)
+    pi = [min(max(0.9 * e ** (-0.7 / k) * p ** (0.4 / k), 0.2), 5.0) for e, p in zip(norms[:4], prevs[:4])]
+    expected = [pi[0], 5.0, pi[2], min(pi[3], 1.0), 0.9 * 2.0 ** (-1 / k), 0.2, 0.2]
+    assert pi[0] > 1.0 and pi[2] < 1.0 and pi[3] > 1.0  # growth, shrinking, growth cut after a rejection
+    assert h == pytest.approx(expected, rel=1e-12, abs=0)
+    assert rejected == [False, False, False, False, True, True, True]
+    # k follows the error order (dopri5: 4 → k = 5).
+    assert _controlled([0.5], [0.3], [False], error_order=4)[0] == pytest.approx(
+        [0.9 * 0.5 ** (-0.7 / 5) * 0.3 ** (0.4 / 5)], rel=1e-12)
