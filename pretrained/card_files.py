@@ -208,7 +208,7 @@ def _check_schedule(path: Path, sched: dict) -> None:
     except (TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: [schedule] {name} cannot be built from {params} ({reason}); give the "
-                         "parameters solvers.schedules.get_schedule takes, with numbers where it takes numbers") from None
+                         "parameters solvers.schedules.get_schedule takes, numbers where it takes numbers") from None
 
 
 def _expand(path: Path, value: str) -> Path:

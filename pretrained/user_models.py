@@ -29,6 +29,7 @@ from .cards import CARDS, ModelCard, available_models
 __all__ = ["resolve_card", "card_from_object", "user_card", "import_object", "parse_shape", "to_images_in_range",
            "NO_REFERENCE"]
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a results.csv cell starting so is a spreadsheet formula
 NO_REFERENCE = "none"  # a card's reference when it has no data: scored against its own reference solution
 
 
@@ -129,6 +130,10 @@ def card_from_object(obj: Any, *, name: str, shape: Optional[Sequence[int]] = No
         ValueError: not a model, or no sample shape (the message says to pass ``--shape``).
     """
     if isinstance(obj, ModelCard):
+        if str(obj.name).startswith(FORMULA_STARTS):
+            raise ValueError(f"{name} is a model card named {obj.name!r}: a spreadsheet opening results.csv would "
+                             f"read that name as a formula (it starts with {obj.name[0]!r}); give it a name that "
+                             "starts with a letter or digit")
         if shape is not None and tuple(parse_shape(shape)) != tuple(obj.sample_shape):
             raise ValueError(f"{name} is a model card with sample shape {tuple(obj.sample_shape)}; --shape "
                              f"{','.join(map(str, parse_shape(shape)))} disagrees (leave --shape out)")

@@ -297,6 +297,17 @@ def test_a_card_name_is_an_identifier(tmp_path, name):
         resolve_card(str(_card(tmp_path, f"name = '{name}'\n" + GOOD_TOP + GOOD_NET + GOOD_SCHED)))
 
 
+@pytest.mark.parametrize("name", ["=1+1", "+1", "-1", "@A1", "\tx"])
+def test_an_imported_card_named_like_a_spreadsheet_formula_is_refused(monkeypatch, name):
+    """The name is written to results.csv: a spreadsheet would run a cell that starts with = + - @."""
+    import dataclasses
+
+    import examples.my_model as mod
+    monkeypatch.setattr(mod, "odd_card", dataclasses.replace(pretrained.get_card("gmm2d"), name=name), raising=False)
+    with pytest.raises(ValueError, match="would read that name as a formula"):
+        resolve_card("examples.my_model:odd_card")
+
+
 def test_a_file_name_that_is_no_card_name_asks_for_a_name(tmp_path):
     path = tmp_path / "=cmd.toml"
     path.write_text(GOOD_TOP + GOOD_NET + GOOD_SCHED)
