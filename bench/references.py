@@ -23,7 +23,7 @@ from .plan import Cell
 from .reference_solutions import REF_SOLVER, REF_STEPS, ReferenceSolutions
 from .results import save_preview, write_reference_info
 
-__all__ = ["Evaluator", "labelled_bars", "prepare_references", "write_reference", "FLOOR_DRAWS", "PREVIEW_IMAGES",
+__all__ = ["Evaluator", "CellFeatures", "labelled_bars", "prepare_references", "write_reference", "FLOOR_DRAWS", "PREVIEW_IMAGES",
            "PREVIEW_POINTS"]
 
 PREVIEW_IMAGES = 64
@@ -160,25 +160,38 @@ class Evaluator:
                 out.append(self.classifier(grey)[1].argmax(dim=1).cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
+    def cell_features(self, cell: Cell) -> "CellFeatures":
+        """An empty accumulator of ``cell``'s features on this rank, filled batch by batch (:class:`CellFeatures`)."""
+        return CellFeatures(self, cell)
+
     def local(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor,
               latents: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict:
-        """This rank's features for every metric's source (arrays with one row per sample) and a preview.
-        ``latents``: for a latent model, the ODE's own state before decoding (what ref_error compares);
-        ``labels``: for a class-conditional model, the class of each sample (class_accuracy, and the guided
-        ODE that ref_error solves)."""
+        """This rank's features of ``samples`` in one batch (:meth:`CellFeatures.add` then ``result``)."""
+        return self.cell_features(cell).add(samples, x_T, latents=latents, labels=labels).result()
+
+    def image_features(self, cell: Cell, samples: torch.Tensor, labels: Optional[torch.Tensor]) -> dict:
+        """One batch's image features: each Fréchet metric's feature vectors under its source, the classifier's
+        hits (``class_accuracy``: 1.0 where it names the sample's label) and the batch's first preview images."""
+        from .features import UInt8Images, extract_features, to_uint8_rgb
+        out: dict = {}
+        images = to_uint8_rgb(self.card.to_images(samples))
+        for spec in self.frechet:
+            ext, layer, _ = self.extractors[spec.key]
+            out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
+                                                batch_size=self.cfg.batch_size, progress=False)
+        out["preview"] = images[:PREVIEW_IMAGES].numpy()
+        if self.classifier is not None:
+            out["class_accuracy"] = (self._classify(images) == labels.numpy()).astype(np.float64)
+        return out
+
+    def whole_cell_features(self, cell: Cell, samples: torch.Tensor, x_T: torch.Tensor,
+                            latents: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> dict:
+        """The features that need a cell's samples together: the error against the reference solution
+        (``ref_error``) and, for a model with exact data, the flattened samples, their exact-ODE errors and the
+        point preview.  ``latents``: a latent model's ODE state before decoding (what ref_error compares)."""
         out: dict = {}
         n = samples.shape[0]
-        if self.image:
-            from .features import UInt8Images, extract_features, to_uint8_rgb
-            images = to_uint8_rgb(self.card.to_images(samples))
-            for spec in self.frechet:
-                ext, layer, _ = self.extractors[spec.key]
-                with labelled_bars(f"  {cell.label} {cell.steps} steps: {spec.key} features"):
-                    out[spec.source] = extract_features(ext, layer, UInt8Images(images), device=self.device,
-                                                        batch_size=self.cfg.batch_size, progress=self.progress)
-            out["preview"] = images[:PREVIEW_IMAGES].numpy()
-            if self.classifier is not None:
-                out["class_accuracy"] = (self._classify(images) == labels.numpy()).astype(np.float64)
+
         def as_rows(t: torch.Tensor):
             return t.detach().to(torch.float64).reshape(n, -1).cpu().numpy()
 
@@ -208,11 +221,13 @@ class Evaluator:
         return self._exact_cache[key]
 
     def finalize(self, cell: Cell, parts: list[dict]) -> tuple[dict, dict]:
-        """Metric values (and notes) from every rank's features, concatenated in rank order."""
+        """Metric values (and notes) from every rank's features: per-sample arrays concatenated in rank order,
+        :class:`~bench.metrics.FeatureMoments` merged."""
         values, notes = {}, {}
         for spec in self.specs:
-            feats = np.concatenate([p[spec.source] for p in parts], axis=0) \
-                if all(spec.source in p for p in parts) else None
+            # a source is absent where a rank had no sample of it (or the metric is not defined for the cell)
+            present = [p[spec.source] for p in parts if spec.source in p]
+            feats = _joined(present) if present else None
             values[spec.key], note = spec.compute(feats, self.reference.get(spec.source), cell.deterministic)
             if isinstance(spec, M.ReferenceSolutionError) and feats is not None:
                 own = float(np.sqrt(np.mean(np.concatenate([p["ref_error_own"] for p in parts]))))
@@ -220,6 +235,65 @@ class Evaluator:
             if note:
                 notes[spec.key] = note
         return values, notes
+
+
+def _joined(parts: list):
+    """Every rank's part of one feature source as one: arrays concatenated, moments merged."""
+    if isinstance(parts[0], M.FeatureMoments):
+        total = M.FeatureMoments(parts[0].mean.size)
+        for part in parts:
+            total.merge(part)
+        return total
+    return np.concatenate(parts, axis=0)
+
+
+class CellFeatures:
+    """One cell's features on this rank, made batch by batch while it samples, so that memory is bounded by the
+    batch and not by ``--num-samples``: an image metric's feature vectors are folded into their running mean and
+    covariance (:class:`~bench.metrics.FeatureMoments`), the classifier's hits are one number per sample, and
+    the preview keeps the first :data:`PREVIEW_IMAGES` images.  Only what a whole-cell metric needs is kept
+    whole: the samples of a model with exact data (low-dimensional points) and, for ``ref_error``, x_T and the
+    ODE states that its reference solution is compared with.
+    """
+
+    def __init__(self, evaluator: Evaluator, cell: Cell):
+        self.evaluator, self.cell = evaluator, cell
+        self.moments: dict[str, M.FeatureMoments] = {}
+        self.hits: list[np.ndarray] = []
+        self.preview: list[np.ndarray] = []
+        self.kept: list[tuple] = []
+        self.keep_whole = not evaluator.image or (evaluator.solutions is not None and cell.deterministic)
+
+    def add(self, samples: torch.Tensor, x_T: torch.Tensor, latents: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None) -> "CellFeatures":
+        """Fold in one batch (samples decoded, for a latent model; its x_T, ODE states and labels); returns self."""
+        if self.evaluator.image:
+            batch = self.evaluator.image_features(self.cell, samples, labels)
+            for source, features in batch.items():
+                if source == "preview":
+                    if sum(len(p) for p in self.preview) < PREVIEW_IMAGES:
+                        self.preview.append(features)
+                elif source == "class_accuracy":
+                    self.hits.append(features)
+                else:
+                    self.moments.setdefault(source, M.FeatureMoments(features.shape[1])).add(features)
+        if self.keep_whole:
+            cpu = (lambda t: None if t is None else t.detach().cpu())
+            self.kept.append((cpu(samples), cpu(x_T), cpu(latents), cpu(labels)))
+        return self
+
+    def result(self) -> dict:
+        """The features :meth:`Evaluator.finalize` takes from this rank."""
+        out: dict = dict(self.moments)
+        if self.hits:
+            out["class_accuracy"] = np.concatenate(self.hits)
+        if self.preview:
+            out["preview"] = np.concatenate(self.preview)[:PREVIEW_IMAGES]
+        if self.kept:
+            samples, x_T, latents, labels = (None if parts[0] is None else torch.cat(parts)
+                                             for parts in zip(*self.kept))
+            out.update(self.evaluator.whole_cell_features(self.cell, samples, x_T, latents, labels))
+        return out
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from .config import SweepConfig
 from .distributed import Dist
 from .provenance import model_digest
 from .plan import OPTIMIZED, Cell, UsageError, check_seed, plan_cells, sample_labels
-from .references import PREVIEW_IMAGES, PREVIEW_POINTS, Evaluator, prepare_references, write_reference
+from .references import (PREVIEW_IMAGES, PREVIEW_POINTS, CellFeatures, Evaluator, prepare_references,
+                         write_reference)
 from .results import (FAILURE_ENVIRONMENT, FAILURE_RESULT, METRIC_PREFIX, IncompatibleResultsError, atomic_write_text,
                       check_run_settings, environment, load_results, new_row, record_row, redone_on_resume,
                       results_lock, row_timing, save_preview, save_samples, timing_columns)
@@ -191,22 +192,19 @@ def _decode(sweep: Sweep, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - t0
 
 
-def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Optional[torch.Tensor] = None) -> dict:
+def _timed_pass(sweep: Sweep, cell: Cell, desc: str, features: Optional[CellFeatures] = None) -> dict:
     """One timed pass over this rank's batches (the same seeds every pass): NFE, the summed timings and, with
-    ``keep``, the samples (decoded, for a latent model), the latents and x_T (on the CPU). ``x_T_all``: this
-    rank's x_T from an earlier pass, reused instead of drawing it again.  The timing is (total, model, solver,
-    decode) seconds, total = sampling + decoding; ``rows``: the network batch rows evaluated (NFE × rows per
-    sample, summed over the samples: two per sample and call under guidance w ∉ {0, 1})."""
-    shape = tuple(sweep.card.sample_shape)
-    outs, latents, x_Ts = [], [], []
-    total = model_t = solver_t = decode_t = 0.0
+    ``features``, each batch folded into them right after it is sampled (samples decoded, for a latent model;
+    its x_T, ODE states and labels) — so memory is bounded by the batch, not by the number of samples — and
+    the time that took (``metric_time``); with --save-samples also the samples themselves (on the CPU). The
+    timing is (total, model, solver, decode) seconds, total = sampling + decoding; ``rows``: the network batch
+    rows evaluated (NFE × rows per sample, summed over the samples: two per sample and call under guidance
+    w ∉ {0, 1})."""
+    kept = []
+    total = model_t = solver_t = decode_t = metric_t = 0.0
     nfe, rows = None, 0
-    batches = _batches(sweep)
-    for b0, b1 in _bar(batches, desc=desc, unit="batch", leave=False, disable=not sweep.progress):
-        if x_T_all is not None:
-            x_T = x_T_all[b0 - batches[0][0]:b1 - batches[0][0]].to(sweep.device)
-        else:
-            x_T = _initial_noise(sweep, cell, b0, b1)
+    for b0, b1 in _bar(_batches(sweep), desc=desc, unit="batch", leave=False, disable=not sweep.progress):
+        x_T = _initial_noise(sweep, cell, b0, b1)
         res = solvers.sample(_batch_model(sweep, cell, b0, b1), x_T, steps=cell.steps,
                              seeds=sample_seeds(sweep.cfg.seed, b0, b1), **_sample_kw(sweep, cell))
         if nfe is not None and res.nfe != nfe:
@@ -218,14 +216,14 @@ def _timed_pass(sweep: Sweep, cell: Cell, keep: bool, desc: str, x_T_all: Option
         model_t += res.time_model
         solver_t += res.time_solver
         decode_t += seconds
-        if keep:
-            state = res.samples.detach().cpu()
-            outs.append(decoded.detach().cpu() if sweep.decoder is not None else state)  # one copy without one
-            latents.append(state)
-            x_Ts.append(x_T.detach().cpu())
-    empty = torch.empty((0, *shape), dtype=sweep.dtype)
-    return {"samples": torch.cat(outs) if outs else empty, "latents": torch.cat(latents) if latents else empty,
-            "x_T": torch.cat(x_Ts) if x_Ts else empty, "nfe": nfe, "rows": rows,
+        if features is not None:
+            t0 = time.perf_counter()
+            features.add(decoded, x_T, latents=res.samples, labels=_batch_labels(sweep, b0, b1))
+            metric_t += time.perf_counter() - t0
+            if sweep.cfg.save_samples:
+                kept.append(decoded.detach().cpu())
+    samples = torch.cat(kept).numpy() if kept else None
+    return {"samples": samples, "nfe": nfe, "rows": rows, "metric_time": metric_t,
             "timing": (total, model_t, solver_t, decode_t)}
 
 
@@ -327,10 +325,11 @@ def _calibration_record(sweep: Sweep, cell: Cell) -> dict:
     return record
 
 
-def _sample_cell(sweep: Sweep, cell: Cell) -> dict:
-    """Generate this rank's samples of a cell; returns samples, x_T, NFE and timing (warm-up excluded)."""
+def _sample_cell(sweep: Sweep, cell: Cell, features: CellFeatures) -> dict:
+    """Generate this rank's samples of a cell into ``features``; returns NFE, timing (warm-up excluded) and the
+    time the features took (and the samples, with --save-samples)."""
     warmup = _warm_up(sweep, cell)
-    gen = _timed_pass(sweep, cell, keep=True, desc=f"  {cell.label} {cell.steps} steps")
+    gen = _timed_pass(sweep, cell, desc=f"  {cell.label} {cell.steps} steps", features=features)
     gen["warmup"] = warmup
     return gen
 
@@ -353,7 +352,7 @@ def more_passes(totals: Sequence[float], repeats: Optional[int]) -> bool:
 def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[tuple], Optional[str]]:
     """Every timed pass of a cell, each (total, model, solver, decode) of the slowest rank: the first (``gen``, this
     rank's first pass; None where it failed) and the repeats :func:`more_passes` asks for, run on every rank
-    from the first pass's x_T for the timing alone (the samples are thrown away: they are the first pass's).
+    from the same seeds for the timing alone (the samples are thrown away: they are the first pass's).
     Returns the passes and the (error, failure kind) of a failed repeat."""
     dist = sweep.dist
     passes: list[tuple] = []
@@ -366,8 +365,7 @@ def _timed_passes(sweep: Sweep, cell: Cell, gen: Optional[dict]) -> tuple[list[t
         if not more_passes([p[0] for p in passes], sweep.cfg.repeats):
             return passes, None
         try:
-            mine = _timed_pass(sweep, cell, keep=False, x_T_all=gen["x_T"],
-                               desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}")
+            mine = _timed_pass(sweep, cell, desc=f"  {cell.label} {cell.steps} steps, timing pass {len(passes) + 1}")
             mine = mine["timing"]
         except Exception as e:  # noqa: BLE001 — recorded as the cell's failure
             mine, error = None, (f"timing pass {len(passes) + 1}: {type(e).__name__}: {e}", failure_kind(e))
@@ -532,14 +530,12 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     gen = None
     try:
         cell = _calibrated(sweep, cell)
-        gen = _sample_cell(sweep, cell)
+        features = evaluator.cell_features(cell)
+        gen = _sample_cell(sweep, cell, features)
         t_metric = time.perf_counter()
         labels = _batch_labels(sweep, *sweep.dist.slice(sweep.cfg.num_samples))
-        payload = {"features": evaluator.local(cell, gen["samples"], gen["x_T"], latents=gen["latents"],
-                                               labels=labels),
-                   "warmup": gen["warmup"], "nfe": gen["nfe"], "rows": gen["rows"],
-                   "metric_time": time.perf_counter() - t_metric,
-                   "samples": gen["samples"].numpy() if sweep.cfg.save_samples else None,
+        payload = {"features": features.result(), "warmup": gen["warmup"], "nfe": gen["nfe"], "rows": gen["rows"],
+                   "metric_time": gen["metric_time"] + time.perf_counter() - t_metric, "samples": gen["samples"],
                    "labels": None if labels is None else labels.numpy()}
     except Exception as e:  # noqa: BLE001 — a failed cell is recorded with its reason; the sweep goes on
         payload = {"error": f"{type(e).__name__}: {e}", "kind": failure_kind(e)}
