@@ -2,6 +2,7 @@
 frontier marked, and the samples of every cell (an image grid, or a scatter for point models)."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional
@@ -47,6 +48,16 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _plain_text(draw):
+    """``draw`` with every text it gives matplotlib drawn as written: a model name or label with ``$``, ``^{``
+    or ``\\frac`` is never parsed as mathtext (a parse error would stop the whole report)."""
+    @functools.wraps(draw)
+    def drawn_as_written(*args, **kwargs):
+        with _plt().rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+    return drawn_as_written
 
 
 def solver_colours(labels) -> dict:
@@ -101,6 +112,7 @@ def _time_bars(ax, g: pd.DataFrame, column: str, colour) -> None:
                     elinewidth=0.9, capsize=2.5, alpha=0.7)
 
 
+@_plain_text
 def metric_chart(df: pd.DataFrame, column: str, label: str, x: str, path: Path,
                  floor: Optional[tuple[float, float]] = None, title: str = "", colours: Optional[dict] = None,
                  off_scale=(), usable_max: Optional[float] = None, higher_is_better: bool = False
@@ -191,6 +203,7 @@ def _draw_points(ax, c: dict, reference, lim, colour) -> None:
     ax.set_aspect("equal", adjustable="box")
 
 
+@_plain_text
 def sample_panels(cells: list[dict], path: Path, reference: Optional[np.ndarray] = None, title: str = "",
                   colour=None) -> None:
     """One panel per cell, ``PANEL_COLUMNS`` to a row: ``cells`` = [{"title", "kind" ("images"|"points"),

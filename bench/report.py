@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from .charts import solver_colours
 from .report_analysis import has_guidance, judge_metric, observations
 from .report_answer import point_magnitude, recommendation_section
-from .report_doc import Doc, fmt
+from .report_doc import Doc, fmt, md_text
 from .report_sections import (ReportInput, charts_section, environment_section, metrics_section,
                               model_section, observations_section, published_section, results_section,
                               samples_section, setup_section)
@@ -82,7 +82,7 @@ def build_report(out_dir: Path, quiet: bool = False) -> tuple[Path, Path]:
 
     doc = Doc()
     title = f"Sampler benchmark: {ri.model}"
-    doc.h(1, title)
+    doc.h(1, f"Sampler benchmark: {md_text(ri.model)}")
     ref_points, _ = ri.load_preview("reference")
     recommendation_section(doc, ri.verdicts, fronts, ri.df, ri.n,
                            point_magnitude(ref_points, ri.load_preview))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import math
+import string
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fmt", "fmt_time", "fmt_spread", "fmt_timed", "plural", "cell_name", "Doc"]
+__all__ = ["fmt", "fmt_time", "fmt_spread", "fmt_timed", "plural", "cell_name", "md_text", "Doc"]
 
 TIME_DIGITS = 3  # wall-clock numbers: 3 significant digits (timing noise makes a 4th meaningless)
 
@@ -64,13 +65,42 @@ def cell_name(row) -> str:
     return f"{row['solver_label']} × {plural(int(row['steps']), 'step')}" + (f", w = {float(w):g}" if guided else "")
 
 
+_MARKUP = set("\\`*_[]<>&|$~!#")  # what md_text escapes (``_`` only where it could start or end emphasis)
+
+
+def md_text(text) -> str:
+    """``text`` (a model card's name, description or notes: anything not written by the report itself) as inline
+    Markdown that shows exactly that text: each run of white space one space (a line break in it starts no
+    heading, list or table), and every character Markdown or HTML would read as markup backslash-escaped
+    (CommonMark's escapes; :meth:`Doc.html` shows the escaped character)."""
+    t = " ".join(str(text).split())
+    out = []
+    for i, c in enumerate(t):
+        intraword = c == "_" and 0 < i < len(t) - 1 and t[i - 1].isalnum() and t[i + 1].isalnum()
+        out.append("\\" + c if c in _MARKUP and not intraword else c)
+    return "".join(out)
+
+
 def _inline_html(text: str) -> str:
-    # The Markdown subset used here: `code` and **bold**.
-    t = html.escape(text)
-    parts = t.split("`")
-    t = "".join(f"<code>{s}</code>" if i % 2 else s for i, s in enumerate(parts))
-    parts = t.split("**")
-    return "".join(f"<b>{s}</b>" if i % 2 else s for i, s in enumerate(parts))
+    # The Markdown subset used here: `code`, **bold** and backslash escapes (outside code, as in CommonMark).
+    out, code, bold, i = [], False, False, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and not code and i + 1 < len(text) and text[i + 1] in string.punctuation:
+            out.append(html.escape(text[i + 1]))
+            i += 2
+            continue
+        if c == "`":
+            out.append("</code>" if code else "<code>")
+            code = not code
+        elif not code and text.startswith("**", i):
+            out.append("</b>" if bold else "<b>")
+            bold = not bold
+            i += 1
+        else:
+            out.append(html.escape(c))
+        i += 1
+    return "".join(out) + ("</code>" if code else "") + ("</b>" if bold else "")
 
 
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
@@ -78,6 +108,14 @@ _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
           "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
           "img{max-width:100%}figcaption{font-size:0.85em;color:#555}pre{background:#f6f6f6;"
           "padding:0.6em;overflow-x:auto}code{background:#f6f6f6}")
+
+
+def _longest_run(text: str, char: str) -> int:
+    run = best = 0
+    for c in text:
+        run = run + 1 if c == char else 0
+        best = max(best, run)
+    return best
 
 
 class Doc:
@@ -116,14 +154,15 @@ class Doc:
             elif b[0] == "ul":
                 out.append("\n".join(f"- {i}" for i in b[1]))
             elif b[0] == "code":
-                out.append("```\n" + b[1] + "\n```")
+                fence = "`" * max(3, _longest_run(b[1], "`") + 1)  # its text cannot close it
+                out.append(f"{fence}\n{b[1]}\n{fence}")
             elif b[0] == "table":
-                esc = [[c.replace("|", "\\|") for c in r] for r in [b[1]] + b[2]]
+                esc = [[md_text(c) for c in r] for r in [b[1]] + b[2]]
                 lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
                 lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
                 out.append("\n".join(lines))
             elif b[0] == "img":
-                out.append(f"![{b[2]}]({b[1]})\n\n*{b[2]}*")
+                out.append(f"![{md_text(b[2])}]({b[1]})\n\n*{md_text(b[2])}*")
         return "\n\n".join(out) + "\n"
 
     def html(self, base: Path, title: str) -> str:

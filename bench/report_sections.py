@@ -13,7 +13,7 @@ import pandas as pd
 
 from .charts import metric_chart, sample_panels, usable_front
 from .report_analysis import MetricVerdict, has_guidance, observations, timing_summary
-from .report_doc import Doc, cell_name, fmt, fmt_time, fmt_timed, plural
+from .report_doc import Doc, cell_name, fmt, fmt_time, fmt_timed, md_text, plural
 from .results import (METRIC_PREFIX, RUN_SETTING_DEFAULTS, THREADS_SUFFIX, load_preview, row_threads, row_timing,
                       safe_filename)
 
@@ -103,7 +103,7 @@ def setup_section(doc: Doc, ri: ReportInput) -> None:
               "with the same values; bench.run no longer adds cells made under other values to one folder.")
     decode = _decode_seconds(df)
     if decode is not None:
-        decoder = ri.card.get("decoder_name") or "the card's decoder"
+        decoder = md_text(ri.card.get("decoder_name") or "the card's decoder")
         doc.p(f"**Latent model:** the samples are latents decoded by {decoder}; each cell's time includes the "
               f"decoding, timed apart in the *decode s* column (median {fmt_time(float(decode.median()))} s per "
               "cell); sampling alone is model s + solver s.")
@@ -129,10 +129,10 @@ def _decode_seconds(df: pd.DataFrame) -> Optional[pd.Series]:
 
 
 def model_section(doc: Doc, ri: ReportInput) -> None:
-    """The model card, when the results folder has one."""
-    card = ri.card
-    if not card:
+    """The model card, when the results folder has one (its text escaped: a card's text is the user's)."""
+    if not ri.card:
         return
+    card = {k: md_text(v) if isinstance(v, str) else v for k, v in ri.card.items()}
     doc.h(2, "Model")
     doc.bullets([f"**{card.get('name')}** ({card.get('kind')}): {card.get('description', '')}",
                  f"schedule: {card.get('schedule_name')}; prediction: {card.get('prediction')}; "
@@ -271,7 +271,7 @@ def published_section(doc: Doc, ri: ReportInput) -> None:
         prow.append([pub["setting"], pub["fid"], pub["source"], "; ".join(here) or "–"])
     doc.table(["setting", "published FID", "source", "this run (FID)"], prow)
     if ri.card.get("weights_note"):
-        doc.p(f"Weights: {ri.card['weights_note']}")
+        doc.p(f"Weights: {md_text(ri.card['weights_note'])}")
 
 
 def _panel(ri: ReportInput, i, r, ref_max: Optional[float]) -> Optional[dict]:
