@@ -147,8 +147,11 @@ def test_declared_orders_follow_the_options():
     ("dpmpp_3m", {"solver_type": "bh2"}, "dpmpp_3m: solver_type must be 'auto', 'midpoint' or 'heun'"),
 ])
 def test_bad_options_raise(name, options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         solvers.get_solver(name, **options)
+    # Every refusal names the solver it came from, and the value given.
+    value = repr(next(iter(options.values())))
+    assert str(err.value).startswith(f"{name}: ") and str(err.value).endswith(f"got {value}"), str(err.value)
 
 
 @pytest.mark.parametrize("name, message", [("unipc", "log-SNR λ, which is infinite at t=1.0"),
