@@ -59,3 +59,22 @@ def test_the_3m_defaults_beat_the_previous_ones_at_10_steps(card, to_zero):
     # 0.045 / 0.091 (ending at σ = 0 / at t = 1e-3).  Asserted: at least 1.3× better.
     new, previous = error(), error(official_d2=False, lower_order_final=True)
     assert new < previous / 1.3, (new, previous)
+
+
+@pytest.mark.parametrize("steps, lower_order_final, form", [
+    (5, "auto", "midpoint"), (8, "auto", "heun"), (8, True, "midpoint"), (8, False, "heun")])
+def test_3m_auto_takes_the_midpoint_form_where_it_lowers_and_the_phi2_form_elsewhere(steps, lower_order_final,
+                                                                                    form):
+    """solver_type="auto" (3M's default): its order-2 steps (the warm-up, lowered final steps) take the midpoint
+    form where the last orders are lowered and the φ₂ ("heun") form elsewhere — to the bit."""
+    model = pretrained.get_card("gaussian").extra["mixture"].as_model(VP)
+    x_T = solvers.initial_noise((2, 2), seeds=range(2), dtype=torch.float64)
+
+    def run(**options):
+        return solvers.sample(model, x_T, "dpmpp_3m", steps=steps, denoise_to_zero=False,
+                              lower_order_final=lower_order_final, **options).samples
+
+    other = {"midpoint": "heun", "heun": "midpoint"}[form]
+    auto = run()
+    assert torch.equal(auto, run(solver_type=form))
+    assert not torch.allclose(auto, run(solver_type=other), rtol=1e-9, atol=0)
