@@ -29,6 +29,7 @@ def _bench(out: Path, *args: str) -> int:
 
 
 # -- concurrent runs --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_concurrent_runs_into_one_folder_keep_every_row(tmp_path):
     out = tmp_path / "shared"
     steps = "1,2,3,4"

@@ -131,6 +131,7 @@ def test_report_is_rebuilt_from_the_results_alone(sweep, tmp_path):
 
 
 # -- resume ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
     out = tmp_path / "resume"
     # --threads 1: the killed subprocess and the resuming in-process runs time their cells alike (a folder
@@ -261,6 +262,7 @@ def test_solver_options_and_default_spacings():
 
 
 # -- more than one process ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_give_the_results_of_one(tmp_path):
     args = ["--model", "gmm2d", "--num-samples", "120", "--batch-size", "30", "--solvers", "ddim,ddpm",
             "--steps", "1,4", "--device", "cpu", "--no-report", "--quiet"]

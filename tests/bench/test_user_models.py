@@ -333,6 +333,7 @@ def test_a_missing_card_file_is_named(tmp_path, capsys):
 
 
 # -- the examples ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_diffusers_unet_example_card_runs_end_to_end(tmp_path, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -479,6 +480,7 @@ def _unet_card_run(tmp_path, monkeypatch, *extra):
                  "8", "--steps", "2", "--solvers", "ddim", "--force", *extra)
 
 
+@pytest.mark.slow
 def test_your_own_image_folder_and_its_statistics_file_give_the_same_fd(tmp_path, monkeypatch):
     from PIL import Image
     rng = np.random.default_rng(0)
