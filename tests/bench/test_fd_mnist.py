@@ -13,11 +13,9 @@ import torch
 
 import pretrained
 from bench import datasets, features, metrics as M, run as run_mod
-from pretrained.analytic import GaussianMixture
-from pretrained.cards import ModelCard
 from pretrained.mnist_classifier import load_mnist_classifier
 from pretrained.mnist_data import mnist_split
-from solvers import schedules
+from tests.bench.image_models import mixture_image_card
 
 needs_mnist = pytest.mark.skipif(not (pretrained.checkpoints.ASSETS / "mnist").is_dir(),
                                  reason="../shared/assets/mnist/ is absent")
@@ -38,7 +36,7 @@ def test_fd_mnist_is_labelled_for_what_it_is_never_fid():
 
 def test_fd_mnist_fits_mnist_models_only_and_says_why_not():
     assert "fd_mnist" in M.metrics_for(pretrained.get_card("ddpm_mnist"))
-    assert "fd_mnist" in M.metrics_for(_image_card("own_mnist", "mnist-heldout"))
+    assert "fd_mnist" in M.metrics_for(mixture_image_card("own_mnist", "mnist-heldout"))
     spec = M.get_metric("fd_mnist")
     assert "1×28×28" in spec.unfit_reason(pretrained.get_card("ddpm_cifar"))
     assert "for image models" in spec.unfit_reason(pretrained.get_card("gmm2d"))
@@ -47,7 +45,7 @@ def test_fd_mnist_fits_mnist_models_only_and_says_why_not():
 
 
 def test_default_metric_is_fd_mnist_for_the_projects_own_mnist_models_only():
-    assert M.default_metrics(_image_card("own_mnist", "mnist-heldout")) == ["fd_mnist"]
+    assert M.default_metrics(mixture_image_card("own_mnist", "mnist-heldout")) == ["fd_mnist"]
     assert M.default_metrics(pretrained.get_card("ddpm_mnist")) == ["fd_resnet20"]  # unchanged
     assert M.get_metric("fd_mnist").reference_for(pretrained.get_card("ddpm_mnist")) == "mnist-heldout"
     assert M.get_metric("fd_resnet20").reference_for(pretrained.get_card("ddpm_mnist")) == "mnist-test"
@@ -103,21 +101,10 @@ def test_fd_mnist_ranks_unseen_real_digits_near_the_floor_and_damaged_ones_far_a
     assert noisy > 5 * real and blurred > 2 * real
 
 
-def _image_card(name: str, reference: str) -> ModelCard:
-    """A cheap exact 'image model': a two-component Gaussian mixture over 1×28×28 images in [−1, 1]."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.rand(2, 784, generator=g, dtype=torch.float64) * 1.6 - 0.8
-    mixture, schedule = GaussianMixture(means, 0.2), schedules.VPLinear()
-    return ModelCard(name=name, kind="image", description="test image mixture",
-                     loader=lambda device="cpu", **kw: mixture.as_model(schedule, "eps"), sample_shape=(1, 28, 28),
-                     prediction="eps", schedule_name="VPLinear", reference=reference,
-                     to_images=lambda x: ((x + 1) / 2).clamp(0, 1), default_num_samples=64, default_batch_size=32)
-
-
 @needs_mnist
 def test_bench_run_measures_fd_mnist_against_the_held_out_images_whatever_the_cards_mnist_reference(
         tmp_path, monkeypatch):
-    monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix", "mnist-test"))
+    monkeypatch.setitem(pretrained.CARDS, "img_mix", mixture_image_card("img_mix", "mnist-test"))
     out = tmp_path / "img"
     assert run_mod.main(["--quiet", "--out", str(out), "--model", "img_mix", "--solvers", "ddim", "--steps", "2",
                          "--metric", "fd_mnist", "--cache-dir", str(tmp_path / "cache")]) == 0

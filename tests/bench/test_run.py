@@ -20,9 +20,10 @@ import pretrained
 import solvers
 from bench import report as report_mod
 from bench import plan, run as run_mod
-from pretrained.analytic import GaussianMixture, gmm2d
+from pretrained.analytic import gmm2d
 from pretrained.cards import ModelCard
 from solvers import schedules
+from tests.bench.image_models import mixture_image_card
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = pretrained.checkpoints.ASSETS  # $DIFFUSION_SOLVERS_ASSETS, else ../shared/assets beside the checkout
@@ -286,21 +287,10 @@ def test_two_processes_give_the_results_of_one(tmp_path):
 
 
 # -- an image model ----------------------------------------------------------------------------------------------
-def _image_card(name: str) -> ModelCard:
-    """A cheap exact 'image model': a two-component Gaussian mixture over 1×28×28 images in [−1, 1]."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.rand(2, 784, generator=g, dtype=torch.float64) * 1.6 - 0.8
-    mixture, schedule = GaussianMixture(means, 0.2), schedules.VPLinear()
-    return ModelCard(name=name, kind="image", description="test image mixture",
-                     loader=lambda device="cpu", **kw: mixture.as_model(schedule, "eps"), sample_shape=(1, 28, 28),
-                     prediction="eps", schedule_name="VPLinear", reference="mnist-test",
-                     to_images=lambda x: ((x + 1) / 2).clamp(0, 1), default_num_samples=64, default_batch_size=32)
-
-
 @pytest.mark.skipif(not ((ASSETS / "mnist").is_dir() and (ASSETS / "resnet20_cifar").is_dir()),
                     reason="../shared/assets/mnist/ or ../shared/assets/resnet20_cifar/ is absent")
 def test_image_model_with_offline_resnet20_features(tmp_path, monkeypatch):
-    monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix"))
+    monkeypatch.setitem(pretrained.CARDS, "img_mix", mixture_image_card("img_mix"))
     out = tmp_path / "img"
     args = ["--model", "img_mix", "--solvers", "ddim,dpmpp", "--steps", "1,4", "--reference-size", "300",
             "--cache-dir", str(tmp_path / "cache")]
@@ -319,7 +309,7 @@ def test_fid_offline_stops_before_sampling_with_the_alternative(tmp_path, monkey
     def no_network(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setitem(pretrained.CARDS, "img_mix", _image_card("img_mix"))
+    monkeypatch.setitem(pretrained.CARDS, "img_mix", mixture_image_card("img_mix"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     out = tmp_path / "fid"

@@ -16,9 +16,7 @@ from bench import references
 from bench import run as run_mod
 from bench.metrics import FeatureMoments
 from bench.references import PREVIEW_IMAGES, CellFeatures
-from pretrained.analytic import GaussianMixture
-from pretrained.cards import ModelCard
-from solvers import schedules
+from tests.bench.image_models import mixture_image_card
 
 SHAPE = (3, 8, 8)
 
@@ -68,20 +66,9 @@ def test_what_a_reference_solution_needs_is_kept_whole_and_only_then():
     assert not stochastic.keep_whole
 
 
-def _image_card(name: str) -> ModelCard:
-    """A cheap exact 'image model': a two-component Gaussian mixture over 1×28×28 images in [−1, 1]."""
-    g = torch.Generator().manual_seed(0)
-    means = torch.rand(2, 784, generator=g, dtype=torch.float64) * 1.6 - 0.8
-    mixture, schedule = GaussianMixture(means, 0.2), schedules.VPLinear()
-    return ModelCard(name=name, kind="image", description="test image mixture",
-                     loader=lambda device="cpu", **kw: mixture.as_model(schedule, "eps"), sample_shape=(1, 28, 28),
-                     prediction="eps", schedule_name="VPLinear", reference="mnist-test",
-                     to_images=lambda x: ((x + 1) / 2).clamp(0, 1), default_num_samples=64, default_batch_size=32)
-
-
 @pytest.mark.assets("mnist", "resnet20_cifar")
 def test_the_fd_of_a_sweep_does_not_depend_on_its_batch_size(tmp_path, monkeypatch):
-    monkeypatch.setitem(pretrained.CARDS, "img_stream", _image_card("img_stream"))
+    monkeypatch.setitem(pretrained.CARDS, "img_stream", mixture_image_card("img_stream"))
     seen = []
     plain = references.Evaluator.image_features
 

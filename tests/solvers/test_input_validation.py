@@ -227,13 +227,18 @@ def test_denoise_to_zero_must_be_a_bool(flag, counted):
         SCHEDULE, 4, denoise_to_zero=False)
 
 
+@pytest.mark.parametrize("entry", ["sample", "invert"])
 @pytest.mark.parametrize("callback", [3, "print", [print]])
-def test_a_callback_that_is_not_callable_is_refused_before_the_first_step(callback, counted):
-    """Before, sample ran the first step (a model call) and then failed with "'int' object is not callable"."""
+def test_a_callback_that_is_not_callable_is_refused_before_the_first_step(entry, callback, counted):
+    """Before, sample and invert ran the first step (a model call), then failed with "'int' object is not
+    callable"."""
     net, model = counted
     with pytest.raises(TypeError, match=rf"callback must be None or callable as callback\(info: StepInfo\), got "
                                         rf"{type(callback).__name__} {re.escape(repr(callback))}"):
-        solvers.sample(model, x_T(), "euler", 3, callback=callback)
+        if entry == "sample":
+            solvers.sample(model, x_T(), "euler", 3, callback=callback)
+        else:
+            solvers.invert(model, x_T(), "ddim", 3, callback=callback)
     assert net.calls == 0
 
 
@@ -348,13 +353,3 @@ def test_initial_noise_refuses_a_start_time_without_a_schedule():
     with pytest.raises(ValueError, match=r"initial_noise: t=80\.0 is given without a schedule, so it would be "
                                          r"ignored; pass schedule="):
         solvers.initial_noise((2, 3), t=80.0)
-
-
-@pytest.mark.parametrize("callback", [3, "print", [print]])
-def test_invert_refuses_a_callback_that_is_not_callable_before_the_first_step(callback, counted):
-    """Before, invert ran the first step (a model call) and then failed with "'int' object is not callable"."""
-    net, model = counted
-    with pytest.raises(TypeError, match=rf"callback must be None or callable as callback\(info: StepInfo\), got "
-                                        rf"{type(callback).__name__} {re.escape(repr(callback))}"):
-        solvers.invert(model, x_T(), "ddim", 3, callback=callback)
-    assert net.calls == 0
