@@ -176,7 +176,7 @@ def test_k_diffusion_options_pass_only_at_their_neutral_values():
         K.sample_dpmpp_2m(Denoiser(), x, sigmas, disable=True, order=3)
 
 
-@pytest.mark.parametrize("sigmas", [[1.0], [1.0, 2.0, 0.0], [5.0, 1.0, -0.1], [math.nan, 0.0]])
+@pytest.mark.parametrize("sigmas", [[1.0], [1.0, 2.0, 0.0], [5.0, 5.0, 0.0], [5.0, 1.0, -0.1], [math.nan, 0.0]])
 def test_bad_sigmas_are_refused_before_any_model_call(sigmas):
     den = Denoiser()
     with pytest.raises(ValueError, match="strictly decreasing noise levels ending at >= 0"):
@@ -188,15 +188,107 @@ def test_adaptive_and_unknown_samplers_are_refused():
     with pytest.raises(ValueError, match="chooses its own steps"):
         K.k_diffusion_sampler("adaptive")
     assert not hasattr(K, "sample_adaptive")
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="^no sample_adaptive: 'adaptive' chooses its own steps"):
+        K.sample_adaptive  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'sample_nonexistent'$"):
         K.sample_nonexistent  # noqa: B018
     assert K.sample_em.__name__ == "sample_em"  # aliases resolve too
 
 
 def test_from_k_diffusion_checks_its_arguments():
-    with pytest.raises(TypeError, match="callable"):
+    with pytest.raises(TypeError, match=r"^denoiser must be callable as denoiser\(x, sigma\), got int$"):
         from_k_diffusion(3, 0.002, 80.0)
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         from_k_diffusion(Denoiser(), 80.0, 0.002)
     model = from_k_diffusion(Denoiser(), 0.002, 80.0)
     assert (model.prediction, model.schedule.sigma_min, model.schedule.sigma_max) == ("x0", 0.002, 80.0)
+    other = from_k_diffusion(Denoiser(), 0.01, 120.0).schedule
+    assert (other.sigma_min, other.sigma_max) == (0.01, 120.0)
+
+
+def _x(n=len(SEEDS)):
+    return solvers.initial_noise((n, 8), range(n), dtype=torch.float64) * 10.0
+
+
+def test_k_diffusion_sampler_builds_the_same_sampler_as_the_module_attribute():
+    """k_diffusion_sampler(name) (also what __getattr__ returns for a solver registered later) is the module's
+    sample_NAME: same samples, name and first docstring line as the solver class."""
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    for name in ("heun", "ddim"):
+        built = K.k_diffusion_sampler(name)
+        a = built(Denoiser(), _x(), sigmas, extra_args={"scale": 0.5}, disable=True, seeds=SEEDS, eta=1.0) \
+            if name == "ddim" else built(Denoiser(), _x(), sigmas, extra_args={"scale": 0.5}, disable=True)
+        b = getattr(K, f"sample_{name}")(Denoiser(), _x(), sigmas, extra_args={"scale": 0.5}, disable=True,
+                                         **({"seeds": SEEDS, "eta": 1.0} if name == "ddim" else {}))
+        assert torch.equal(a, b)
+        assert built.__name__ == f"sample_{name}"
+        assert built.__doc__.splitlines()[0] == solvers.solver_class(name).__doc__.splitlines()[0]
+
+
+def test_sigmas_as_a_list_and_two_levels():
+    """sigmas may be a list of floats; two levels [σ, 0] are one step, which for Euler lands on D(x, σ)."""
+    x = _x()
+    as_list = K.sample_euler(Denoiser(), x, [10.0, 1.0, 0.0], disable=True)
+    assert torch.equal(as_list, K.sample_euler(Denoiser(), x, torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64),
+                                               disable=True))
+    one_step = K.sample_euler(Denoiser(), x, [10.0, 0.0], disable=True)
+    assert torch.allclose(one_step, MIXTURE.denoise(x, 1.0, 10.0), rtol=0, atol=1e-12)
+
+
+def test_solver_options_reach_the_solver():
+    """official_d2 changes 3M's third-order steps (8 steps: no lowered final orders)."""
+    sigmas = [10.0, 6.0, 3.5, 2.0, 1.2, 0.7, 0.4, 0.2, 0.0]
+    ours = K.sample_dpmpp_3m(Denoiser(), _x(), torch.tensor(sigmas, dtype=torch.float64), disable=True,
+                             official_d2=False)
+    ref = solvers.sample(from_k_diffusion(Denoiser(), 0.002, 80.0), _x(), "dpmpp_3m", timesteps=sigmas, steps=None,
+                         official_d2=False)
+    assert (ours - ref.samples).abs().max().item() < TOL
+    assert (ours - K.sample_dpmpp_3m(Denoiser(), _x(), torch.tensor(sigmas, dtype=torch.float64),
+                                     disable=True)).abs().max().item() > 1e-6
+
+
+def test_a_solver_stochastic_by_an_option_draws_one_seed_per_sample_from_torch_global_generator():
+    """ddim is stochastic only with eta > 0: its seeds are then drawn from torch's global generator too, one per
+    sample — 64 equal starting states end as 64 different samples."""
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.ones(64, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = K.sample_ddim(Denoiser(), x, sigmas, disable=True, eta=1.0)
+    torch.manual_seed(1)
+    b = K.sample_ddim(Denoiser(), x, sigmas, disable=True, eta=1.0)
+    assert (a - b).abs().max().item() > 1e-3
+    assert len({tuple(row.tolist()) for row in a}) == 64
+
+
+def test_the_callback_gets_k_diffusion_dict_at_each_step_first_model_call():
+    """Once per step, after it: i, the given σ_i (the sigmas' own element), σ̂ and the state and model output of
+    the step's first model call — for Heun (2 calls per step) D(x_i, σ_i); with churn σ̂ = σ_i·(1 + γ) > σ_i."""
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    seen = []
+    out = K.sample_heun(Denoiser(), _x(), sigmas, disable=True, callback=seen.append)
+    assert [d["i"] for d in seen] == [0, 1, 2]
+    assert all(torch.equal(d["sigma"], sigmas[d["i"]]) and d["sigma_hat"] == d["sigma"] for d in seen)
+    assert torch.equal(seen[0]["x"], _x())
+    assert torch.allclose(seen[0]["denoised"], MIXTURE.denoise(_x(), 1.0, 10.0), rtol=0, atol=1e-12)
+    # Without a callback: the same samples.
+    assert torch.equal(out, K.sample_heun(Denoiser(), _x(), sigmas, disable=True))
+    churned = []
+    K.sample_heun(Denoiser(), _x(), sigmas, disable=True, callback=churned.append, s_churn=0.3, seeds=SEEDS)
+    assert churned[0]["sigma_hat"].item() == pytest.approx(10.0 * 1.1, rel=1e-12)  # γ = s_churn / 3 steps
+
+
+def test_heun_churn_is_never_capped_at_the_first_level():
+    """k-diffusion's Heun raises σ to σ·(1 + γ) even above the first level (up to √2·σ_0): the adapter's
+    schedule must reach that far, so it equals our Heun on a schedule whose σ_max is far above it."""
+    sigmas = [80.0, 20.0, 5.0, 1.0, 0.0]
+    ours = K.sample_heun(Denoiser(), _x() * 8, torch.tensor(sigmas, dtype=torch.float64), disable=True,
+                         s_churn=10.0, seeds=SEEDS)
+    ref = solvers.sample(from_k_diffusion(Denoiser(), 0.002, 1000.0), _x() * 8, "heun", timesteps=sigmas,
+                         steps=None, s_churn=10.0, seeds=SEEDS)
+    assert (ours - ref.samples).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("disable, shown", [(True, False), (False, True), (None, True)])
+def test_disable_turns_the_progress_bar_off(disable, shown, capsys):
+    K.sample_euler(Denoiser(), _x(), [10.0, 1.0, 0.0], disable=disable)
+    assert ("euler (2 steps)" in capsys.readouterr().err) == shown
