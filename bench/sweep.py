@@ -519,7 +519,7 @@ def _resume_plan(existing, cells: list[Cell], force: bool) -> dict:
             "ok": skipped.count("ok"), "failed": skipped.count("failed"), "redone": len(redone)}
 
 
-def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str, total: int,
+def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str,
               run_files: list) -> Optional[str]:
     """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any.
     ``run_files``: writers of this run's own files (its reference data), written with its first row and then
@@ -566,7 +566,6 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     run_files.clear()
     if not sweep.cfg.quiet:
         _bar_write(_cell_line(row, sweep.cfg.metrics, {k: M.METRICS[k].label for k in sweep.cfg.metrics}))
-    _test_hook(total)
     return failure
 
 
@@ -655,20 +654,6 @@ def _bar_write(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-_cells_written = 0
-
-
-def _test_hook(total: int) -> None:
-    # BENCH_CRASH_AFTER_CELLS=k makes the process die (as if killed) right after the k-th cell is written: the
-    # resume test uses it to interrupt a run at a known point without timing races.
-    global _cells_written
-    _cells_written += 1
-    limit = os.environ.get("BENCH_CRASH_AFTER_CELLS")
-    if limit and _cells_written >= int(limit):
-        os._exit(137)
-
-
-
 def run_sweep(sweep: Sweep, command: str) -> Path:
     """Run a prepared sweep (:func:`load_and_plan`, :func:`apply_fast_paths`): decide what to resume, prepare
     the references, then sample, measure and record each cell, and render the report; returns the folder.
@@ -691,7 +676,7 @@ def run_sweep(sweep: Sweep, command: str) -> Path:
     run_files = [lambda: write_reference(sweep.out_dir, evaluator, sweep.cfg.num_samples, command)]
     failed: list[str] = []
     for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
-        failure = _run_cell(sweep, evaluator, cell, env, command, len(todo), run_files)
+        failure = _run_cell(sweep, evaluator, cell, env, command, run_files)
         if failure:
             failed.append(failure)
     _finish(sweep, todo, failed)

@@ -20,7 +20,6 @@ SMALL = ["--model", "gmm2d", "--num-samples", "40", "--metric", "fd_data", "--no
 def _env() -> dict:
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    env.pop("BENCH_CRASH_AFTER_CELLS", None)
     return env
 
 

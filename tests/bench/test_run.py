@@ -47,7 +47,6 @@ def preview(out: Path, cell_id: str) -> np.ndarray:
 def _env():
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    env.pop("BENCH_CRASH_AFTER_CELLS", None)
     return env
 
 
@@ -132,6 +131,24 @@ def test_report_is_rebuilt_from_the_results_alone(sweep, tmp_path):
 
 
 # -- resume ---------------------------------------------------------------------------------------------------
+# `python -c KILLED_AFTER_CELLS K ARGV…`: bench.run whose process dies, as if killed, right after the K-th cell's
+# row is written — an interruption at a known point, without timing races (the fault is injected here, through
+# the sweep's own record_row, not by a hook in the harness).
+KILLED_AFTER_CELLS = """
+import os, sys
+import bench.sweep as sweep
+record, written = sweep.record_row, []
+def record_then_die(*args, **kwargs):
+    record(*args, **kwargs)
+    written.append(1)
+    if len(written) == int(sys.argv[1]):
+        os._exit(137)
+sweep.record_row = record_then_die
+from bench.run import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
     out = tmp_path / "resume"
@@ -140,9 +157,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
     args = ["--model", "gmm2d", "--num-samples", "100", "--solvers", "ddim,dpmpp", "--steps", "1,2,3",
             "--metric", "fd_data", "--no-report", "--threads", "1"]
     # The process dies (os._exit, as if killed) right after the 2nd cell is written.
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quiet", "--out", str(out), *args], cwd=ROOT,
-                          env=dict(_env(), BENCH_CRASH_AFTER_CELLS="2"), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_CELLS, "2", "--quiet", "--out", str(out), *args],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 137, proc.stderr
     before = results(out)
     assert len(before) == 2 and (before["status"] == "ok").all()
