@@ -210,10 +210,13 @@ def _x(n=len(SEEDS)):
     return solvers.initial_noise((n, 8), range(n), dtype=torch.float64) * 10.0
 
 
-def test_k_diffusion_sampler_builds_the_same_sampler_as_the_module_attribute():
+def test_k_diffusion_sampler_builds_the_same_sampler_as_the_module_attribute(capsys):
     """k_diffusion_sampler(name) (also what __getattr__ returns for a solver registered later) is the module's
-    sample_NAME: same samples, name and first docstring line as the solver class."""
+    sample_NAME: same samples, name and first docstring line as the solver class; callback and disable reach it."""
     sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    calls = []
+    K.k_diffusion_sampler("euler")(Denoiser(), _x(), sigmas, callback=calls.append, disable=True)
+    assert [d["i"] for d in calls] == [0, 1, 2] and capsys.readouterr().err == ""
     for name in ("heun", "ddim"):
         built = K.k_diffusion_sampler(name)
         a = built(Denoiser(), _x(), sigmas, extra_args={"scale": 0.5}, disable=True, seeds=SEEDS, eta=1.0) \
@@ -275,6 +278,18 @@ def test_the_callback_gets_k_diffusion_dict_at_each_step_first_model_call():
     churned = []
     K.sample_heun(Denoiser(), _x(), sigmas, disable=True, callback=churned.append, s_churn=0.3, seeds=SEEDS)
     assert churned[0]["sigma_hat"].item() == pytest.approx(10.0 * 1.1, rel=1e-12)  # γ = s_churn / 3 steps
+
+
+@pytest.mark.parametrize("sigmas", [[10.0, 3.0, 0.0], torch.tensor([10.0, 3.0, 0.0], dtype=torch.float32),
+                                    torch.tensor([10.0, 3.0, 0.0], dtype=torch.float64)])
+def test_the_callback_sigmas_are_tensors_in_the_sigmas_dtype_for_one_sample_too(sigmas):
+    """As k-diffusion's (sigmas[i], and σ̂ computed from it): tensors in the sigmas' dtype — a list gives
+    torch's default dtype — also for a batch of one sample."""
+    seen = []
+    K.sample_euler(Denoiser(), _x(1), sigmas, disable=True, callback=seen.append)
+    dtype = sigmas.dtype if torch.is_tensor(sigmas) else torch.get_default_dtype()
+    assert [d["sigma"].item() for d in seen] == [10.0, 3.0]
+    assert all(d["sigma"].dtype == d["sigma_hat"].dtype == dtype for d in seen)
 
 
 def test_heun_churn_is_never_capped_at_the_first_level():
