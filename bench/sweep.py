@@ -520,8 +520,9 @@ def _resume_plan(existing, cells: list[Cell], force: bool) -> dict:
 
 
 def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command: str,
-              run_files: list) -> Optional[str]:
-    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any.
+              run_files: list) -> Optional[tuple[str, str]]:
+    """Sample one cell on every rank, measure it and record its row on rank 0; returns its failure, if any, as
+    (text, failure kind).
     ``run_files``: writers of this run's own files (its reference data), written with its first row and then
     emptied."""
     dist = sweep.dist
@@ -557,7 +558,7 @@ def _run_cell(sweep: Sweep, evaluator: Evaluator, cell: Cell, env: dict, command
     failure = None
     if errors:
         row.update({"status": "failed", "error": errors[0][0], "failure_kind": errors[0][1]})
-        failure = f"{cell.name}: {errors[0][0]}"
+        failure = (f"{cell.name}: {errors[0][0]}", errors[0][1])
     row["finished_at"] = _now()
     row["time_cell_s"] = time.perf_counter() - t_cell
     # record_row re-reads the file under a lock: rows of a concurrent run are kept; the files are written there,
@@ -594,8 +595,9 @@ def _measure_into(row: dict, sweep: Sweep, evaluator: Evaluator, cell: Cell, par
     return files
 
 
-def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
-    """The report (rank 0, unless --no-report), the ranks' last barrier, and the error when every cell failed."""
+def _finish(sweep: Sweep, todo: list[Cell], failed: list[tuple[str, str]]) -> None:
+    """The report (rank 0, unless --no-report), the ranks' last barrier, and the error when every cell failed
+    (``failed``: each failed cell's (text, failure kind))."""
     dist, out_dir = sweep.dist, sweep.out_dir
     if dist.main and not sweep.cfg.no_report:
         from .report import build_report
@@ -605,8 +607,19 @@ def _finish(sweep: Sweep, todo: list[Cell], failed: list[str]) -> None:
         torch.distributed.barrier()
     if dist.main and todo and len(failed) == len(todo):
         raise AllCellsFailedError(f"every cell of this run failed ({len(failed)} of {len(todo)}), so nothing was "
-                                  f"measured; first: {failed[0]}. The failures are recorded in "
-                                  f"{out_dir / 'results.csv'} (--force redoes them)")
+                                  f"measured; first: {failed[0][0]}. The failures are recorded in "
+                                  f"{out_dir / 'results.csv'} ({_redo_hint([kind for _, kind in failed])})")
+
+
+def _redo_hint(kinds: list[str]) -> str:
+    """How the recorded failures of ``kinds`` are redone: a plain rerun for the environment's, --force for results."""
+    environmental = sum(redone_on_resume("failed", kind) for kind in kinds)
+    if environmental == len(kinds):
+        return "they failed by a fault of their environment: a plain rerun redoes them"
+    if environmental == 0:
+        return "--force redoes them"
+    return (f"a plain rerun redoes the {environmental} that failed by a fault of their environment, --force the "
+            "others")
 
 
 def _base_row(sweep: Sweep, cell: Cell, env: dict, command: str, started: str) -> dict:
@@ -674,7 +687,7 @@ def run_sweep(sweep: Sweep, command: str) -> Path:
         sweep.out_dir.mkdir(parents=True, exist_ok=True)
     # the reference data is written with the first row, once the folder's settings check has passed again
     run_files = [lambda: write_reference(sweep.out_dir, evaluator, sweep.cfg.num_samples, command)]
-    failed: list[str] = []
+    failed: list[tuple[str, str]] = []
     for cell in _bar(todo, desc="cells", unit="cell", disable=not sweep.progress):
         failure = _run_cell(sweep, evaluator, cell, env, command, run_files)
         if failure:

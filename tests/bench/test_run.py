@@ -499,6 +499,21 @@ def test_a_cell_failed_by_its_environment_is_redone_by_a_plain_rerun(tmp_path, m
     assert "a fault of its environment" in help_text
 
 
+def test_when_every_cell_failed_by_its_environment_the_error_says_a_plain_rerun_redoes_them(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import errno
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("bench.sweep.atomic_write_text", disk_full)
+    assert run_mod.main(["--out", str(tmp_path / "full"), "--model", "gmm2d", "--solvers", "dpmpp_2m", "--steps",
+                         "2", "--spacing", "optimized", "--num-samples", "16", "--metric", "fd_data",
+                         "--no-report"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every cell of this run failed" in err and "a plain rerun redoes them" in err and "--force" not in err
+
+
 def test_failed_rows_of_files_from_before_failure_kind_stay_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(pretrained.CARDS, "nan2d", _nan_card("nan2d"))
     out = tmp_path / "old"
