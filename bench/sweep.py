@@ -10,6 +10,7 @@ writes the report.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -383,6 +384,24 @@ def _now() -> str:
 
 
 
+def _check_loader_options(card, options: dict) -> None:
+    """Refuse options (``--model-opt``, ``--weights``) that the card's loader does not take, before it runs.
+
+    Raises:
+        UsageError: naming the options and what the loader takes.
+    """
+    try:
+        signature = inspect.signature(card.loader)
+    except (TypeError, ValueError):
+        return  # a loader whose signature cannot be read is called as it is
+    try:
+        signature.bind(device="cpu", **options)
+    except TypeError as e:
+        takes = ", ".join(name for name in signature.parameters if name != "device") or "no options"
+        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e}); it takes: "
+                         f"{takes}") from None
+
+
 def load_and_plan(sweep: Sweep) -> None:
     """Load the model (its weights checked first) and resolve every cell; refuse fast paths that cannot apply.
 
@@ -395,10 +414,11 @@ def load_and_plan(sweep: Sweep) -> None:
     _check_weights(options)
     if card.kind != "analytic":
         say(sweep, f"loading {card.name}'s weights from {_weights_origin(card, options)}")
+    _check_loader_options(card, options)
     try:
         sweep.model = pretrained.load(card, device=sweep.device, **options)
-    except TypeError as e:
-        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e})") from None
+    except TypeError as e:  # raised inside the loader: its own call went wrong, not ours
+        raise UsageError(f"cannot load {card.name}: its loader raised TypeError: {e}") from None
     except (ValueError, ImportError) as e:
         raise UsageError(f"cannot load {card.name}: {e}") from None
     # what the model is, hashed once: a run setting and part of every cache key (reference solutions, grids)

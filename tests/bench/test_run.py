@@ -178,6 +178,33 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, capsys):
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
+def _card_with_loader(name: str, loader) -> ModelCard:
+    return ModelCard(name=name, kind="analytic", description="a loader under test", loader=loader,
+                     sample_shape=(2,), prediction="eps", schedule_name="VPLinear", reference="none")
+
+
+def test_an_option_the_loader_does_not_take_is_refused_naming_what_it_takes(tmp_path, monkeypatch, capsys):
+    def loader(device="cpu", clip_x0=None):
+        raise AssertionError("the loader must not run")
+
+    monkeypatch.setitem(pretrained.CARDS, "opt2d", _card_with_loader("opt2d", loader))
+    assert bench(tmp_path / "o", "--model", "opt2d", "--model-opt", "colour=1", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "--model-opt: opt2d's loader does not take these options" in err and "it takes: clip_x0" in err
+
+
+def test_a_type_error_inside_the_loader_is_not_blamed_on_model_opt(tmp_path, monkeypatch, capsys):
+    def loader(device="cpu"):
+        return solvers.DiffusionModel(lambda x, t: x, schedule=schedules.VPLinear(), prediction="eps",
+                                      not_an_option=1)
+
+    monkeypatch.setitem(pretrained.CARDS, "bad2d", _card_with_loader("bad2d", loader))
+    assert bench(tmp_path / "b", "--model", "bad2d", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot load bad2d: its loader raised TypeError" in err and "not_an_option" in err
+    assert "--model-opt" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "unknown model 'nope'; available models: .*gmm2d"),
     (["--solvers", "ddim,nope"], "unknown solver 'nope'; valid: .*dpmpp_2m"),
