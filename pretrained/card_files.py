@@ -184,7 +184,9 @@ def read_card_file(path: os.PathLike) -> dict:
     if dec is not None and (len([k for k in ("factory", "diffusers") if k in dec]) != 1 or "data_shape" not in dec):
         raise ValueError(f"{path}: [decoder] needs exactly one of factory, diffusers and the decoded sample shape "
                          "data_shape = [C, H, W]")
-    if kinds[0] != "loader":
+    if kinds[0] == "loader":
+        _check_loader_card(path, data)
+    else:
         if "schedule" not in data:
             raise ValueError(f"{path}: a [schedule] table is required (name = … with its parameters, or "
                              "scheduler_config = …)")
@@ -192,6 +194,17 @@ def read_card_file(path: os.PathLike) -> dict:
             raise ValueError(f"{path}: prediction is required (one of {', '.join(solvers.PREDICTIONS)})")
         _check_schedule(path, data["schedule"])
     return data
+
+
+def _check_loader_card(path: Path, data: dict) -> None:
+    """A loader returns the whole model — network, schedule and parameterisation — so the keys that would build
+    them are refused rather than ignored."""
+    ignored = [key for key in ("prediction", "schedule", "model") if key in data]
+    ignored += [f"network.{key}" for key in ("dtype",) if key in data["network"]]
+    if ignored:
+        raise ValueError(f"{path}: [network] loader returns the whole model (its schedule, prediction and options), "
+                         f"so {', '.join(ignored)} would be ignored; drop them, or build the model from a factory "
+                         "with them")
 
 
 def _check_schedule(path: Path, sched: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,23 @@ def test_mistyped_card_keys_are_refused_in_one_line_naming_the_key(tmp_path, cap
     assert err.startswith("bench.run: error: ") and err.count("\n") == 1, err[-2000:]
     assert message in err and str(card) in err, err
     assert not (tmp_path / "o").exists()
+
+
+LOADER_NET = '[network]\nloader = "pretrained.ddpm_mnist:load_ddpm_mnist"\n'
+
+
+@pytest.mark.parametrize("extra, ignored", [
+    ('prediction = "eps"\n' + LOADER_NET, "prediction"),
+    (LOADER_NET + GOOD_SCHED, "schedule"),
+    (LOADER_NET + 'dtype = "float64"\n', "network.dtype"),
+    (LOADER_NET + "[model]\nclip_x0 = [-1, 1]\n", "model"),
+], ids=["prediction", "schedule", "dtype", "model"])
+def test_a_loader_card_refuses_the_keys_its_loader_would_ignore(tmp_path, extra, ignored):
+    """A loader returns the whole model, so a [schedule], prediction, [model] or network dtype beside it would
+    change nothing: refused, naming the key, instead of silently ignored."""
+    with pytest.raises(ValueError, match=rf"loader returns the whole model .* so {re.escape(ignored)} would be "
+                                         "ignored; drop them"):
+        resolve_card(str(_card(tmp_path, "sample_shape = [1, 28, 28]\n" + extra)))
 
 
 @pytest.mark.parametrize("name", ['=HYPERLINK("http://x")', "+1", "-2+3", "@SUM(A1)", "a b", "<b>x</b>", "x" * 65],
