@@ -9,14 +9,15 @@ import pytest
 
 import pretrained
 from bench import run as run_mod
-from bench.config import SweepConfig, make_config
+from bench.config import SweepConfig, make_config, parse_repeats
 from bench.plan import UsageError
 from bench.sweep import Sweep, apply_fast_paths, load_and_plan
+from solvers.optimize import MAX_STEPS
 
 
-def _config(*argv: str) -> tuple[SweepConfig, object]:
+def _config(*argv: str, world: int = 1) -> tuple[SweepConfig, object]:
     args = run_mod.build_parser().parse_args(list(argv))
-    return make_config(args, pretrained.get_card(args.model)), args
+    return make_config(args, pretrained.get_card(args.model), world), args
 
 
 def test_card_defaults_fill_the_config_and_the_parsed_arguments_stay_as_typed():
@@ -81,3 +82,48 @@ def test_without_solvers_a_consistency_model_runs_its_own_sampler(model, expecte
     assert [s.label for s in cfg.specs] == expected
     cfg, _ = _config("--model", model, "--solvers", "euler")   # asked for: always what was asked
     assert [s.label for s in cfg.specs] == ["euler"]
+
+
+def _cfg(*argv: str, world: int = 1) -> SweepConfig:
+    return _config(*argv, world=world)[0]
+
+
+# -- the checks' edges: the smallest value allowed is allowed --------------------------------------------------------
+def test_the_smallest_sizes_allowed_are_allowed_and_one_less_is_refused():
+    assert _cfg("--num-samples", "2", "--reference-size", "2").reference_size == 2
+    assert _cfg("--num-samples", "3", world=3).num_samples == 3       # one sample per process
+    with pytest.raises(UsageError, match="^--num-samples 2 is fewer than the 3 processes$"):
+        _cfg("--num-samples", "2", world=3)
+    for n in ("0", "1"):    # never replaced by the card's default
+        with pytest.raises(UsageError, match=f"^--num-samples must be at least 2 .*, got {n}$"):
+            _cfg("--num-samples", n)
+
+
+def test_the_optimisers_step_limit_applies_to_optimized_spacing_only():
+    assert _cfg("--spacing", "optimized", "--solvers", "dpmpp_2m", "--steps", f"{MAX_STEPS}").steps == (MAX_STEPS,)
+    assert _cfg("--steps", f"{MAX_STEPS + 1}").steps == (MAX_STEPS + 1,)
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--cuda-graph"])
+def test_each_fast_path_is_refused_for_a_conditional_model_by_its_own_name(flag):
+    with pytest.raises(UsageError, match=f"^{flag} cannot be used with cfg_mnist: a class-conditional model"):
+        _cfg("--model", "cfg_mnist", flag, *(["default"] if flag == "--compile" else []))
+
+
+def test_an_empty_solver_or_metric_list_is_refused_not_defaulted():
+    with pytest.raises(UsageError, match="^--solvers is empty; valid: "):
+        _cfg("--solvers", "")
+    with pytest.raises(UsageError, match="^no metric given; metrics for gmm2d: fd_data, swd, ode_error, ref_error$"):
+        _cfg("--metric", ",")
+
+
+def test_float64_is_the_default_for_analytic_models_only():
+    """Solver error is measured exactly (float64) where the model is analytic; a learned point model's network
+    runs in float32 like any other network."""
+    assert _cfg("--model", "gmm2d").dtype == "float64"
+    assert pretrained.get_card("fm_gmm2d").kind == "points" and _cfg("--model", "fm_gmm2d").dtype == "float32"
+
+
+def test_repeats_auto_in_any_case():
+    assert parse_repeats("auto") is parse_repeats(" AUTO ") is parse_repeats(None) is None
+    assert parse_repeats("3") == 3

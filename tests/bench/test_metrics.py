@@ -1,6 +1,7 @@
 """The benchmark's quality measures against closed forms and against torch-fidelity's implementation."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -140,3 +141,56 @@ def test_data_metrics_say_how_their_reference_and_floor_were_made():
         "vs 1,000 exact data samples, 256 fixed directions; the noise floor is 40 fresh exact samples against "
         "them (mean ± sd of 10 draws)")
     assert M.METRICS["fd_data"].reference_note(40, 40, 10).startswith("vs 40 exact data samples; the noise floor")
+
+
+# -- which metric fits which card, and the reason given when one does not -------------------------------------------
+def test_an_unfitting_metric_gives_its_reason_in_full():
+    gmm2d, cifar = pretrained.get_card("gmm2d"), pretrained.get_card("ddpm_cifar")
+    assert M.get_metric("fid").unfit_reason(gmm2d) == "it is for image models and gmm2d is an analytic model"
+    assert M.get_metric("ode_error").unfit_reason(cifar) == "it is for analytic models and ddpm_cifar is an image model"
+    # a data-space distance on an image card: the kind is the reason, not the missing exact samples
+    assert M.get_metric("fd_data").unfit_reason(cifar) == (
+        "it is for analytic/points models and ddpm_cifar is an image model")
+    no_data = dataclasses.replace(gmm2d, name="no_data", data_sampler=None)
+    assert M.get_metric("swd").unfit_reason(no_data) == "it needs exact data samples, which no_data does not have"
+    no_ode = dataclasses.replace(gmm2d, name="no_ode", exact_ode=None)
+    assert M.get_metric("ode_error").unfit_reason(no_ode) == (
+        "it needs an exact ODE solution, which no_ode does not have")
+
+
+def test_an_image_card_whose_reference_is_none_gets_no_frechet_metric_and_defaults_to_ref_error():
+    own = dataclasses.replace(pretrained.get_card("ddpm_cifar"), name="own", reference="none")
+    for key in ("fid", "fd_resnet20"):
+        assert M.get_metric(key).unfit_reason(own).startswith("it needs reference data, and own names none")
+    assert M.metrics_for(own) == ["ref_error"] and M.default_metrics(own) == ["ref_error"]
+
+
+def test_a_guided_card_gets_no_exact_ode_metric():
+    guided = dataclasses.replace(pretrained.get_card("gmm2d"), name="guided", num_classes=3,
+                                 condition=lambda model, labels, w: model)
+    assert "guided" in M.get_metric("ode_error").unfit_reason(guided)
+    assert M.default_metrics(guided) == ["fd_data", "swd"]
+
+
+def test_a_latent_mnist_model_is_judged_on_its_decoded_images():
+    """ldm_mnist samples latents that its decoder turns into 1×28×28 digits; the MNIST metrics see the decoded
+    images (data_shape), not the latents' shape."""
+    ldm = pretrained.get_card("ldm_mnist")
+    assert tuple(ldm.sample_shape) != (1, 28, 28) and ldm.data_shape == (1, 28, 28)
+    assert M.get_metric("fd_mnist").unfit_reason(ldm) is None
+    assert M.default_metrics(ldm) == ["fd_mnist"]
+
+
+def test_class_accuracy_needs_the_classifiers_ten_classes():
+    five = dataclasses.replace(pretrained.get_card("fm_mnist"), name="five", num_classes=5,
+                               condition=lambda model, labels, w: model)
+    assert M.get_metric("class_accuracy").unfit_reason(five) == (
+        "it is for MNIST-like models (1×28×28 images, 10 classes: the MNIST classifier's) and five makes 1×28×28 "
+        "images of 5 classes")
+
+
+def test_a_refused_metric_lists_the_metrics_that_fit_and_no_others():
+    with pytest.raises(ValueError) as e:
+        M.check_metrics(["swd", "fid"], pretrained.get_card("gmm2d"))
+    assert str(e.value) == ("metric 'fid' does not fit model 'gmm2d': it is for image models and gmm2d is an analytic "
+                            "model; metrics for gmm2d: fd_data, swd, ode_error, ref_error")

@@ -3,6 +3,7 @@
 solver names, so a solver added with these attributes is planned like the built-in ones."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -87,3 +88,67 @@ def test_register_refuses_an_unknown_default_spacing():
     with pytest.raises(ValueError, match=r"'odd_spacing_solver' declares the default spacing.*geometric.*valid: uniform"):
         solvers.register(Odd)
     assert "odd_spacing_solver" not in SOLVERS
+
+
+# -- a cell's options: the user's, over the card's defaults, resolved in full -------------------------------------
+def _gmm2d_with_defaults(defaults: dict):
+    return dataclasses.replace(pretrained.get_card("gmm2d"), default_solver_options=defaults), pretrained.load("gmm2d")
+
+
+def test_the_users_options_override_the_cards_defaults_and_the_defaults_fill_the_rest():
+    """The card's per-solver defaults are what the model needs unless the user says otherwise: an option given
+    on the command line wins, one not given comes from the card, keyed by the canonical solver name (the entry
+    "dpmpp" is the solver dpmpp_2m)."""
+    card, model = _gmm2d_with_defaults({"ddpm": {"variance": "large"}, "dpmpp_2m": {"lower_order_final": False}})
+    cells = plan.plan_cells(card, model, plan.parse_solvers("ddpm,ddpm:variance=small,dpmpp"), [3], None)
+    assert [(c.label, c.options["variance"]) for c in cells[:2]] == [("ddpm", "large"), ("ddpm:variance=small", "small")]
+    assert cells[0].options["eta"] == cells[1].options["eta"] == solvers.get_solver("ddpm").options()["eta"]
+    assert cells[2].solver == "dpmpp_2m" and cells[2].options["lower_order_final"] is False
+
+
+def test_one_cell_written_two_ways_has_one_key_and_its_options_in_full():
+    """The key says what is run (canonical solver, every option resolved), not how it was typed: "dpmpp" and
+    "dpmpp_2m:lower_order_final=auto" (its default) are the same cell, so a rerun finds its row either way."""
+    card, model = _gmm2d_with_defaults({})
+    (short,) = plan.plan_cells(card, model, plan.parse_solvers("dpmpp"), [4], None)
+    (spelt,) = plan.plan_cells(card, model, plan.parse_solvers("dpmpp_2m:lower_order_final=auto"), [4], None)
+    assert short.options == spelt.options == solvers.get_solver("dpmpp_2m").options()
+    assert short.key == spelt.key and short.label != spelt.label
+    (other,) = plan.plan_cells(card, model, plan.parse_solvers("dpmpp:lower_order_final=False"), [4], None)
+    assert other.key != short.key
+
+
+def test_a_solver_opt_for_a_canonical_name_reaches_its_alias():
+    specs = plan.parse_solvers("dpmpp,ddim", ["dpmpp_2m.lower_order_final=False"])
+    assert [(s.label, s.options) for s in specs] == [("dpmpp", {"lower_order_final": False}), ("ddim", {})]
+
+
+def test_a_papers_grid_for_the_data_set_is_used_on_discrete_schedules_only(monkeypatch):
+    """``paper_spacing_by_data`` names a grid of timestep indices, for the paper's discrete model; a solver that
+    declares one and a continuous default keeps its default on a continuous schedule."""
+    from solvers.heun import Heun
+
+    @dataclass(frozen=True)
+    class MyPaperGrid(Heun):
+        name: ClassVar[str] = "my_paper_grid_solver"
+        default_spacing: ClassVar[str] = "karras"
+        default_spacing_note: ClassVar[str] = "my default"
+        paper_spacing_by_data: ClassVar[dict] = {"cifar10-train": ("quadratic", "my paper's CIFAR-10 grid")}
+
+    monkeypatch.setitem(SOLVERS, "my_paper_grid_solver", MyPaperGrid)
+    cifar = pretrained.get_card("ddpm_cifar")
+    assert plan.default_spacing(cifar, schedules.DiscreteVP.linear(1000), "my_paper_grid_solver", 10) == (
+        "quadratic", "my paper's CIFAR-10 grid")
+    assert plan.default_spacing(cifar, schedules.VPLinear(), "my_paper_grid_solver", 10) == ("karras", "my default")
+
+
+def test_a_grid_the_model_cannot_be_evaluated_on_is_refused_when_planned():
+    """An ε model on rectified flow cannot give x0 at t = 1 (α = 0 there): a uniform grid from t = 1 is refused
+    while the cells are planned, naming the cell, not halfway through the sweep."""
+    card, _ = _gmm2d_with_defaults({})
+    eps_on_flow = solvers.DiffusionModel(lambda x, t: x * 0, schedule=schedules.RectifiedFlow(), prediction="eps")
+    with pytest.raises(plan.UsageError, match=r"^cell euler × 4 steps \(uniform spacing\) does not fit gmm2d: euler: "
+                                              r"cannot evaluate the model at t=1\.0"):
+        plan.plan_cells(card, eps_on_flow, plan.parse_solvers("euler"), [4], "uniform")
+    (cell,) = plan.plan_cells(card, eps_on_flow, plan.parse_solvers("dpmpp"), [4], "uniform")   # starts below t = 1
+    assert cell.grid[0] < 1.0

@@ -15,8 +15,9 @@ import torch
 
 from bench import charts
 from bench import run as run_mod
-from bench.report_analysis import USABLE_FACTOR, budget_ladder, floor_distance, off_scale_cells
-from bench.report_doc import plural
+from bench.report_analysis import USABLE_FACTOR, budget_ladder, floor_distance, judge_metric, off_scale_cells
+from bench.report_answer import diverged_reasons, primary_verdict, recommendation_section
+from bench.report_doc import Doc, plural
 
 # Heun at 2 steps on the Karras grid blows up (FD ~1e4) on the exact mixture; ddim converges; ddpm has no ODE
 # error, so its absence from that chart must not shift the other colours.
@@ -146,3 +147,69 @@ def test_sample_panels_keep_titles_readable_in_a_1100_px_column():
     width_px = charts.PANEL_FIGURE_WIDTH_IN * charts.PANEL_DPI
     assert width_px <= 1100
     assert charts.PANEL_TITLE_PT * charts.PANEL_DPI / 72 * 760 / width_px >= 10  # down to a 760 px column
+
+
+# -- the primary metric, the diverged cells and the headline, on small tables -------------------------------
+def _table(rows):
+    """A results table: (solver, steps, value of metric a, value of metric b) per cell."""
+    return pd.DataFrame([dict(solver_label=s, steps=n, spacing="karras", nfe=2 * n - 1, status="ok",
+                              **{"metric.a": a, "metric.b": b}) for s, n, a, b in rows])
+
+
+def test_the_recommendation_is_made_on_the_first_metric_with_a_noise_floor():
+    df = _table([("heun", 2, 1.0, 2.0), ("heun", 5, 0.5, 1.0)])
+    no_floor = judge_metric(df, "a", "A", None)
+    first, second = judge_metric(df, "b", "B", (0.1, 0.01)), judge_metric(df, "a", "A2", (0.1, 0.01))
+    assert primary_verdict([no_floor, first, second]) is first
+    assert primary_verdict([no_floor]) is no_floor and primary_verdict([]) is None
+
+
+def test_a_diverged_cell_names_the_fewest_steps_at_which_its_solver_is_usable():
+    df = _table([("heun", 2, 9e4, 1.0), ("heun", 5, 0.6, 1.0), ("heun", 10, 0.5, 1.0), ("heun", 20, 0.4, 1.0),
+                 ("ddim", 2, 0.9, 1.0)])
+    v = judge_metric(df, "a", "A", (0.3, 0.01))
+    assert v.off_scale == [0] and set(v.usable["steps"]) == {5, 10, 20, 2}
+    (line,) = diverged_reasons([v], df, lambda r: "", v)
+    assert line.startswith("**heun × 2 steps** (karras grid, NFE 3): diverged — A 90,000 (100,000× the worst "
+                           "in-scale cell).")  # 9e4 / 0.9, the worst of the others
+    assert "The same solver is usable from 5 steps (A 0.6)" in line
+
+
+def test_a_guided_cell_that_diverged_is_not_usable_from_its_own_step_count():
+    df = _table([("heun", 2, 9e4, 1.0), ("heun", 2, 0.7, 1.0), ("heun", 5, 0.6, 1.0), ("ddim", 2, 0.9, 1.0)])
+    df["guidance"] = [1.0, 3.0, 1.0, 1.0]
+    v = judge_metric(df, "a", "A", (0.3, 0.01))
+    (line,) = diverged_reasons([v], df, lambda r: "", v)
+    assert line.startswith("**heun × 2 steps, w = 1** (karras grid")
+    assert "The same solver is usable from 5 steps (A 0.6)" in line
+
+
+def _recommendation(verdicts, df) -> str:
+    doc = Doc()
+    recommendation_section(doc, verdicts, {}, df, 100, lambda r: "")
+    return doc.markdown()
+
+
+def test_the_headline_of_a_higher_is_better_primary_looks_for_cells_at_or_above_its_floor():
+    """Class accuracy (higher is better) with a floor of 0.98 ± 0.01: a cell at 0.975 is within 1 sd of it, one at
+    0.5 is not, however cheap; the other metric is listed under "the other metrics", the primary is not."""
+    df = _table([("ddim", 2, 3.0, 0.5), ("ddim", 10, 1.0, 0.975)])
+    df["time_total_s"] = [0.1, 0.4]
+    df["metric.class_accuracy"] = df["metric.b"]
+    primary, other = judge_metric(df, "class_accuracy", "accuracy", (0.98, 0.01)), judge_metric(df, "a", "A", None)
+    md = _recommendation([primary, other], df)
+    assert "the best cell is **ddim × 10 steps**" in md
+    assert "It is also the cheapest cell within 1 sd of the noise floor." in md and "is **ddim × 2 steps**" not in md
+    assert "cells beyond it are shown as evidence" in md
+    others = md[md.index("The other metrics:"):]
+    assert [line.split(":")[0] for line in others.splitlines() if line.startswith("- ")][:1] == ["- A"]
+    assert "- accuracy:" not in others
+
+
+def test_a_floor_without_a_spread_makes_no_claim_about_1_sd():
+    """A stored floor of a bare number has an unknown spread (sd 0): nothing is said about cells within 1 sd."""
+    df = _table([("ddim", 2, 3.0, 0.5), ("ddim", 10, 1.0, 0.975)])
+    df["time_total_s"] = [0.1, 0.4]
+    md = _recommendation([judge_metric(df, "a", "A", (0.3, 0.0))], df)
+    assert "the best cell is **ddim × 10 steps**" in md and "1 sd" not in md
+    assert "cells above it are shown as evidence" in md
