@@ -110,8 +110,7 @@ def diverged_reasons(verdicts: list[MetricVerdict], df: pd.DataFrame, magnitude,
         if mag:
             txt += f" {mag}."
         if primary is not None:
-            more = primary.usable[(primary.usable["solver_label"] == r["solver_label"])
-                                  & (primary.usable["steps"] > r["steps"])]
+            more = primary.usable[_same_solver_and_grid(primary.usable, r) & (primary.usable["steps"] > r["steps"])]
             if len(more):
                 m = more.sort_values("steps").iloc[0]
                 txt += (f" The same solver is usable from {plural(int(m['steps']), 'step')} "
@@ -120,6 +119,16 @@ def diverged_reasons(verdicts: list[MetricVerdict], df: pd.DataFrame, magnitude,
                         "metric artefact.")
         lines.append(txt)
     return lines
+
+
+def _same_solver_and_grid(d: pd.DataFrame, r: pd.Series) -> pd.Series:
+    """The rows of ``d`` of ``r``'s solver on its kind of grid and, in a guided sweep, at its guidance scale —
+    the cells that can show whether more steps of the same thing help."""
+    same = (d["solver_label"] == r["solver_label"]) & (d["spacing"] == r["spacing"])
+    if "guidance" in d.columns:
+        g = d["guidance"].astype(float)
+        same &= (g == float(r["guidance"])) | (g.isna() & pd.isna(r["guidance"]))
+    return same
 
 
 def recommendation_section(doc: Doc, verdicts: list[MetricVerdict], fronts: dict, df: pd.DataFrame, n: int,

@@ -184,6 +184,18 @@ def test_a_guided_cell_that_diverged_is_not_usable_from_its_own_step_count():
     assert "The same solver is usable from 5 steps (A 0.6)" in line
 
 
+@pytest.mark.parametrize("column, values", [("guidance", [1.0, 3.0, 1.0]), ("spacing", ["karras", "logsnr", "karras"])],
+                         ids=["another-guidance", "another-grid"])
+def test_a_diverged_cell_is_not_said_usable_from_a_cell_of_another_guidance_or_grid(column, values):
+    """heun × 2 diverged; heun × 5 is usable only at another guidance scale (or on another grid), which says
+    nothing about the steps of this cell's own grid."""
+    df = _table([("heun", 2, 9e4, 1.0), ("heun", 5, 0.6, 1.0), ("ddim", 2, 0.9, 1.0)])
+    df[column] = values
+    v = judge_metric(df, "a", "A", (0.3, 0.01))
+    (line,) = diverged_reasons([v], df, lambda r: "", v)
+    assert line.startswith("**heun × 2 steps") and "usable from" not in line
+
+
 def _recommendation(verdicts, df) -> str:
     doc = Doc()
     recommendation_section(doc, verdicts, {}, df, 100, lambda r: "")
