@@ -327,6 +327,10 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     np.testing.assert_allclose(b["metric.ode_error"], a["metric.ode_error"], rtol=1e-6)
     for cid in a["cell_id"]:
         np.testing.assert_array_equal(preview(two, cid), preview(one, cid))
+    # Each process samples half of the 120 in the slowest process's time: the time per sample on one device is
+    # that time over 60 samples (= over 120, times the 2 processes).
+    np.testing.assert_allclose(b["time_per_sample_ms"], 1000 * b["time_total_s"] / 60, rtol=1e-9)
+    np.testing.assert_allclose(a["time_per_sample_ms"], 1000 * a["time_total_s"] / 120, rtol=1e-9)
 
 
 # -- an image model ----------------------------------------------------------------------------------------------

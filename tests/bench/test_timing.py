@@ -173,3 +173,16 @@ def test_a_results_file_from_before_the_repeats_is_extended_and_reported(twice, 
     was_old = df["steps"] == 2
     assert df.loc[was_old, "time_repeats"].isna().all() and (df.loc[~was_old, "time_repeats"] == 2).all()
     assert all(row_timing(r)[3] == (1 if r["steps"] == 2 else 2) for r in df.to_dict("records"))
+
+
+def test_a_pass_is_timed_by_its_slowest_process():
+    """Under torchrun every process samples its share at once: a pass takes as long as its slowest process."""
+    from types import SimpleNamespace
+
+    class TwoProcesses:
+        def all_gather(self, mine):
+            return [mine, (3 * mine[0], 0.1, 0.2, 0.3)]
+
+    two = SimpleNamespace(dist=TwoProcesses(), cfg=SimpleNamespace(repeats=1))
+    passes, error = sweep._timed_passes(two, None, {"timing": (1.0, 0.5, 0.5, 0.0)})
+    assert passes == [(3.0, 0.1, 0.2, 0.3)] and error is None
