@@ -374,6 +374,28 @@ def test_leading_spacing_honours_steps_offset_and_final_step():
     assert sched.grid[0] == 999.0 and sched.grid[-1] == -1.0 and len(sched.grid) == 5
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [3, 7, 10])
+def test_a_multistep_configs_grid_is_its_schedulers_own_timesteps(spacing, steps):
+    """DPMSolverMultistep places steps + 1 leading/linspace points and drops the last, but trailing ones
+    directly: the grid's noise levels are the scheduler's own timesteps, whatever the spacing."""
+    reference = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing)
+    reference.set_timesteps(steps)
+    sched = SolverScheduler.from_config(reference.config, solver="dpmpp_2m")
+    sched.set_timesteps(steps)
+    assert sched.grid[:-1] == [float(t) for t in reference.timesteps]
+
+
+def test_a_final_level_already_at_alpha_bar_0_is_not_repeated():
+    """DDIM with steps_offset=0 and set_alpha_to_one=False: leading levels end at timestep 0, which is the
+    final step's ᾱ_0 already, so the grid ends there once (DDIM's own last step goes from 0 to ᾱ_0 = itself)."""
+    reference = diffusers.DDIMScheduler(steps_offset=0, set_alpha_to_one=False)
+    reference.set_timesteps(4)
+    sched = SolverScheduler.from_config(reference.config, solver="ddim")
+    sched.set_timesteps(4)
+    assert sched.grid == [float(t) for t in reference.timesteps] == [750.0, 500.0, 250.0, 0.0]
+
+
 def test_interop_imports_without_diffusers():
     """solvers and solvers.interop import, and SolverScheduler works on a plain config, with diffusers
     unimportable."""
