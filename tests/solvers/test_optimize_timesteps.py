@@ -435,8 +435,8 @@ def test_the_free_start_dp_grid_starts_where_skipping_to_it_and_stepping_on_cost
     """_improve with the first time free: its DP grid (the first grid it scores) may start at any level i, a
     skip there costing the RMS difference between the starting states moved to level i (unchanged on VP, scaled
     by σ_i/σ_0 on EDM) and the reference state at i.  Here the reference states at levels 2–4 are the starting states (free skips), level 1's is 5
-    away, and from level 5 on they move 10 a level; steps cost (j − i)²: the least total is the free skip to
-    level 4, then two equal steps (4 + 4), against 32 from level 0, 25 from level 1 and ≥ 10 + 5 from 5.
+    away, and from level 5 on they move 10 a level; steps cost (j − i)²/10: the least total is the free skip
+    to level 4, then two equal steps (0.4 + 0.4), against 3.2 from level 0, 5 + 2.5 from level 1 and ≥ 10 from 5.
     Of the two searches' results (none here: no budget), the one of lower error is kept: the start's."""
     from types import SimpleNamespace
     m = 9
@@ -444,7 +444,7 @@ def test_the_free_start_dp_grid_starts_where_skipping_to_it_and_stepping_on_cost
     offset = [0.0, 5.0, 0.0, 0.0, 0.0, 10.0, 20.0, 30.0, 40.0]
     trajectory = [x * float(schedule.prior_std(t) / schedule.prior_std(fine[0])) + d for t, d in zip(fine, offset)]
     idx = torch.arange(m, dtype=torch.float64)
-    cost = torch.where(idx[None, :] > idx[:, None], (idx[None, :] - idx[:, None]) ** 2, math.inf)
+    cost = torch.where(idx[None, :] > idx[:, None], (idx[None, :] - idx[:, None]) ** 2 / 10, math.inf)
     scored = []
 
     def objective(grid):
