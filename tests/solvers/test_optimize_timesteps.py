@@ -378,6 +378,14 @@ def test_the_compass_search_on_a_flat_objective_halves_its_step_nine_times_and_k
 
     assert solvers.optimize._compass_search(flat, coord, start, 1.0, [0.0], 10_000) == (start, 1.0)
     assert len(runs) == 9 * 2 * 5
+    # The first move improves, none after it: that sweep (1 + 4 × 2 runs) keeps δ = 0.5, then 9 flat sweeps.
+    runs.clear()
+
+    def first_move_improves(grid):
+        return 0.5 if not runs and not runs.append(grid) else flat(grid)
+
+    grid, err = solvers.optimize._compass_search(first_move_improves, coord, start, 1.0, [0.0], 10_000)
+    assert err == 0.5 and grid == runs[0] and len(runs) == 1 + 4 * 2 + 9 * 2 * 5
 
 
 def test_start_state_scales_to_the_prior_at_the_later_time_as_initial_noise_does():
@@ -405,6 +413,13 @@ def test_coordinate_levels_and_logits_are_inverse_and_keep_the_ends():
     back = free.levels(free.logits(grid))
     assert len(back) == len(grid) and back[-1] == VP.default_t_end
     assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(back, grid)), back
+    # A free-start grid that starts at hi: its skipped stretch is raised to SKIP_FLOOR of a mean step (the λ range
+    # over the grid's 4 steps); the other increments are the grid's own.
+    grid = [1.0, 0.6, 0.3, 0.1, VP.default_t_end]
+    inc = torch.exp(free.logits(grid))
+    span = abs(free.s1 - free.s0)
+    assert math.isclose(float(inc[0]), free.SKIP_FLOOR * span / 4, rel_tol=1e-12)
+    assert torch.allclose(inc[1:], torch.diff(free.s(grid)), rtol=1e-12)
 
 
 def test_the_reference_follows_the_exact_solution_and_its_error_estimate_bounds_its_error():
