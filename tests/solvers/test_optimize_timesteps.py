@@ -187,10 +187,13 @@ def test_other_schedules_and_grids_not_ending_at_zero(schedule, prediction, solv
 
 
 def test_one_step_has_nothing_to_move():
-    model, _ = _counting_model()
-    res = solvers.optimize_timesteps(model, _noise(range(8)), solver="ddim", steps=1)
-    assert res.timesteps == res.default_timesteps and res.error_after == res.error_before
+    model, calls = _counting_model()
+    res = solvers.optimize_timesteps(model, _noise(range(8)), solver="ddim", steps=1, t_start=0.5)
+    assert res.timesteps == res.default_timesteps == (0.5, 0.0) and res.error_after == res.error_before
     assert "no free level" in res.method
+    # No search: the model calls are the reference's and the one run of the default grid, all counted.
+    assert res.nfe == len(calls) == res.nfe_reference + 1
+    assert (res.solver, res.options, res.calibration_size) == ("ddim", {"eta": 0.0}, 8)
 
 
 @pytest.mark.parametrize("steps", [40, 50])
@@ -238,11 +241,22 @@ def test_bad_input_is_refused_before_any_model_call(kwargs, error, match):
     assert calls == []
 
 
+def test_the_budget_checks_accept_the_ends_of_their_documented_ranges_and_refuse_a_bool():
+    """evaluations >= 0 (0: no search), candidates in [2·steps, MAX_CANDIDATES] (None: max(64, 2·steps)) and
+    reference_rtol in [1e-12, 1e-3], as the messages state; a bool is not a count."""
+    check = solvers.optimize._check_budget
+    assert check(0, None, 1e-6, 5) == 64 and check(0, None, 1e-6, 40) == 80
+    assert check(120, solvers.optimize.MAX_CANDIDATES, 1e-12, 5) == 2_000
+    assert check(120, 10, 1e-3, 5) == 10
+    with pytest.raises(ValueError, match=r"evaluations must be an integer >= 0 .*got True"):
+        check(True, None, 1e-6, 5)
+
+
 def test_a_bad_model_or_state_is_refused():
     model, calls = _counting_model()
     with pytest.raises(TypeError, match="DiffusionModel"):
         solvers.optimize_timesteps(lambda x, t: x, _noise(range(4)), solver="ddim", steps=3)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^x_T must be a real floating tensor"):
         solvers.optimize_timesteps(model, torch.zeros(4, 2, dtype=torch.long), solver="ddim", steps=3)
     assert calls == []
 
