@@ -7,7 +7,6 @@ import hashlib
 import os
 import platform
 import socket
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from pretrained.checkpoints import HubSource, WeightsSource, assets_dir, cache_dir, file_digest
+from pretrained.checkpoints import HubSource, WeightsSource, cache_dir, file_digest
 
 __all__ = ["PROJECT_ROOT", "git_commit", "cpu_name", "environment", "command_line", "model_digest"]
 
@@ -125,7 +124,11 @@ def _module_part(module_name: str) -> str:
 def _card_file_parts(path: Path) -> list[str]:
     """A card file's bytes, then the files its tables name (weights: the card's sha256 where it gives one, which
     the loader checks), and the modules its factory / loader / decoder import."""
-    from pretrained.card_files import read_card_file
+    from pretrained.card_files import expand_card_path, read_card_file
+
+    def named(value) -> str:  # the digest of a file the card names, found as its loader finds it
+        return _path_digest(expand_card_path(path, str(value), strict=False))
+
     parts = [f"card file {file_digest(path)}"]
     data = read_card_file(path)
     for section in ("network", "decoder"):
@@ -134,22 +137,14 @@ def _card_file_parts(path: Path) -> list[str]:
             if key in table:
                 parts.append(_module_part(_imported(str(table[key]))))
         if "diffusers" in table:  # a diffusers model folder: its config and weights
-            parts.append(f"{section} diffusers folder {_path_digest(_card_path(path, str(table['diffusers'])))}")
+            parts.append(f"{section} diffusers folder {named(table['diffusers'])}")
         if "weights" in table:
             parts.append(f"{section} weights " + (f"sha256 {table['sha256']}" if "sha256" in table else
-                                                  _path_digest(_card_path(path, str(table["weights"])))))
+                                                  named(table["weights"])))
     config = (data.get("schedule") or {}).get("scheduler_config")
     if config is not None:
-        parts.append(f"scheduler config {_path_digest(_card_path(path, str(config)))}")
+        parts.append(f"scheduler config {named(config)}")
     return parts
-
-
-def _card_path(card: Path, value: str) -> Path:
-    """A path a card file names, as its loader reads it: ``${ASSETS}`` and environment variables expanded,
-    relative to the card's folder (an unset variable leaves the text, which names no file)."""
-    text = string.Template(value).safe_substitute({**os.environ, "ASSETS": str(assets_dir())})
-    p = Path(text).expanduser()
-    return p if p.is_absolute() else card.parent / p
 
 
 def _imported(import_path: str) -> str:

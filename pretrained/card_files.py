@@ -60,7 +60,7 @@ from .cards import ModelCard
 from .checkpoints import assets_dir, read_state_dict, verify_file
 from .user_models import NO_REFERENCE, import_object, to_images_in_range as _to_images, user_card
 
-__all__ = ["card_from_toml", "read_card_file", "TOML_KEYS", "KEY_KINDS", "MAX_CARD_BYTES", "MAX_TEXT_CHARS"]
+__all__ = ["card_from_toml", "read_card_file", "expand_card_path", "TOML_KEYS", "KEY_KINDS", "MAX_CARD_BYTES", "MAX_TEXT_CHARS"]
 
 MAX_CARD_BYTES = 1 << 20  # a larger card file is refused unread
 MAX_TEXT_CHARS = 5000  # the longest string a card may hold (its description, notes, paths…): reports copy them
@@ -224,10 +224,16 @@ def _check_schedule(path: Path, sched: dict) -> None:
                          "parameters solvers.schedules.get_schedule takes, numbers where it takes numbers") from None
 
 
-def _expand(path: Path, value: str) -> Path:
-    """A path from the card: ``${ASSETS}`` and environment variables expanded, relative to the card's folder."""
+def expand_card_path(path: Path, value: str, strict: bool = True) -> Path:
+    """A path the card file ``path`` names: ``${ASSETS}`` and environment variables expanded, relative to the card's
+    folder.  ``strict=False`` leaves an unset variable as text (which names no file) instead of refusing it.
+
+    Raises:
+        ValueError: (strict) the value uses a variable that is not set.
+    """
+    mapping = {**os.environ, "ASSETS": str(assets_dir())}
     try:
-        text = string.Template(value).substitute({**os.environ, "ASSETS": str(assets_dir())})
+        text = string.Template(value).substitute(mapping) if strict else string.Template(value).safe_substitute(mapping)
     except KeyError as e:
         raise ValueError(f"{path}: {value!r} uses ${{{e.args[0]}}}, which is not set (ASSETS is the offline "
                          "assets folder; other names are environment variables)") from None
@@ -278,7 +284,7 @@ def _reference(path: Path, data: dict) -> str:
     if value == NO_REFERENCE:
         return value
     looks_like_path = any(c in value for c in "/\\~$") or value.lower().endswith(".npz")
-    beside = _expand(path, value)
+    beside = expand_card_path(path, value)
     return str(beside) if looks_like_path or beside.exists() else value
 
 
@@ -288,7 +294,7 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
     kwargs = {**net.get("kwargs", {}), **options}
     if "loader" in net:
         if "weights" in net:
-            kwargs.setdefault("weights", _expand(path, net["weights"]))
+            kwargs.setdefault("weights", expand_card_path(path, net["weights"]))
         return import_object(net["loader"])(device=device, **kwargs)
     dtype = getattr(torch, net.get("dtype", "float32"))
     fn = _diffusers_network(path, net, kwargs) if "diffusers" in net else _factory_network(path, net, kwargs)
@@ -303,7 +309,7 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
         if model_opts:
             raise ValueError(f"{path}: with a scheduler_config, its clip_sample/thresholding set the x0 range; "
                              "drop the [model] table")
-        config_file = _expand(path, sched["scheduler_config"])
+        config_file = expand_card_path(path, sched["scheduler_config"])
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -323,7 +329,7 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
 def _factory_network(path: Path, net: dict, kwargs: dict) -> Any:
     module = import_object(net["factory"])(**kwargs)
     if "weights" in net:
-        weights = _expand(path, net["weights"])
+        weights = expand_card_path(path, net["weights"])
         if not weights.is_file():
             raise ValueError(f"{path}: weights {weights} not found")
         if "sha256" in net:
@@ -353,7 +359,7 @@ def _diffusers_network(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
 def _diffusers_module(path: Path, net: dict, kwargs: dict) -> torch.nn.Module:
     """The diffusers model saved in the folder ``net["diffusers"]`` (its class named by its config.json), its
     weights file checked against the card's ``sha256`` before it is read."""
-    folder = _expand(path, net["diffusers"])
+    folder = expand_card_path(path, net["diffusers"])
     config = _diffusers_config(path, folder)
     weights = _diffusers_weights(path, folder, kwargs.get("variant"))
     if "sha256" in net:
