@@ -15,17 +15,22 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..model import DiffusionModel, classifier_free_guidance
-from ..schedules import DiscreteVP
+from ..schedules import DiscreteVP, RectifiedFlow
 
 __all__ = ["schedule_from_config", "prediction_from_config", "model_from_config", "from_diffusers",
            "config_dict"]
 
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 
 
 def config_dict(config: Any) -> dict:
-    """A scheduler, or its ``config`` (a diffusers ``FrozenDict`` or any mapping), as a plain dict."""
+    """A scheduler, or its ``config`` (a diffusers ``FrozenDict`` or any mapping), as a plain dict.
+
+    A :class:`~solvers.interop.SolverScheduler` gives its effective config: the keys its config left unset
+    filled in with the defaults of its method's diffusers counterpart."""
+    if hasattr(config, "effective_config") and not isinstance(config, Mapping):
+        return dict(config.effective_config)
     if hasattr(config, "config") and not isinstance(config, Mapping):
         config = config.config
     if not isinstance(config, Mapping):
@@ -33,39 +38,79 @@ def config_dict(config: Any) -> dict:
     return dict(config)
 
 
-def schedule_from_config(config: Any) -> DiscreteVP:
-    """The :class:`~solvers.schedules.DiscreteVP` of a diffusers scheduler configuration, in float64.
+def is_flow_config(cfg: dict) -> bool:
+    """A rectified-flow config: ``prediction_type="flow_prediction"``, ``use_flow_sigmas``, or a
+    FlowMatchEuler-style config (a ``shift`` and no β schedule)."""
+    return cfg.get("prediction_type") == "flow_prediction" or bool(cfg.get("use_flow_sigmas")) \
+        or ("shift" in cfg and "beta_schedule" not in cfg and "trained_betas" not in cfg)
+
+
+def schedule_from_config(config: Any):
+    """The :class:`~solvers.schedules.DiscreteVP` of a diffusers scheduler configuration, in float64, or for a
+    flow-matching config (:func:`is_flow_config`) the :class:`~solvers.schedules.RectifiedFlow` whose network
+    time is σ·``num_train_timesteps``.
 
     Reads ``num_train_timesteps`` and ``trained_betas`` or ``beta_schedule`` (``linear``, ``scaled_linear``,
     ``squaredcos_cap_v2``) with ``beta_start``/``beta_end``.  The network's time input is the step index
     (diffusers' convention).
 
     Raises:
-        ValueError: a β schedule this library has no equivalent for, or ``rescale_betas_zero_snr=True``
-            (ᾱ_T = 0: pure noise at the last step, which no DiscreteVP represents).
+        ValueError: a β schedule this library has no equivalent for, or β outside (0, 1).  With
+            ``rescale_betas_zero_snr=True`` the last ᾱ is 2⁻²⁴, as in diffusers' σ and multistep schedulers.
     """
     cfg = config_dict(config)
     n = int(cfg.get("num_train_timesteps", 1000))
+    if is_flow_config(cfg):
+        return RectifiedFlow(time_scale=float(n))
+    if n < 2:
+        raise ValueError(f"num_train_timesteps={n}: a discrete schedule needs at least 2 trained steps here "
+                         "(diffusers accepts 1: a single step from pure noise to data)")
+    betas = betas_from_config(cfg, n)
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(f"the β schedule ({cfg.get('beta_schedule', 'linear')}, beta_start="
+                         f"{cfg.get('beta_start')}, beta_end={cfg.get('beta_end')}) has β outside (0, 1), so ᾱ is not "
+                         "a decreasing fraction (diffusers accepts it and its samples are not defined); use β in (0, 1)")
+    abar = torch.cumprod(1.0 - betas, 0)
     if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr=True makes ᾱ = 0 at the last trained step, which a DiscreteVP "
-                         "cannot represent (ᾱ must be in (0, 1)); use a config without it")
+        abar = _zero_terminal_snr(abar)
+    return DiscreteVP(alphas_cumprod=abar)
+
+
+def betas_from_config(cfg: dict, n: int) -> torch.Tensor:
+    """β of the config in float64: ``trained_betas``, or ``beta_schedule`` over ``num_train_timesteps``."""
     if cfg.get("trained_betas") is not None:
-        return DiscreteVP(torch.as_tensor(cfg["trained_betas"], dtype=torch.float64))
+        return torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten()
     kind = cfg.get("beta_schedule", "linear")
     start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
     if kind == "linear":
-        return DiscreteVP.linear(n, start, end)
+        return torch.linspace(start, end, n, dtype=torch.float64)
     if kind == "scaled_linear":
-        return DiscreteVP(torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2)
-    if kind == "squaredcos_cap_v2":
-        return DiscreteVP.cosine(n)
+        return torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
+    if kind in ("squaredcos_cap_v2", "exp"):  # diffusers' betas_for_alpha_bar, β capped at 0.999
+        i = torch.arange(n + 1, dtype=torch.float64) / n
+        f = torch.cos((i + 0.008) / 1.008 * math.pi / 2) ** 2 if kind != "exp" else torch.exp(-12.0 * i)
+        return torch.clamp(1 - f[1:] / f[:-1], max=0.999)
     raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {', '.join(BETA_SCHEDULES)} "
                      "(or give trained_betas)")
 
 
+def _zero_terminal_snr(abar: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024)'s rescaling to ᾱ_T = 0 (diffusers' ``rescale_zero_terminal_snr``), with ᾱ_T then raised to
+    a tiny positive value so σ/α is finite at the first step: diffusers' σ and multistep schedulers use 2⁻²⁴, but
+    that can exceed ᾱ_{T−1} (it does for the linear schedule: their table is then not decreasing), so here it
+    is min(2⁻²⁴, ᾱ_{T−1}/2).  DDIM and DDPM keep 0 in diffusers; no parity is claimed for these configs."""
+    root = abar.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    out = root ** 2
+    out[-1] = min(2.0 ** -24, float(out[-2]) / 2)
+    return out
+
+
 def prediction_from_config(config: Any) -> str:
     """Our prediction name for the config's ``prediction_type`` (epsilon → eps, v_prediction → v, sample → x0)."""
-    kind = config_dict(config).get("prediction_type", "epsilon")
+    cfg = config_dict(config)
+    kind = cfg.get("prediction_type", "flow_prediction" if is_flow_config(cfg) else "epsilon")
     try:
         return PREDICTION_TYPES[kind]
     except KeyError:
@@ -77,14 +122,18 @@ class DiffusersThresholdModel(DiffusionModel):
 
     Per sample, s = clamp(quantile(|x0|, ratio), 1, ``sample_max_value``) and x0 ← clamp(x0, −s, s)/s
     (Saharia et al. 2022), which differs from :attr:`DiffusionModel.dynamic_threshold` by the upper cap on s.
+    The edge values diffusers accepts mean what they mean there: ``ratio=0`` takes the smallest |x0|, and a
+    ``sample_max_value`` below 1 wins over the lower bound (``torch.clamp`` with min > max gives max), so every
+    x0 is clamped to ±sample_max_value and divided by it.
     """
 
     def __init__(self, fn, *, ratio: float, sample_max_value: float, **kwargs):
         super().__init__(fn, **kwargs)
-        if not 0 < ratio < 1:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1), got {ratio}")
-        if not sample_max_value >= 1:
-            raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1] (a quantile of |x0|), got {ratio}")
+        if not (sample_max_value > 0 and math.isfinite(sample_max_value)):
+            raise ValueError(f"sample_max_value must be a positive finite number (x0 is divided by a threshold "
+                             f"capped at it), got {sample_max_value}")
         self.ratio, self.sample_max_value = float(ratio), float(sample_max_value)
 
     def threshold(self, x0: torch.Tensor) -> torch.Tensor:

@@ -1,369 +1,532 @@
-"""``SolverScheduler``: any fixed-grid solver of this library as a drop-in diffusers scheduler.
+"""``SolverScheduler``: any fixed-grid solver of this library as a genuine diffusers scheduler.
 
-    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="dpmpp_3m")
+    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config)                    # the pipeline's method
+    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="dpmpp_3m")  # another one
 
-A diffusers pipeline drives the loop itself: it calls the network at each entry of ``scheduler.timesteps``
-and hands the output to ``scheduler.step``.  Our solvers drive their own loop (a step calls the model one or
-more times).  The scheduler inverts the control by *replay*: the evaluation times of a fixed-grid solver
-are known in advance (found by a dry run of the solver, so every registered solver is covered without a
-list), they become ``timesteps``; ``step`` runs the solver's own ``step`` against a model that returns the
-outputs the pipeline has given so far in this solver step.  When the solver asks for one more evaluation
-(Heun's end point, DPM-Solver++(2S)'s midpoint, Langevin's inner steps) the attempt stops there, and the
-state the model is wanted at goes back to the pipeline as ``prev_sample``; the next ``step`` call re-runs
-the solver step with one more output (and the same noise).  The arithmetic is that of :func:`solvers.sample`
-on the same grid, operation for operation.
+It is a ``SchedulerMixin`` + ``ConfigMixin``: ``save_pretrained``/``from_pretrained``/``from_config`` round-trip,
+a pipeline holding it saves and loads back, and ``compatibles`` lists the schedulers whose configs it reads.
+The config keeps every key of the source scheduler's config (diffusers' meaning: a key a config did not set
+takes the default of the method's diffusers counterpart, as diffusers' own one-line swap does), plus ``solver``,
+``solver_options`` and ``source_scheduler``.  :mod:`solvers.interop.diffusers_config` says which method and which
+grid a config describes; :mod:`solvers.interop.replay` drives the solver one network evaluation at a time.
+
+The pipeline's state is the library's: x = α·x0 + σ·ε (VP) or x = (1 − t)·x0 + t·ε (flow), so
+``init_noise_sigma`` is 1 and ``scale_model_input`` returns its input; ``add_noise`` / ``scale_noise`` make that
+state.  The samples at the end are those of diffusers' scheduler of the same method (σ-schedulers such as
+Euler carry x/α instead, the same trajectory scaled).
+
+This module imports diffusers; ``solvers.interop`` imports it only when ``SolverScheduler`` is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
 
-from ..base import StepContext, points_at
-from ..grids import make_grid, validate_grid
+from ..grids import make_grid
 from ..registry import get_solver, solver_class
+from ..schedules import RectifiedFlow
+from . import diffusers_config as dc
 from .diffusers import config_dict, model_from_config
+from .replay import EvaluationPlan, Replay, Run
 
-__all__ = ["SolverScheduler", "SolverSchedulerOutput", "diffusers_grid"]
+__all__ = ["SolverScheduler", "SolverSchedulerOutput"]
 
 GRID_OPTIONS = ("spacing", "t_start", "t_end", "denoise_to_zero")
+OWN_KEYS = ("solver", "solver_options", "source_scheduler") + GRID_OPTIONS
 # Step arguments of diffusers' schedulers that carry no instruction for our solvers at these values.
 _NEUTRAL_STEP_KWARGS = {"variance_noise": None, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+# σ-schedulers: they carry the state in VE form, x/α, and the pipelines built for them scale the network input
+# (scale_model_input) and the starting noise (init_noise_sigma).  SolverScheduler carries x/α too when both the
+# source and the method's counterpart are such schedulers, so it reproduces them step for step; otherwise it
+# carries x, which also works in pipelines that call neither (DDPMPipeline).
+VE_STATE = ("EulerDiscreteScheduler", "HeunDiscreteScheduler")
+SIGMA_SOURCES = VE_STATE + ("EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                            "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")
+# The schedulers whose configs SolverScheduler reads (diffusers' ``compatibles``).
+COMPATIBLES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+               "UniPCMultistepScheduler", "DEISMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+               "IPNDMScheduler", "FlowMatchEulerDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+               "EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
-class SolverSchedulerOutput:
-    """What ``step`` returns: ``.prev_sample`` (also ``[0]``, as diffusers' ``SchedulerOutput``)."""
-
-    def __init__(self, prev_sample: torch.Tensor):
-        self.prev_sample = prev_sample
-
-    def __getitem__(self, index):
-        return (self.prev_sample,)[index]
-
-    def to_tuple(self) -> tuple:
-        return (self.prev_sample,)
-
-
-class _Config(dict):
-    """A read-only view of the configuration with attribute access, like diffusers' ``FrozenDict``."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class _NeedEvaluation(Exception):
-    """Raised by the replayed model when the solver asks for an output the pipeline has not given yet."""
-
-    def __init__(self, x: torch.Tensor):
-        super().__init__("the solver needs another network evaluation")
-        self.x = x
-
-
-class _Replay:
-    """The network as the solver sees it inside ``step``: the pipeline's outputs of this solver step, in order.
-
-    In dry-run mode (``probe=True``) it returns zeros and records the network times it is asked for.
-    """
-
-    def __init__(self):
-        self.outputs: list = []
-        self.calls = 0
-        self.probe = False
-        self.times: list = []
-        self.inputs: list = []
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.probe:
-            self.times.append(float(t.reshape(-1)[0]))
-            self.inputs.append(x)
-            return torch.zeros_like(x)
-        k, self.calls = self.calls, self.calls + 1
-        if k < len(self.outputs):
-            # A re-run may not see a tensor a previous attempt has modified: replayed outputs are copies.
-            return self.outputs[k] if k == len(self.outputs) - 1 else self.outputs[k].clone()
-        raise _NeedEvaluation(x)
-
-
-class _PipelineNoise:
-    """Per-step standard normal noise from the pipeline's ``generator``, replayed when a step is re-run.
-
-    A list of generators draws row i from generator i (diffusers' ``randn_tensor`` convention, and the
-    draws of :class:`solvers.noise.SeedStreams` for the same generators); one generator draws the batch;
-    ``None`` uses torch's global generator.
-    """
-
-    def __init__(self):
-        self.generator = None
-        self.drawn: list = []
-        self.used = 0
-        self.zero = False
-
-    def randn(self, sample_shape, *, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-        if self.used < len(self.drawn):
-            self.used += 1
-            return self.drawn[self.used - 1]
-        shape = tuple(sample_shape)
-        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        g = self.generator
-        if self.zero:
-            z = torch.zeros((1, *shape), dtype=dtype, device=device)
-        elif isinstance(g, (list, tuple)):
-            z = torch.stack([torch.randn(shape, generator=gi, dtype=draw_dtype, device=gi.device) for gi in g])
-        else:
-            z = torch.randn((self.batch, *shape), generator=g, dtype=draw_dtype,
-                            device=device if g is None else g.device)
-        z = z.to(device=device, dtype=dtype)
-        self.drawn.append(z)
-        self.used += 1
-        return z
-
-
-def diffusers_grid(config: Any, schedule, steps: int) -> list[float]:
-    """The solver grid of ``steps`` steps on a diffusers config's ``timestep_spacing`` and final step.
-
-    The points are those of the diffusers scheduler the config describes: ``leading`` (+ ``steps_offset``),
-    ``trailing`` and ``linspace`` as DDIM/DDPM/PNDM place them (σ-schedulers — configs with
-    ``interpolation_type`` — keep linspace's fractional points); multistep configs (``solver_order``:
-    DPM-Solver, UniPC, DEIS) place ``steps + 1`` leading/linspace points and drop the last, as they do.
-    The final point is 0 (ᾱ_0) for ``final_sigmas_type="sigma_min"`` (or, in configs without that key,
-    ``set_alpha_to_one=False``), else the schedule's ``t_zero`` (ᾱ = 1).
-    """
-    cfg = config_dict(config)
-    spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0) or 0)
-    big_n = schedule.num_train_timesteps
-    multistep = "solver_order" in cfg and spacing in ("leading", "linspace")
-    n = steps + 1 if multistep else steps
-    if spacing == "linspace" and "interpolation_type" in cfg:
-        levels = torch.linspace(0, big_n - 1, n, dtype=torch.float64).flip(0).tolist()
-    elif spacing in ("leading", "trailing", "linspace"):
-        levels = make_grid(schedule, n, spacing=spacing, steps_offset=offset, denoise_to_zero=True)[:-1]
-    else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not one of diffusers' leading, trailing, linspace")
-    levels = levels[:steps]
-    if "final_sigmas_type" in cfg:
-        final = 0.0 if cfg["final_sigmas_type"] == "sigma_min" else float(schedule.t_zero)
-    else:
-        final = 0.0 if cfg.get("set_alpha_to_one") is False else float(schedule.t_zero)
-    grid = levels + ([final] if final < levels[-1] else [])
-    return validate_grid(schedule, grid)
-
-
-class _Run:
-    """One sampling run between ``set_timesteps`` and the last ``step``: the solver, its context and state."""
-
-    def __init__(self, solver, model, replay: _Replay, grid: list):
-        self.solver, self._model, self.replay, self.grid = solver, model, replay, grid
-        self.noise = _PipelineNoise()
-        self.points = points_at(model.schedule, model, grid)
-        solver.check(self.points)
-        self.model_times, self.evals_per_step, self.moves_first = self._dry_run()
-        if self.moves_first[0]:
-            raise ValueError(f"{solver.name} {solver.options()} changes the state before the first evaluation of "
-                             f"its first step (e.g. Heun's churn), but a pipeline evaluates its initial noise itself; "
-                             f"keep the first level out of the churn range (s_tmax below σ/α = "
-                             f"{self.points[0].sigma_ve:.4g}) or call solvers.sample")
-        self.ctx = StepContext(model, self.points, self.noise)
-        self.state = solver.init_state(self.ctx)
-        self.i, self.k, self.x_start = 0, 0, None
-
-    def _dry_run(self) -> tuple[list, list, list]:
-        """From a run on zeros: the network time of every evaluation, the evaluations of each step, and
-        whether a step changes its state before its first evaluation (Heun's churn)."""
-        self.replay.probe, self.replay.times, self.noise.zero = True, [], True
-        ctx = StepContext(self._model, self.points, self.noise)
-        state, x, per_step, moves = self.solver.init_state(ctx), torch.zeros(1, 1, dtype=torch.float64), [], []
-        try:
-            for i in range(ctx.steps):
-                before, self.replay.inputs = len(self.replay.times), []
-                self.noise.drawn, self.noise.used = [], 0
-                x_in = x
-                x, state, _ = self.solver.step(ctx, i, x, state)
-                per_step.append(len(self.replay.times) - before)
-                moves.append(bool(self.replay.inputs) and self.replay.inputs[0] is not x_in)
-        finally:
-            self.replay.probe, self.noise.zero, self.noise.drawn, self.noise.used = False, False, [], 0
-            self.replay.inputs = []
-        return list(self.replay.times), per_step, moves
-
-    def _attempt(self):
-        """Run solver step i on the outputs given so far (replaying its noise): (x_next, state) or the state
-        at which it needs the next evaluation (an ``_NeedEvaluation``)."""
-        self.replay.calls, self.noise.used = 0, 0
-        try:
-            with torch.no_grad():
-                return self.solver.step(self.ctx, self.i, self.x_start, self.state)[:2]
-        except _NeedEvaluation as need:
-            return need
-
-    def advance(self, model_output: torch.Tensor, sample: torch.Tensor, generator) -> torch.Tensor:
-        """Take the pipeline's output of evaluation k; return the next step's state, or the state at which
-        the solver wants its next evaluation."""
-        if self.x_start is None:
-            self.x_start = sample
-        self.replay.outputs.append(model_output)
-        self.k += 1
-        self.noise.generator, self.noise.batch = generator, self.x_start.shape[0]
-        result = self._attempt()
-        if isinstance(result, _NeedEvaluation):
-            return result.x
-        x_next, self.state = result
-        self.i, self.replay.outputs, self.noise.drawn, self.x_start = self.i + 1, [], [], None
-        if self.i < len(self.moves_first) and self.moves_first[self.i]:
-            # The next step changes the state before its first evaluation: hand the pipeline that state.
-            self.x_start = x_next
-            result = self._attempt()
-            if isinstance(result, _NeedEvaluation):
-                return result.x
-            raise RuntimeError(f"{self.solver.name}: step {self.i} needed no evaluation")  # pragma: no cover
-        return x_next
-
-
-class SolverScheduler:
-    """A diffusers-compatible scheduler that samples with one of this library's fixed-grid solvers.
-
-    Build it from the pipeline's scheduler config (which says how the network was trained:
-    :func:`~solvers.interop.model_from_config`) and a solver name with its options::
-
-        pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="dpmpp_3m")
-
-    ``set_timesteps(n)`` builds an n-step grid on the config's ``timestep_spacing``/``steps_offset`` and
-    final-step settings (:func:`diffusers_grid`), or — given any of ``spacing``, ``t_start``, ``t_end``,
-    ``denoise_to_zero`` among the options — with :func:`solvers.make_grid`.  ``timesteps`` then lists the
-    network time of *every* evaluation (a two-evaluation solver's n steps give up to 2n entries) and
-    ``order`` is the evaluations per step, so the pipelines' progress bars count solver steps.
-
-    ``step`` accepts whatever a pipeline passes: ``generator`` (a ``torch.Generator``, or one per sample as
-    in diffusers' ``randn_tensor``; ``None``: torch's global generator) feeds the stochastic solvers;
-    ``eta`` must be 0 (the pipelines' default, which leaves the solver as configured) or the configured
-    solver's own ``eta``; ``use_clipped_model_output`` is accepted with any value — our solvers always take
-    the noise from the clipped x0, which is diffusers' ``use_clipped_model_output=True``; other arguments
-    with no meaning here are accepted with a warning.
+@dataclass
+class SolverSchedulerOutput(BaseOutput):
+    """What ``step`` returns.
 
     Attributes:
-        solver: the configured :class:`~solvers.Solver`; ``grid``: the solver-time grid of the last
-            ``set_timesteps`` (``solvers.sample(model, x_T, solver, timesteps=grid)`` gives the same samples);
-        timesteps: the network time of every evaluation; order: evaluations per solver step.
-
-    Raises (at construction):
-        ValueError: an adaptive solver (its steps are chosen at run time, so the pipeline cannot be given
-            the timesteps in advance), an unknown solver, or a config this library cannot read.
-        TypeError: an option that is neither the solver's nor a grid option.
+        prev_sample: the state after the solver step or, within a step that needs more evaluations, the state at
+            which the network is to be called next (``[0]`` of the output, as diffusers' ``SchedulerOutput``).
+        pred_original_sample: the model's x0 at this evaluation (clipped or thresholded as configured).
     """
 
-    def __init__(self, solver: str = "dpmpp_2m", *, config: Any = None, **options):
-        cfg = config_dict(config if config is not None else {})
-        cls = solver_class(solver)
-        if cls.adaptive:
-            raise ValueError(f"solver {solver!r} chooses its step sizes at run time, so a pipeline cannot be given "
-                             "its timesteps in advance; use a fixed-grid solver (e.g. dpmpp_3m, heun) or call "
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+def _given(values: dict) -> dict:
+    """The source-config keys that were set (``None`` means "not given": the counterpart's default applies)."""
+    return {k: v for k, v in values.items() if k not in OWN_KEYS and k != "self" and v is not None}
+
+
+class SolverScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that samples with one of this library's fixed-grid solvers.
+
+    Build it from a pipeline's scheduler config with :meth:`from_config`; ``solver`` omitted reproduces the
+    source scheduler's own method (DPMSolverMultistep order 2 → ``dpmpp_2m``, UniPC → ``unipc``, DDIM → ``ddim``,
+    FlowMatchEuler → ``euler`` on the rectified-flow schedule, …); ``solver="dpmpp_3m"`` and its options choose
+    another (options that contradict the config win, with a warning naming the keys overridden).
+
+    ``set_timesteps(n)`` builds the grid the config describes (spacing, sigma family, final step, flow shift;
+    or ``timesteps=`` / ``sigmas=`` given by hand, or the grid options ``spacing``/``t_start``/``t_end``/
+    ``denoise_to_zero``); ``timesteps`` then lists the network time of *every* evaluation (a two-evaluation
+    solver's n steps give up to 2n entries) and ``order`` is the evaluations per step, so the pipelines'
+    progress bars and ``timesteps[t_start * order:]`` count solver steps.  ``step`` may begin at any step of the
+    grid (img2img, inpainting: ``set_begin_index``, or the first timestep it is given).
+
+    ``step`` accepts what pipelines pass: ``generator`` (one, or one per sample as in diffusers'
+    ``randn_tensor``; ``None``: torch's global generator) feeds the stochastic solvers; ``eta`` must be 0 (the
+    pipelines' default) or the configured solver's own ``eta``; ``use_clipped_model_output`` with any value
+    (our solvers take the noise from the clipped x0); other arguments with no meaning here warn once.
+
+    Attributes:
+        solver: the configured :class:`~solvers.Solver`; grid: the solver-time grid of the last
+            ``set_timesteps`` (``solvers.sample(model, x_T, solver, timesteps=grid)`` gives the same samples);
+        timesteps: the network time of every evaluation; sigmas: diffusers' σ at each grid point (σ/α; flow: t).
+    """
+
+    _compatibles = list(COMPATIBLES)
+    order = 1
+
+    @register_to_config
+    def __init__(self, solver: Optional[str] = None, solver_options: Optional[dict] = None,
+                 source_scheduler: Optional[str] = None, spacing: Optional[str] = None,
+                 t_start: Optional[float] = None, t_end: Optional[float] = None,
+                 denoise_to_zero: Optional[bool] = None,
+                 num_train_timesteps: Optional[int] = None, beta_start: Optional[float] = None,
+                 beta_end: Optional[float] = None, beta_schedule: Optional[str] = None, trained_betas=None,
+                 prediction_type: Optional[str] = None, variance_type: Optional[str] = None,
+                 clip_sample: Optional[bool] = None, clip_sample_range: Optional[float] = None,
+                 thresholding: Optional[bool] = None, dynamic_thresholding_ratio: Optional[float] = None,
+                 sample_max_value: Optional[float] = None, set_alpha_to_one: Optional[bool] = None,
+                 steps_offset: Optional[int] = None, timestep_spacing: Optional[str] = None,
+                 rescale_betas_zero_snr: Optional[bool] = None, solver_order: Optional[int] = None,
+                 algorithm_type: Optional[str] = None, solver_type: Optional[str] = None,
+                 lower_order_final: Optional[bool] = None, euler_at_final: Optional[bool] = None,
+                 use_karras_sigmas: Optional[bool] = None, use_exponential_sigmas: Optional[bool] = None,
+                 use_beta_sigmas: Optional[bool] = None, use_lu_lambdas: Optional[bool] = None,
+                 use_flow_sigmas: Optional[bool] = None, flow_shift: Optional[float] = None,
+                 final_sigmas_type: Optional[str] = None, lambda_min_clipped: Optional[float] = None,
+                 predict_x0: Optional[bool] = None, disable_corrector=None,
+                 solver_p=None, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                 interpolation_type: Optional[str] = None, timestep_type: Optional[str] = None,
+                 shift: Optional[float] = None, use_dynamic_shifting: Optional[bool] = None,
+                 base_shift: Optional[float] = None, max_shift: Optional[float] = None,
+                 base_image_seq_len: Optional[int] = None, max_image_seq_len: Optional[int] = None,
+                 invert_sigmas: Optional[bool] = None, shift_terminal: Optional[float] = None,
+                 stochastic_sampling: Optional[bool] = None, time_shift_type: Optional[str] = None,
+                 skip_prk_steps: Optional[bool] = None):
+        given = _given(dict(locals()))
+        self._setup(given, solver, dict(solver_options or {}), source_scheduler,
+                    {k: v for k, v in (("spacing", spacing), ("t_start", t_start), ("t_end", t_end),
+                                       ("denoise_to_zero", denoise_to_zero)) if v is not None})
+
+    def _setup(self, given: dict, solver: Optional[str], options: dict, source: Optional[str], grid_options: dict):
+        """Choose the method and read the schedule; refuse what cannot be honoured before any sampling."""
+        given = {**_training_defaults(source), **given}
+        choice = dc.resolve_method(given, source, solver, options, defaults_of=_init_defaults)
+        given = dc.flow_source_keys(given, source, choice.counterpart)
+        if solver_class(choice.solver).adaptive:
+            raise ValueError(f"solver {choice.solver!r} chooses its step sizes at run time, so a pipeline cannot be "
+                             "given its timesteps in advance; use a fixed-grid solver (e.g. dpmpp_3m, heun) or call "
                              "solvers.sample(solvers.interop.from_diffusers(pipe), ...) directly")
-        self.grid_options = {k: options.pop(k) for k in GRID_OPTIONS if k in options}
         try:
-            self.solver = get_solver(solver, **options)
+            self.solver = get_solver(choice.solver, **choice.options)
         except TypeError as e:
             raise TypeError(f"{e}; grid options: {', '.join(GRID_OPTIONS)}") from None
-        self._replay = _Replay()
-        self._model = model_from_config(self._replay, cfg)
-        self.config = _Config({**cfg, "solver": self.solver.name, "solver_options": self.solver.options(),
-                               **self.grid_options})
-        self.timesteps: Optional[torch.Tensor] = None
+        if choice.overridden:
+            warnings.warn(f"SolverScheduler({choice.solver!r}): your options override the config's "
+                          f"{', '.join(choice.overridden)}", stacklevel=4)
+        self.counterpart = choice.counterpart
+        self._ve = choice.counterpart in VE_STATE and source in SIGMA_SOURCES
+        self.effective_config = _effective_config(given, choice.counterpart)
+        dc.check_config(self.effective_config, choice.counterpart)
+        self._register_effective(given)
+        self._replay = Replay()
+        self._model = model_from_config(self._replay, self.effective_config)
+        self.grid_options = grid_options
         self.num_inference_steps: Optional[int] = None
         self.grid: Optional[list] = None
-        self.order = cls.evals_per_step
-        self._run: Optional[_Run] = None
+        self.sigmas: Optional[torch.Tensor] = None
+        self._plan: Optional[EvaluationPlan] = None
+        self._net_of: dict = {}
+        self._run: Optional[Run] = None
+        self._begin_index: Optional[int] = None
         self._warned: set = set()
+        self._solver = self.solver  # the solver of the next run (a step's eta may change it)
+        self.order = solver_class(choice.solver).evals_per_step
+        n = int(self.effective_config.get("num_train_timesteps", 1000))
+        self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long)
+        self._set_tables()
+
+    def _set_tables(self) -> None:
+        """diffusers' public β/ᾱ tables (float32) of a discrete schedule: ``betas``, ``alphas``,
+        ``alphas_cumprod`` (pipelines and training code read them)."""
+        abar = getattr(self._model.schedule, "alphas_cumprod", None)
+        if abar is None:
+            self.betas = self.alphas = self.alphas_cumprod = None
+            return
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        given = self.effective_config.get("trained_betas")
+        self.betas = (torch.as_tensor(given, dtype=torch.float32) if given is not None
+                      else (1 - abar / prev).to(torch.float32))
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = abar.to(torch.float32)
+
+    def previous_timestep(self, timestep) -> float:
+        """The timestep of the evaluation after ``timestep`` on the grid (−1 after the last), as DDPM's."""
+        self._ensure_plan()
+        times = self.timesteps.tolist()
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        k = next((i for i, v in enumerate(times) if math.isclose(v, t, abs_tol=1e-6)), None)
+        if k is None:
+            raise ValueError(f"timestep {t:g} is not one of scheduler.timesteps")
+        nxt = times[k + 1] if k + 1 < len(times) else -1
+        return torch.tensor(nxt)
+
+    def _register_effective(self, given: dict) -> None:
+        """Show the values in use in ``config`` (pipelines read keys such as ``use_dynamic_shifting`` from it): the
+        counterpart's defaults stay listed as defaults (another scheduler loading this config takes its own), the
+        source's training values do not (they describe the network, whichever scheduler reads them)."""
+        keys = set(self._get_init_keys(type(self))) - {"self"} - set(OWN_KEYS)
+        shown = {k: v for k, v in self.effective_config.items() if k in keys and v is not None}
+        defaults = sorted((set(self.config.get("_use_default_values", [])) - set(given)) | (set(shown) - set(given)))
+        # A config loaded from a file set every key (files do not keep _use_default_values): none is listed then.
+        self.register_to_config(**shown, **({"_use_default_values": defaults} if defaults else {}))
 
     @classmethod
-    def from_config(cls, config: Any, solver: str = "dpmpp_2m", **options) -> "SolverScheduler":
-        """The scheduler for a diffusers scheduler config (or a scheduler), with ``solver`` and its options."""
-        return cls(solver, config=config, **options)
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs):
+        """The scheduler for a diffusers scheduler's config (or a scheduler, or a saved folder's config).
+
+        ``solver`` (omitted: the source scheduler's own method) and the solver's options may be given as keyword
+        arguments; a keyword that is a solver option is one (it overrides a config key of the same name, with
+        a warning), any other is a config key with diffusers' meaning.
+
+        Raises:
+            ValueError: a config key that cannot be honoured (named, with what to do), an adaptive solver.
+            TypeError: a keyword that is neither a config key nor an option of the solver.
+        """
+        cfg = dict(config_dict(config) if config is not None else {})
+        if "source_scheduler" not in kwargs and cfg.get("source_scheduler") is None:
+            kwargs["source_scheduler"] = _source_class(config, cfg)
+        kwargs = cls._route_options(cfg, kwargs)
+        return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _route_options(cls, cfg: dict, kwargs: dict) -> dict:
+        """Move the keywords that are options of the chosen solver into ``solver_options``."""
+        keys = set(cls._get_init_keys(cls)) - {"self"}
+        solver = kwargs.get("solver", cfg.get("solver"))
+        if solver is None:
+            solver = dc.method_from_config({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                           kwargs.get("source_scheduler") or cfg.get("source_scheduler"))[0]
+        fields = {f for f in getattr(solver_class(solver), "__dataclass_fields__", {})}
+        # The config's options belong to the config's solver: another solver starts from its own defaults.
+        same = solver_class(solver) is solver_class(cfg["solver"]) if cfg.get("solver") else False
+        options = dict(kwargs.pop("solver_options", None) or (cfg.get("solver_options") if same else None) or {})
+        for k in list(kwargs):
+            if k in fields:
+                options[k] = kwargs.pop(k)
+            elif k not in keys:
+                raise TypeError(f"{k!r} is neither an option of solver {solver!r} ({', '.join(sorted(fields)) or 'none'})"
+                                f" nor a scheduler config key; grid options: {', '.join(GRID_OPTIONS)}")
+        kwargs["solver_options"] = options or None
+        return kwargs
 
     def __len__(self) -> int:
-        return self._model.schedule.num_train_timesteps
+        return int(self.effective_config.get("num_train_timesteps", 1000))
 
     @property
     def init_noise_sigma(self) -> float:
-        """The standard deviation of the starting noise (1 on the variance-preserving schedules of diffusers)."""
-        t = self.grid[0] if self.grid is not None else self._model.schedule.t_max
-        return float(self._model.schedule.prior_std(t))
+        """The factor of the starting noise: 1 where the state is x (α·x0 + σ·ε, α² + σ² = 1 at the start, or the
+        flow's (1 − t)·x0 + t·ε); for a σ-scheduler counterpart (state x/α) diffusers' value, √(σ_max² + 1), or
+        σ_max with linspace/trailing spacing (diffusers' approximation, kept so the samples match)."""
+        if not self._ve:
+            return 1.0
+        sigma = _diffusers_sigma(self._model.schedule, self.grid[0] if self.grid else self._model.schedule.t_max)
+        if self.effective_config.get("timestep_spacing") not in ("linspace", "trailing"):
+            sigma = (sigma * sigma + 1.0) ** 0.5
+        return torch.tensor(sigma, dtype=torch.float32)  # a tensor, as diffusers' σ-schedulers give it
 
-    def set_timesteps(self, num_inference_steps: int, device=None, **kwargs) -> None:
-        """Build the grid of ``num_inference_steps`` solver steps and the list of evaluation times.
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The entry of ``timesteps`` the next run begins at (``set_begin_index``), or None."""
+        return self._begin_index
 
-        Raises:
-            ValueError: custom ``timesteps``/``sigmas`` (not supported: give grid options instead), a bad
-                step count, or a grid the solver cannot use.
-        """
-        given = [k for k, v in kwargs.items() if v is not None]
-        if given:
-            raise ValueError(f"SolverScheduler.set_timesteps does not take {', '.join(given)}; choose the grid "
-                             f"with the options {', '.join(GRID_OPTIONS)} of from_config")
-        schedule = self._model.schedule
-        if self.grid_options:
-            opts = {"spacing": self.config.get("timestep_spacing", "leading"), **self.grid_options}
-            offset = int(self.config.get("steps_offset", 0) or 0)
-            grid = make_grid(schedule, num_inference_steps, steps_offset=offset, **opts)
-        else:
-            grid = diffusers_grid(self.config, schedule, num_inference_steps)
-        run = _Run(self.solver, self._model, self._replay, grid)
-        times = torch.tensor(run.model_times, dtype=torch.float64)
-        integral = bool((times == times.round()).all())
-        self.timesteps = times.to(torch.long if integral else torch.float32).to(device)
-        self.grid, self.num_inference_steps, self._run = grid, len(grid) - 1, run
-        self.order = max(run.evals_per_step[0], 1)
+    @property
+    def step_index(self) -> Optional[int]:
+        """The entry of ``timesteps`` the run waits for, or None before the run's first ``step``."""
+        return None if self._run is None else self._run.position
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Begin the next run at entry ``begin_index`` of ``timesteps`` (the first evaluation of a solver step)."""
+        self._begin_index = int(begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The network input is the state itself."""
-        return sample
+        """The network input at ``timestep``: the state itself, or x = α·(x/α) for a σ-scheduler counterpart."""
+        if not self._ve:
+            return sample
+        return sample * self._alpha(float(self._solver_times(timestep)[0]), sample)
+
+    def _alpha(self, t: float, like: torch.Tensor) -> torch.Tensor:
+        """α at solver time t as a scalar tensor of ``like``'s dtype and device."""
+        return self._model.schedule.alpha(torch.tensor(float(t), dtype=torch.float64)).to(like.device, like.dtype)
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None, sigmas=None,
+                      mu: Optional[float] = None) -> None:
+        """Build the grid of ``num_inference_steps`` solver steps (or the given ``timesteps`` / ``sigmas``, as
+        diffusers' schedulers take them) and the list of evaluation times; ``mu``: the flow pipelines' shift for
+        ``use_dynamic_shifting``.
+
+        Raises:
+            ValueError: a bad step count, a custom list the method cannot use, or a grid the solver cannot use.
+        """
+        schedule = self._model.schedule
+        if self.grid_options:
+            if timesteps is not None or sigmas is not None:
+                raise ValueError("timesteps=/sigmas= and the grid options "
+                                 f"{', '.join(self.grid_options)} both choose the grid: give one of them")
+            grid = make_grid(schedule, num_inference_steps, **self.grid_options)
+            network = [float(schedule.model_time(t)) for t in grid[:-1]]
+        else:
+            found = dc.inference_grid(self.effective_config, schedule, num_inference_steps, counterpart=self.counterpart,
+                                      mu=mu, timesteps=timesteps, sigmas=sigmas)
+            grid, network = list(found.grid), list(found.network_times)
+        plan = EvaluationPlan.of(self.solver, self._model, grid, self._replay)
+        if plan.moves_first[0]:
+            Run(self.solver, self._model, self._replay, plan, 0, [])  # raises: says which level to keep out
+        times = torch.tensor(self._network_times(plan, dict(zip(grid[:-1], network))), dtype=torch.float64)
+        integral = bool((times == times.round()).all())
+        self.timesteps = times.to(torch.long if integral else torch.float32).to(device)
+        self.sigmas = torch.tensor([_diffusers_sigma(schedule, t) for t in grid], dtype=torch.float32).to(device)
+        self.grid, self.num_inference_steps, self._plan = grid, len(grid) - 1, plan
+        self._net_of = dict(zip(grid[:-1], network))
+        self._run, self._begin_index = None, None
+        self.order = max(plan.evals_per_step[0], 1)
+
+    def _network_times(self, plan: EvaluationPlan, at: dict) -> list:
+        """The network time of each evaluation of ``plan``: diffusers' timestep at a grid point, else the
+        schedule's (a stage between grid points)."""
+        return [at.get(t, float(self._model.schedule.model_time(t))) for t in plan.times]
+
+    def _ensure_plan(self) -> None:
+        """Before ``set_timesteps``, diffusers' schedulers step on their training grid (every trained timestep):
+        so does this one."""
+        if self._plan is None:
+            begin = self._begin_index
+            self.set_timesteps(len(self))
+            self.num_inference_steps, self._begin_index = None, begin
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: Optional[float] = None,
              generator=None, return_dict: bool = True, **kwargs):
-        """Hand the network output at ``timestep`` (the next entry of ``timesteps``) to the solver.
+        """Hand the network output at ``timestep`` (an entry of ``timesteps``) to the solver.
+
+        The first call of a run begins at ``begin_index`` if one is set, else at the first solver step whose
+        first evaluation is at ``timestep``; later calls continue the run, or begin a new one at ``timestep``
+        (a step of the grid, or any time: then the first step goes from there to the next level of the grid), so
+        a loop may start anywhere.  Before ``set_timesteps`` the grid is every trained timestep, as in diffusers.
 
         Returns:
-            :class:`SolverSchedulerOutput` (or a tuple when ``return_dict=False``) whose ``prev_sample`` is
-            the state after the solver step, or — within a step that needs more evaluations — the state at
-            which the network is to be called next.
+            :class:`SolverSchedulerOutput` (a tuple ``(prev_sample, pred_original_sample)`` with
+            ``return_dict=False``).
         """
-        run = self._run
-        if run is None:
-            raise RuntimeError("call set_timesteps before step")
-        if run.k >= len(self.timesteps):
-            raise RuntimeError(f"step was called more than the {len(self.timesteps)} times listed in timesteps; "
-                               "call set_timesteps to start a new run")
         self._check_step_arguments(eta, kwargs)
-        expected = float(self.timesteps[run.k])
-        got = float(torch.as_tensor(timestep).reshape(-1)[0])
-        if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-6):
-            raise ValueError(f"step expected the output at timestep {expected:g} (entry {run.k} of timesteps), got "
-                             f"{got:g}: call the network at each entry of scheduler.timesteps, in order")
+        self._ensure_plan()
+        run = self._run_for(timestep)
         model_output = self._main_channels(model_output, sample)
+        times = run.plan.times
+        t_in = times[run.position]
+        if self._ve:  # the pipeline's state is x/α: the solver's is x
+            sample = sample * self._alpha(t_in, sample)
+        x0 = run.x0(model_output, sample, t_in)
         prev = run.advance(model_output, sample, generator)
-        return SolverSchedulerOutput(prev) if return_dict else (prev,)
+        if self._ve:
+            prev = prev / self._alpha(times[run.position] if run.position < len(times) else run.plan.grid[-1], prev)
+        return SolverSchedulerOutput(prev, x0) if return_dict else (prev, x0)
+
+    def _run_for(self, timestep) -> Run:
+        """The run that takes the output at ``timestep``: the current one, or a new one beginning there."""
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        run, plan = self._run, self._plan
+        if run is not None and run.position < len(run.network_times) \
+                and math.isclose(run.network_times[run.position], t, abs_tol=1e-6):
+            return run
+        times, starts = self.timesteps.tolist(), plan.step_starts
+        if run is None and self._begin_index is not None:
+            k = self._begin_index
+            if k not in starts or not math.isclose(times[k], t, abs_tol=1e-6):
+                raise ValueError(f"begin_index {k} must be the first evaluation of a solver step (one of {starts}) "
+                                 f"and the first step must be given its timestep {times[k] if k < len(times) else '?'}"
+                                 f", got {t:g}")
+        else:
+            matches = [k for k in starts if math.isclose(times[k], t, abs_tol=1e-6)]
+            if not matches:
+                return self._run_off_grid(t)
+            k = matches[0]
+        self._run = Run(self._solver, self._model, self._replay, plan, starts.index(k), times)
+        return self._run
+
+    def _run_off_grid(self, timestep: float) -> Run:
+        """A run that begins at a time off the grid: its first step goes to the grid's next level below."""
+        schedule = self._model.schedule
+        t = timestep / float(getattr(schedule, "time_scale", 1.0))
+        below = [g for g in self._plan.grid if g < t]
+        if not below and schedule.t_zero <= t < self._plan.grid[-2]:
+            # diffusers' multistep rule for a timestep not on the grid, below its levels: the grid's last step.
+            first = len(self._plan.grid) - 2
+            self._run = Run(self._solver, self._model, self._replay, self._plan, first, self.timesteps.tolist())
+            return self._run
+        if not below or not schedule.t_min <= t <= schedule.t_max:
+            raise ValueError(f"step was given timestep {timestep:g}, which is not in the range the model can be "
+                             f"evaluated at or has no level of the grid below it: call the network at the entries "
+                             f"of scheduler.timesteps")
+        plan = EvaluationPlan.of(self.solver, self._model, [t] + below, self._replay)
+        self._run = Run(self._solver, self._model, self._replay, plan, 0,
+                        self._network_times(plan, {**self._net_of, t: timestep}))
+        return self._run
+
+    def _solver_times(self, timesteps) -> torch.Tensor:
+        """Solver times for ``add_noise`` and ``scale_model_input``: the run's next evaluation where the timestep is
+        it, the grid's where ``begin_index`` or a timestep of the grid says (diffusers' rule: ``begin_index``
+        before the first step, the run's position after it); other timesteps directly."""
+        ts = torch.as_tensor(timesteps).reshape(-1).to(torch.float64).cpu()
+        run = self._run
+        if run is not None and run.position < len(run.plan.times) and ts.numel() == 1 \
+                and math.isclose(float(run.network_times[run.position]), float(ts[0]), abs_tol=1e-6):
+            return torch.full_like(ts, float(run.plan.times[run.position]))
+        if self._plan is not None and self._begin_index is not None:
+            times = self._plan.times if run is None else run.plan.times
+            k = run.position if run is not None else self._begin_index
+            return torch.full_like(ts, float(times[min(k, len(times) - 1)]))
+        scale = float(getattr(self._model.schedule, "time_scale", 1.0))
+        out = ts / scale
+        if self._plan is not None:
+            times = self.timesteps.to(torch.float64).cpu()
+            for i, t in enumerate(ts.tolist()):
+                hit = (times - t).abs() <= 1e-6
+                if bool(hit.any()):
+                    out[i] = float(self._plan.times[int(hit.nonzero()[0])])
+        return out
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The state at ``timesteps`` (one per sample, or one for all) of data ``original_samples`` and standard
+        normal ``noise``: α·x0 + σ·ε (x0 + (σ/α)·ε for a σ-scheduler counterpart), this scheduler's state, so a
+        pipeline may begin mid-grid (img2img, inpainting)."""
+        t = self._solver_times(timesteps)
+        sched = self._model.schedule
+        alpha, sigma = sched.alpha(t), sched.sigma(t)
+        if self._ve:
+            alpha, sigma = torch.ones_like(alpha), sigma / alpha
+        shape = (-1,) + (1,) * (original_samples.dim() - 1)
+        alpha = alpha.to(original_samples.device, original_samples.dtype).reshape(shape)
+        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(shape)
+        return alpha * original_samples + sigma * noise.to(original_samples.dtype)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """The flow pipelines' name for :meth:`add_noise` (``scale_noise(sample, timestep, noise)``)."""
+        return self.add_noise(sample, noise, timestep)
 
     def _main_channels(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The prediction of a network that also predicts its variance (twice the channels, learned variance)."""
         if model_output.dim() > 1 and sample.dim() > 1 and model_output.shape[1] == 2 * sample.shape[1] \
-                and self.config.get("variance_type") in ("learned", "learned_range"):
+                and self.effective_config.get("variance_type") in ("learned", "learned_range"):
             return model_output[:, :sample.shape[1]]
         return model_output
 
     def _check_step_arguments(self, eta, kwargs: dict) -> None:
-        """Refuse an ``eta`` the solver cannot honour; warn once about arguments that have no effect."""
+        """Take a run's ``eta`` (a solver with one follows a non-zero eta from the step, as diffusers' DDIM does;
+        0 leaves it as configured); refuse one it cannot follow; warn once about arguments with no effect."""
         own = getattr(self.solver, "eta", None)
-        if eta is not None and eta != 0 and eta != own:
-            where = (f"its eta is {own}: build the scheduler with eta={eta}" if own is not None
-                     else f"{self.solver.name} has no eta: choose a solver with one (ddim, dpmpp_2m_sde)")
+        wanted = own if eta is None or eta == 0 else eta
+        if wanted != own and own is None:
             raise ValueError(f"step was given eta={eta}, which SolverScheduler({self.solver.name!r}) cannot "
-                             f"follow; {where}")
+                             f"follow: {self.solver.name} has no eta; choose a solver with one (ddim, dpmpp_2m_sde)")
+        if self._run is not None and wanted != getattr(self._run.solver, "eta", None) \
+                and self._run.position < len(self._run.network_times):
+            raise ValueError(f"step was given eta={eta} in the middle of a run that uses eta="
+                             f"{getattr(self._run.solver, 'eta', None)}: give every step of a run the same eta")
+        self._solver = self.solver if wanted == own else dataclasses.replace(self.solver, eta=float(wanted))
         odd = sorted(k for k, v in kwargs.items() if k != "use_clipped_model_output"
                      and (k not in _NEUTRAL_STEP_KWARGS or v != _NEUTRAL_STEP_KWARGS[k]) and k not in self._warned)
         if odd:
             self._warned.update(odd)
             warnings.warn(f"SolverScheduler({self.solver.name!r}) ignores the step argument(s) {', '.join(odd)}",
                           stacklevel=3)
+
+
+# The keys that say how the network was trained: a swap keeps the source's values, defaults included (diffusers'
+# own swap would give a DDPM network built in code Heun's default β range, 0.00085 … 0.012, instead of its own).
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
+def _init_defaults(name: Optional[str]) -> dict:
+    """The constructor defaults of the diffusers scheduler class ``name`` (none for an unknown name)."""
+    import diffusers
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, SchedulerMixin):
+        return {}
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if k not in ("self", "kwargs") and p.default is not inspect.Parameter.empty}
+
+
+def _effective_config(given: dict, counterpart: str) -> dict:
+    """diffusers' from_config semantics: the keys a config did not set take the counterpart's defaults (a
+    FlowMatchEuler counterpart predicts the flow velocity, which its config does not say)."""
+    out = {**_init_defaults(counterpart), **given}
+    if counterpart == dc.FLOW_SCHEDULER:
+        out.setdefault("prediction_type", "flow_prediction")
+    return out
+
+
+def _training_defaults(source: Optional[str]) -> dict:
+    """The source scheduler class's defaults for :data:`TRAINING_KEYS` (none for an unknown source)."""
+    defaults = _init_defaults(source)
+    return {k: defaults[k] for k in TRAINING_KEYS if defaults.get(k) is not None}
+
+
+def _source_class(config: Any, cfg: dict) -> Optional[str]:
+    """The diffusers scheduler class a config comes from: the scheduler given, the config's ``_class_name``
+    (configs loaded from a file carry it), or the one compatible class whose constructor takes exactly the
+    config's keys (a scheduler built in code); None when none of these says."""
+    if isinstance(config, SchedulerMixin) and not isinstance(config, SolverScheduler):
+        return type(config).__name__
+    name = cfg.get("_class_name")
+    if isinstance(name, str) and name != SolverScheduler.__name__:
+        return name
+    if name is not None:
+        return None
+    import diffusers
+    keys = {k for k in cfg if not k.startswith("_")}
+    found = [n for n in COMPATIBLES if hasattr(diffusers, n)
+             and set(inspect.signature(getattr(diffusers, n).__init__).parameters) - {"self", "kwargs"} == keys]
+    if len(found) > 1:
+        raise ValueError(f"this config could come from any of {', '.join(found)} (the same keys, different "
+                         "defaults): pass the scheduler itself, from_config(pipe.scheduler), or source_scheduler=")
+    return found[0] if found else None
+
+
+def _diffusers_sigma(schedule, t: float) -> float:
+    """diffusers' σ at solver time t: σ/α on the variance-preserving schedules, t itself on a flow."""
+    if isinstance(schedule, RectifiedFlow):
+        return float(t)
+    alpha = float(schedule.alpha(torch.tensor(float(t), dtype=torch.float64)))
+    sigma = float(schedule.sigma(torch.tensor(float(t), dtype=torch.float64)))
+    return sigma / alpha if alpha > 0 else math.inf
