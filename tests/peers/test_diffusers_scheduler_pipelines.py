@@ -129,12 +129,16 @@ def test_every_fixed_grid_solver_in_the_scheduler_is_solvers_sample(unet, name, 
 
 def test_two_evaluation_solver_lists_its_evaluation_times(unet):
     """Heun on a 3-step grid ending at σ = 0: evaluations at t0, t1 (Euler end), t1, t2, t2 — the last step is
-    a single evaluation — and the network times are the grid's."""
+    a single evaluation — and the network times are diffusers' HeunDiscreteScheduler's for the same config."""
     sched = SolverScheduler.from_config(diffusers.DDPMScheduler().config, solver="heun")
     sched.set_timesteps(3)
     g = sched.grid
-    assert g[-1] == -1.0
-    assert sched.timesteps.tolist() == [g[0], g[1], g[1], g[2], g[2]]
+    assert g[-1] == -1.0 and len(g) == 4
+    reference = diffusers.HeunDiscreteScheduler(beta_start=1e-4, beta_end=0.02)
+    reference.set_timesteps(3)
+    assert sched.timesteps.tolist() == pytest.approx(reference.timesteps.tolist(), abs=1e-4)
+    n = sched.timesteps.tolist()
+    assert n[1] == n[2] and n[3] == n[4]
 
 
 def test_adaptive_solver_is_refused_with_the_reason():
@@ -142,12 +146,19 @@ def test_adaptive_solver_is_refused_with_the_reason():
         SolverScheduler.from_config(diffusers.DDPMScheduler().config, solver="adaptive")
 
 
-def test_churn_on_the_first_step_is_refused_with_the_remedy():
-    """The pipeline evaluates the initial noise itself, so a churn before the first evaluation cannot be
-    followed; the message gives the first level to keep out of the churn range."""
+def test_churn_where_a_run_begins_is_refused_with_the_remedy():
+    """A pipeline evaluates the state it begins with itself, so a run cannot begin (img2img's begin index) at a
+    step that churns before its first evaluation; the message gives that level to keep out of the churn range.
+    From the grid's top level (t = 999, the schedule's end) Heun cannot churn, so a run from there is fine."""
     sched = SolverScheduler.from_config(diffusers.DDPMScheduler().config, solver="heun", s_churn=2.0)
-    with pytest.raises(ValueError, match=r"s_tmax below σ/α = 17\.3"):
-        sched.set_timesteps(4)
+    sched.set_timesteps(4)
+    x = torch.zeros(1, 3, 8, 8)
+    sched.step(x, sched.timesteps[0], x)
+    level = float(sched.sigmas[1])  # diffusers' σ = σ/α at the grid's second level
+    sched.set_timesteps(4)
+    sched.set_begin_index(sched.order)
+    with pytest.raises(ValueError, match=rf"s_tmax below σ/α = {level:.4g}\)"):
+        sched.step(x, sched.timesteps[sched.order], x)
 
 
 def test_unknown_option_names_the_solver_and_grid_options():
@@ -155,18 +166,25 @@ def test_unknown_option_names_the_solver_and_grid_options():
         SolverScheduler.from_config(diffusers.DDPMScheduler().config, solver="dpmpp_2m", official_d2=True)
 
 
-def test_step_out_of_order_or_before_set_timesteps_is_refused(unet):
+def test_a_step_may_begin_anywhere_and_before_set_timesteps_the_grid_is_every_trained_timestep(unet):
+    """As diffusers' schedulers: before set_timesteps the grid is every trained timestep (999 → 998); a timestep
+    that begins no step of the grid begins a run there whose first step goes to the grid's next level; one
+    outside the schedule is refused with what to do."""
     sched = SolverScheduler.from_config(diffusers.DDPMScheduler().config, solver="euler")
-    x = torch.zeros(1, 3, 8, 8)
-    with pytest.raises(RuntimeError, match="set_timesteps"):
-        sched.step(x, 999, x)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sched.step(0.1 * x, 999, x).prev_sample
+    model = solvers.DiffusionModel(lambda x_, t: 0.1 * x_, schedule=solvers.schedules.DiscreteVP.linear(),
+                                   prediction="eps")
+    ref = solvers.sample(model, x, "euler", timesteps=[999.0, 998.0], steps=None).samples
+    assert (out - ref).abs().max().item() <= 1e-6
     sched.set_timesteps(3)
-    with pytest.raises(ValueError, match=r"expected the output at timestep 666 \(entry 0"):
-        sched.step(x, 500, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(RuntimeError, match="more than the 3 times"):
-        sched.step(x, 0, x)
+    assert sched.timesteps.tolist() == [999.0, 499.5, 0.0]  # Euler's linspace: fractional timesteps
+    out = sched.step(0.1 * x, 700, x).prev_sample
+    grid = [700.0] + [g for g in sched.grid if g < 700]
+    ref = solvers.sample(model, x, "euler", timesteps=grid[:2], steps=None).samples
+    assert (out - ref).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="timestep 5000, which is not in the range"):
+        sched.step(x, 5000, x)
 
 
 # -- the pipelines ------------------------------------------------------------------------------------------
@@ -191,19 +209,24 @@ def test_ddpm_pipeline_runs_the_solver_with_its_generator(unet, name):
 
 
 def test_ddim_pipeline_passes_eta_to_a_solver_with_that_eta(unet):
-    """DDIMPipeline passes ``eta`` (default 0), ``use_clipped_model_output`` and ``generator``: eta equal to
-    the solver's own is followed, eta = 0 leaves the solver as configured, any other eta is refused."""
+    """DDIMPipeline passes ``eta`` (default 0), ``use_clipped_model_output`` and ``generator``: eta = 0 leaves the
+    solver as configured, another eta is followed by a solver that has one (as diffusers' DDIM takes it from the
+    step), and refused by one that has none."""
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="ddim", eta=0.5)
-    a = pipe(batch_size=2, num_inference_steps=4, eta=0.5, generator=torch.Generator().manual_seed(1),
-             output_type="np").images
-    b = pipe(batch_size=2, num_inference_steps=4, eta=0.0, generator=torch.Generator().manual_seed(1),
-             output_type="np").images
+    cfg = pipe.scheduler.config
+    pipe.scheduler = SolverScheduler.from_config(cfg, solver="ddim", eta=0.5)
+
+    def images(eta):
+        return pipe(batch_size=2, num_inference_steps=4, eta=eta, generator=torch.Generator().manual_seed(1),
+                    output_type="np").images
+
+    a, b = images(0.5), images(0.0)
     assert abs(a - b).max() == 0.0
-    with pytest.raises(ValueError, match="eta=0.3.*its eta is 0.5: build the scheduler with eta=0.3"):
-        pipe(batch_size=2, num_inference_steps=4, eta=0.3, output_type="np")
-    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    c = images(0.3)
+    pipe.scheduler = SolverScheduler.from_config(cfg, solver="ddim", eta=0.3)
+    assert abs(c - images(0.0)).max() == 0.0 and abs(c - a).max() > 1e-3
+    pipe.scheduler = SolverScheduler.from_config(cfg, solver="dpmpp_2m")
     with pytest.raises(ValueError, match="dpmpp_2m has no eta"):
         pipe(batch_size=2, num_inference_steps=4, eta=0.3, output_type="np")
 
@@ -364,9 +387,10 @@ def test_from_diffusers_refuses_incomplete_inputs(unet, sd):
 
 
 def test_leading_spacing_honours_steps_offset_and_final_step():
-    """PNDM-style config (steps_offset=1, set_alpha_to_one=False): grid 751, 501, 251, 1, then ᾱ_0 (t = 0)."""
-    cfg = diffusers.PNDMScheduler(steps_offset=1, set_alpha_to_one=False).config
-    sched = SolverScheduler.from_config(cfg, solver="euler")
+    """A config that sets leading spacing and steps_offset=1: DDIM's grid 751, 501, 251, 1, then ᾱ_0 (t = 0)
+    with set_alpha_to_one=False; grid options replace the config's grid."""
+    cfg = diffusers.DDIMScheduler(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading").config
+    sched = SolverScheduler.from_config(cfg, solver="ddim")
     sched.set_timesteps(4)
     assert sched.grid == [751.0, 501.0, 251.0, 1.0, 0.0]
     sched = SolverScheduler.from_config(cfg, solver="euler", spacing="logsnr")
@@ -397,15 +421,17 @@ def test_a_final_level_already_at_alpha_bar_0_is_not_repeated():
 
 
 def test_interop_imports_without_diffusers():
-    """solvers and solvers.interop import, and SolverScheduler works on a plain config, with diffusers
-    unimportable."""
+    """solvers and solvers.interop import with diffusers unimportable, and asking for SolverScheduler (a
+    diffusers scheduler) says how to install diffusers, in one line."""
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "import solvers.interop as I\n"
-            "s = I.SolverScheduler.from_config({'num_train_timesteps': 1000, 'beta_schedule': 'linear'}, solver='heun')\n"
-            "s.set_timesteps(3); print(len(s.timesteps))\n")
+            "print(I.from_diffusers.__name__)\n"
+            "try:\n    I.SolverScheduler\nexcept ImportError as e:\n    print(e)\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "5"
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "from_diffusers"
+    assert len(lines) == 2 and "needs diffusers" in lines[1] and "pip install" in lines[1]
 
 
 def test_from_diffusers_passes_class_labels_and_guidance_through():
