@@ -227,6 +227,11 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
         cfg = dict(config_dict(config) if config is not None else {})
         if "source_scheduler" not in kwargs and cfg.get("source_scheduler") is None:
             kwargs["source_scheduler"] = _source_class(config, cfg)
+            if kwargs["source_scheduler"] is None and kwargs.get("solver") is None and cfg.get("solver") is None \
+                    and any(not k.startswith("_") for k in cfg):
+                raise ValueError("cannot tell which diffusers scheduler this config comes from (no _class_name, and "
+                                 "its keys are no scheduler's): pass solver=, or the scheduler itself "
+                                 "(SolverScheduler.from_config(pipe.scheduler))")
         kwargs = cls._route_options(cfg, kwargs)
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -515,8 +520,13 @@ def _source_class(config: Any, cfg: dict) -> Optional[str]:
         return None
     import diffusers
     keys = {k for k in cfg if not k.startswith("_")}
-    found = [n for n in COMPATIBLES if hasattr(diffusers, n)
-             and set(inspect.signature(getattr(diffusers, n).__init__).parameters) - {"self", "kwargs"} == keys]
+    # A config made by another scheduler's from_config also keeps that one's keys: the source is the class with
+    # the most keys among those whose keys the config all has.
+    inits = {n: set(inspect.signature(getattr(diffusers, n).__init__).parameters) - {"self", "kwargs"}
+             for n in COMPATIBLES if hasattr(diffusers, n)}
+    inside = {n: k for n, k in inits.items() if k <= keys}
+    most = max((len(k) for k in inside.values()), default=0)
+    found = [n for n, k in inside.items() if len(k) == most]
     if len(found) > 1:
         raise ValueError(f"this config could come from any of {', '.join(found)} (the same keys, different "
                          "defaults): pass the scheduler itself, from_config(pipe.scheduler), or source_scheduler=")

@@ -17,8 +17,6 @@ Three kinds of check:
 """
 from __future__ import annotations
 
-import json
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +31,7 @@ transformers = pytest.importorskip("transformers", reason="the Stable Diffusion 
 import solvers  # noqa: E402
 from solvers.interop import SolverScheduler, from_diffusers, model_from_config, schedule_from_config  # noqa: E402
 from solvers.noise import STREAM_SOLVER, SeedStreams  # noqa: E402
+from tests.peers.tiny_pipelines import tiny_sd_components, tiny_unet  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -45,48 +44,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4).eval()
-
-
-def _tokenizer(folder: Path):
-    """A CLIP tokenizer over single letters (no merges), written to ``folder``: no download."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return tiny_unet()
 
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    """(pipeline, prompt_embeds, negative_prompt_embeds, latents) of a tiny Stable Diffusion."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4).eval()
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)).eval()
-    scheduler = diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(tmp_path_factory.mktemp("tok")), unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """(pipeline, prompt_embeds, negative_prompt_embeds, latents, scheduler config) of a tiny Stable Diffusion."""
+    pipe = diffusers.StableDiffusionPipeline(**tiny_sd_components(tmp_path_factory.mktemp("tok")))
     pipe.set_progress_bar_config(disable=True)
     prompt_embeds, negative = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True, ["", ""])
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    return pipe, prompt_embeds, negative, latents, scheduler.config
+    return pipe, prompt_embeds, negative, latents, pipe.scheduler.config
 
 
 def _sd_call(sd, scheduler, steps, **kwargs):
@@ -325,21 +293,18 @@ def test_stable_diffusion_parity_with_dpm_solver_multistep(sd, order, final_sigm
     assert err <= PARITY_TOL
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_stable_diffusion_parity_with_euler_discrete(sd, spacing):
-    """EulerDiscreteScheduler vs euler on its config.  On these spacings its timesteps are integers, where its
-    σ table and our ᾱ agree; under "linspace" they are fractional and diffusers interpolates σ linearly where
-    we interpolate log ᾱ (PEERS.md), so only the integer spacings are compared.
-
-    The same start: diffusers multiplies the latents by ``init_noise_sigma``, which is sqrt(σ_max² + 1) under
-    "leading" (the VP prior: our 1) but σ_max under "trailing" (a start 0.23 % too small in VP terms here,
-    σ_max = 14.6); our run is given diffusers' starting state.
-    """
+    """EulerDiscreteScheduler vs its config read by SolverScheduler: a σ-scheduler source, so the state is x/α
+    as diffusers' (init_noise_sigma and scale_model_input included: σ_max under "trailing"/"linspace", diffusers'
+    approximation of √(σ_max² + 1)), and linspace's fractional timesteps take diffusers' σ (linear between
+    trained steps), so the same latents give the same images."""
     euler = diffusers.EulerDiscreteScheduler.from_config(sd[4], timestep_spacing=spacing)
     theirs = _sd_call(sd, euler, 8)
-    start = euler.init_noise_sigma / float(euler.sigmas[0] ** 2 + 1) ** 0.5  # their x_T in VP terms, per unit noise
-    assert (start == pytest.approx(1.0, abs=1e-6)) == (spacing == "leading")
-    ours = _sd_call(sd, SolverScheduler.from_config(euler.config, solver="euler"), 8, latents=sd[3] * start)
+    ours_sched = SolverScheduler.from_config(euler.config)
+    assert ours_sched.solver.name == "euler"
+    ours = _sd_call(sd, ours_sched, 8)
+    assert float(ours_sched.init_noise_sigma) == pytest.approx(float(euler.init_noise_sigma), rel=1e-6)
     err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     _report(f"SD EulerDiscrete {spacing}", err, scale)
     assert err <= PARITY_TOL

@@ -162,3 +162,19 @@ def lambda_module():
         def forward(self, x, t, return_dict=False):
             return (_net(x, t),)
     return Net()
+
+
+def test_a_config_made_from_another_schedulers_config_is_read_as_its_own_class():
+    """DDIMScheduler.from_config(a PNDM config) keeps PNDM's keys too: the source is the class with the most keys
+    among those whose keys the config all has (DDIM), not silently a default method."""
+    pndm = diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    ddim = diffusers.DDIMScheduler.from_config(pndm.config)
+    assert "skip_prk_steps" in ddim.config
+    assert SolverScheduler.from_config(ddim.config).solver.name == "ddim"
+
+
+def test_a_config_whose_source_cannot_be_told_needs_a_solver():
+    with pytest.raises(ValueError, match="cannot tell which diffusers scheduler this config comes from.*solver="):
+        SolverScheduler.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
+    sched = SolverScheduler.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"}, solver="heun")
+    assert sched.solver.name == "heun"
