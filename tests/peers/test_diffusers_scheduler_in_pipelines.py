@@ -87,6 +87,19 @@ def test_custom_timesteps_through_the_pipeline(components, embeds):
     assert (ours - theirs).abs().max().item() <= TOL * max(1.0, theirs.abs().max().item())
 
 
+
+def test_custom_sigmas_through_the_pipeline(components, embeds):
+    """pipe(sigmas=[...]) (offered by the pipeline where the scheduler's set_timesteps takes sigmas) hands the
+    list to set_timesteps: the run is EulerDiscreteScheduler's on the same σ list (diffusers' σ = √((1−ᾱ)/ᾱ))."""
+    reference = D.EulerDiscreteScheduler.from_config(components["scheduler"].config)
+    pipe = D.StableDiffusionPipeline(**{**components, "scheduler": reference})
+    custom = [14.0, 6.0, 2.5, 0.9, 0.3]
+    theirs = _call(pipe, embeds, steps=None, sigmas=custom)
+    pipe.scheduler = SolverScheduler.from_config(reference.config)
+    ours = _call(pipe, embeds, steps=None, sigmas=custom)
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx(reference.timesteps.tolist(), abs=1e-3)
+    assert (ours - theirs).abs().max().item() <= TOL * max(1.0, theirs.abs().max().item())
+
 def test_a_saved_pipeline_loads_back_with_its_solver_and_samples_alike(components, embeds, tmp_path):
     pipe = D.StableDiffusionPipeline(**components)
     pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver="dpmpp_3m", lower_order_final=True)
