@@ -8,6 +8,7 @@ asserted.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -222,3 +223,70 @@ def test_tableaus_check_themselves():
     with pytest.raises(ValueError, match="only FSAL pairs"):
         ButcherTableau("midpoint", c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0), b_err=(-1.0, 1.0), order=2,
                        error_order=1)
+
+
+@pytest.mark.parametrize("method, error_order", [("bs3", 2), ("dopri5", 4)])
+def test_the_starting_step_is_hairers_as_scipy_selects_it(method, error_order):
+    """Hairer's starting step (Solving ODEs I, II.4), per sample, equals scipy's ``select_initial_step`` on the
+    same probability-flow ODE written independently from the schedule (dx/du = −[(σ'/σ)·x + (α' − σ'α/σ)·D] with
+    u = −t, on the rectified flow, whose ODE form is native: y = x).  A fourth sample starts at x = 0, where
+    ‖y‖ vanishes and the rule takes its fixed first guess (h0 = 1e-6)."""
+    from scipy.integrate._ivp.common import select_initial_step
+    from solvers.base import StepContext, points_at
+
+    flow = schedules.RectifiedFlow()
+    model, x = GAUSS.as_model(flow), torch.cat([_x_T(3), torch.zeros(1, 2, dtype=torch.float64)])
+    slv = solvers.get_solver("adaptive", method=method, rtol=1e-4, atol=1e-4)
+    pts = points_at(flow, model, [0.99, 1e-3])
+    ctx = StepContext(model, pts, None, batch=4)
+    h = slv._start(ctx, x, pts[0], slv.init_state(ctx))["h"]
+
+    def fun(u, y):
+        t = torch.tensor([-u], dtype=torch.float64)
+        a, s, da, ds = flow.alpha(t), flow.sigma(t), flow.d_alpha(t), flow.d_sigma(t)
+        xx = torch.as_tensor(y, dtype=torch.float64).reshape(1, -1)
+        return (-((ds / s) * xx + (da - ds * a / s) * model.denoise(xx, float(-u)))).reshape(-1).numpy()
+
+    for i in range(4):
+        y0 = x[i].numpy()
+        expected = select_initial_step(fun, -0.99, y0, -1e-3, math.inf, fun(-0.99, y0), 1, error_order, 1e-4, 1e-4)
+        assert float(h[i]) == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rtol": True}, "rtol must be a finite number >= 0"), ({"rtol": "0.1"}, "rtol must be a finite number >= 0"),
+    ({"h_init": True}, "h_init must be a positive number or None"),
+    ({"h_init": "0.5"}, "h_init must be a positive number or None"),
+    ({"max_steps": True}, "max_steps must be a positive integer"),
+    ({"max_steps": "5"}, "max_steps must be a positive integer"),
+])
+def test_options_of_the_wrong_type_are_refused_in_one_line(options, message):
+    with pytest.raises(ValueError, match=message):
+        solvers.get_solver("adaptive", **options)
+
+
+def test_option_edges_that_are_valid_are_accepted():
+    """rtol = 0 alone (atol alone sets the tolerance), a starting step below 1, a single step allowed."""
+    with pytest.raises(ValueError, match=r"^adaptive: rtol and atol cannot both be 0$"):
+        solvers.get_solver("adaptive", rtol=0, atol=0)
+    slv = solvers.get_solver("adaptive", rtol=0, atol=1e-3, h_init=0.5, max_steps=1)
+    assert (slv.rtol, slv.atol, slv.h_init, slv.max_steps) == (0, 1e-3, 0.5, 1)
+
+
+def test_dpm23_ends_a_sample_whose_model_output_is_nan_and_leaves_the_others():
+    net, calls = GAUSS.network(VP, "eps"), []
+
+    def poisoned(x, t):
+        calls.append(1)
+        out = net(x, t)
+        if len(calls) == 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    opts = dict(steps=None, timesteps=[T0 * 0.999, T1], rtol=1e-5, atol=1e-5, method="dpm23")
+    res = solvers.sample(solvers.DiffusionModel(poisoned, schedule=VP), _x_T(3), "adaptive", on_nonfinite="flag",
+                         **opts)
+    clean = solvers.sample(GAUSS.as_model(VP), _x_T(3), "adaptive", **opts)
+    assert res.nonfinite.tolist() == [False, True, False]
+    assert torch.equal(res.samples[[0, 2]], clean.samples[[0, 2]])
