@@ -188,7 +188,8 @@ def _explanation(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.studies.diffusers_conformance", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.studies.diffusers_conformance",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--diffusers-repo", type=Path, required=True, help="a diffusers git directory (a clone's .git)")
     p.add_argument("--commit", default="HEAD", help="the revision whose tests run (default HEAD)")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "diffusers_conformance",

@@ -69,7 +69,8 @@ def schedule_from_config(config: Any):
     if not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError(f"the β schedule ({cfg.get('beta_schedule', 'linear')}, beta_start="
                          f"{cfg.get('beta_start')}, beta_end={cfg.get('beta_end')}) has β outside (0, 1), so ᾱ is not "
-                         "a decreasing fraction (diffusers accepts it and its samples are not defined); use β in (0, 1)")
+                         "a decreasing fraction (diffusers accepts it and its samples are not defined); "
+                         "use β in (0, 1)")
     abar = torch.cumprod(1.0 - betas, 0)
     if cfg.get("rescale_betas_zero_snr"):
         abar = _zero_terminal_snr(abar)

@@ -374,7 +374,8 @@ def _check_count(steps, timesteps, sigmas, n_train: int, counterpart: str) -> Op
 def inference_grid(cfg: dict, schedule, steps: Optional[int], *, counterpart: str, mu: Optional[float] = None,
                    timesteps=None, sigmas=None) -> InferenceGrid:
     """The grid of diffusers' ``set_timesteps(steps)`` (or of custom ``timesteps``/``sigmas``, descending, as
-    diffusers takes them; a custom σ list may end with its final 0) for ``counterpart`` configured by ``cfg``.
+    diffusers takes them: a custom σ list may end with its final 0, and for Euler and Heun its last value is where
+    the run ends) for ``counterpart`` configured by ``cfg``.
 
     Duplicated timesteps (more steps than the table resolves) are dropped, so every step has a length.
 
@@ -385,9 +386,11 @@ def inference_grid(cfg: dict, schedule, steps: Optional[int], *, counterpart: st
     steps = _check_count(steps, timesteps, sigmas, n_train, counterpart)
     as_list = (lambda v: None if v is None else [float(x) for x in (v.tolist() if hasattr(v, "tolist") else v)])
     timesteps, sigmas = as_list(timesteps), as_list(sigmas)
-    final_given = sigmas is not None and len(sigmas) > 1 and sigmas[-1] == 0
-    if final_given:
-        sigmas = sigmas[:-1]
+    # diffusers' σ-schedulers (Euler, Heun) read a custom σ list's last value as where the run ends; the others
+    # (and a list ending at 0) end where final_sigmas_type says.
+    custom_final = None
+    if sigmas is not None and len(sigmas) > 1 and (sigmas[-1] == 0 or counterpart in SIGMA_SCHEDULERS):
+        sigmas, custom_final = sigmas[:-1], sigmas[-1]
     if isinstance(schedule, RectifiedFlow):
         sig, ts = _flow_grid(cfg, steps, counterpart, mu, timesteps, sigmas)
         grid, final_t, final_sigma = [float(v) for v in sig], 0.0, 0.0
@@ -404,6 +407,9 @@ def inference_grid(cfg: dict, schedule, steps: Optional[int], *, counterpart: st
                              "network was not trained for; lower sigma_max")
         grid = _solver_times(schedule, sig, ts)
         final_t, final_sigma = _final(cfg, schedule, counterpart)
+        if custom_final is not None:
+            final_sigma = custom_final
+            final_t = _solver_time_of_sigma(schedule, custom_final)
         if cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction":
             ts = 0.25 * np.log(np.asarray(sig))  # diffusers' continuous timesteps (v-prediction only, as there)
     keep = _first_occurrences(grid)
@@ -414,6 +420,14 @@ def inference_grid(cfg: dict, schedule, steps: Optional[int], *, counterpart: st
         sig = sig[:len(grid)]
     grid = validate_grid(schedule, grid)
     return InferenceGrid(grid, ts[:len(grid) - 1], sig)
+
+
+def _solver_time_of_sigma(schedule, sigma: float) -> float:
+    """The solver time of diffusers' σ on a discrete schedule (σ = 0: ``t_zero``)."""
+    if sigma == 0:
+        return float(schedule.t_zero)
+    ts = _sigma_to_t(np.array([sigma]), np.log(_train_sigmas(schedule)))
+    return _solver_times(schedule, [sigma], ts)[0]
 
 
 def _first_occurrences(values: list) -> list:

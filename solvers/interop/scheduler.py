@@ -251,7 +251,8 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
             if k in fields:
                 options[k] = kwargs.pop(k)
             elif k not in keys:
-                raise TypeError(f"{k!r} is neither an option of solver {solver!r} ({', '.join(sorted(fields)) or 'none'})"
+                valid = ", ".join(sorted(fields)) or "none"
+                raise TypeError(f"{k!r} is neither an option of solver {solver!r} ({valid})"
                                 f" nor a scheduler config key; grid options: {', '.join(GRID_OPTIONS)}")
         kwargs["solver_options"] = options or None
         return kwargs
@@ -312,8 +313,8 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
             grid = make_grid(schedule, num_inference_steps, **self.grid_options)
             network = [float(schedule.model_time(t)) for t in grid[:-1]]
         else:
-            found = dc.inference_grid(self.effective_config, schedule, num_inference_steps, counterpart=self.counterpart,
-                                      mu=mu, timesteps=timesteps, sigmas=sigmas)
+            found = dc.inference_grid(self.effective_config, schedule, num_inference_steps,
+                                      counterpart=self.counterpart, mu=mu, timesteps=timesteps, sigmas=sigmas)
             grid, network = list(found.grid), list(found.network_times)
         plan = EvaluationPlan.of(self.solver, self._model, grid, self._replay)
         if plan.moves_first[0]:
