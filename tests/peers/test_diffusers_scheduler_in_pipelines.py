@@ -75,30 +75,20 @@ def test_inpainting_at_strength_0_6_is_the_reference_scheduler(components, embed
     assert (ours - theirs).abs().max().item() <= TOL * max(1.0, theirs.abs().max().item())
 
 
-def test_custom_timesteps_through_the_pipeline(components, embeds):
-    """pipe(timesteps=[...]) hands the list to set_timesteps: the run is diffusers' on the same list."""
-    reference = D.DPMSolverMultistepScheduler.from_config(components["scheduler"].config)
+@pytest.mark.parametrize("cls, custom", [(D.DPMSolverMultistepScheduler, {"timesteps": [999, 800, 600, 350, 120]}),
+                                         (D.EulerDiscreteScheduler, {"sigmas": [14.0, 6.0, 2.5, 0.9, 0.3]})],
+                         ids=["timesteps", "sigmas"])
+def test_custom_lists_through_the_pipeline(components, embeds, cls, custom):
+    """pipe(timesteps=[...]) and pipe(sigmas=[...]) (offered where the scheduler's set_timesteps takes them) hand the
+    list to set_timesteps: the run is diffusers' on the same list (σ = √((1−ᾱ)/ᾱ); Euler ends at the last σ)."""
+    reference = cls.from_config(components["scheduler"].config)
     pipe = D.StableDiffusionPipeline(**{**components, "scheduler": reference})
-    custom = [999, 800, 600, 350, 120]
-    theirs = _call(pipe, embeds, steps=None, timesteps=custom)
+    theirs = _call(pipe, embeds, steps=None, **custom)
     pipe.scheduler = SolverScheduler.from_config(reference.config)
-    ours = _call(pipe, embeds, steps=None, timesteps=custom)
-    assert pipe.scheduler.timesteps.tolist() == custom
-    assert (ours - theirs).abs().max().item() <= TOL * max(1.0, theirs.abs().max().item())
-
-
-
-def test_custom_sigmas_through_the_pipeline(components, embeds):
-    """pipe(sigmas=[...]) (offered by the pipeline where the scheduler's set_timesteps takes sigmas) hands the
-    list to set_timesteps: the run is EulerDiscreteScheduler's on the same σ list (diffusers' σ = √((1−ᾱ)/ᾱ))."""
-    reference = D.EulerDiscreteScheduler.from_config(components["scheduler"].config)
-    pipe = D.StableDiffusionPipeline(**{**components, "scheduler": reference})
-    custom = [14.0, 6.0, 2.5, 0.9, 0.3]
-    theirs = _call(pipe, embeds, steps=None, sigmas=custom)
-    pipe.scheduler = SolverScheduler.from_config(reference.config)
-    ours = _call(pipe, embeds, steps=None, sigmas=custom)
+    ours = _call(pipe, embeds, steps=None, **custom)
     assert pipe.scheduler.timesteps.tolist() == pytest.approx(reference.timesteps.tolist(), abs=1e-3)
     assert (ours - theirs).abs().max().item() <= TOL * max(1.0, theirs.abs().max().item())
+
 
 def test_a_saved_pipeline_loads_back_with_its_solver_and_samples_alike(components, embeds, tmp_path):
     pipe = D.StableDiffusionPipeline(**components)

@@ -133,19 +133,24 @@ def test_a_sample_does_not_depend_on_its_batch(method):
         assert part.nfe_per_sample == [full.nfe_per_sample[r] for r in rows]
 
 
-def test_bs3_ends_a_sample_at_the_attempt_where_its_model_output_is_nan():
-    """A NaN model output (row 1, third call: the first attempt's first stage) ends that sample as NaN after
-    that attempt: 2 calls for the starting step + 3 for the attempt, no retries; the others are untouched."""
+def _nan_in_row_1_at_call(k: int):
+    """The Gaussian's ε network, whose output for row 1 is NaN at its k-th call."""
     net, calls = GAUSS.network(VP, "eps"), []
 
     def poisoned(x, t):
         calls.append(1)
         out = net(x, t)
-        if len(calls) == 3:
+        if len(calls) == k:
             out = out.clone()
             out[1] = float("nan")
         return out
+    return poisoned
 
+
+def test_bs3_ends_a_sample_at_the_attempt_where_its_model_output_is_nan():
+    """A NaN model output (row 1, third call: the first attempt's first stage) ends that sample as NaN after
+    that attempt: 2 calls for the starting step + 3 for the attempt, no retries; the others are untouched."""
+    poisoned = _nan_in_row_1_at_call(3)
     opts = dict(steps=None, timesteps=[T0, T1], rtol=1e-5, atol=1e-5, method="bs3")
     res = solvers.sample(solvers.DiffusionModel(poisoned, schedule=VP), _x_T(3), "adaptive", on_nonfinite="flag",
                          **opts)
@@ -274,16 +279,7 @@ def test_option_edges_that_are_valid_are_accepted():
 
 
 def test_dpm23_ends_a_sample_whose_model_output_is_nan_and_leaves_the_others():
-    net, calls = GAUSS.network(VP, "eps"), []
-
-    def poisoned(x, t):
-        calls.append(1)
-        out = net(x, t)
-        if len(calls) == 3:
-            out = out.clone()
-            out[1] = float("nan")
-        return out
-
+    poisoned = _nan_in_row_1_at_call(3)
     opts = dict(steps=None, timesteps=[T0 * 0.999, T1], rtol=1e-5, atol=1e-5, method="dpm23")
     res = solvers.sample(solvers.DiffusionModel(poisoned, schedule=VP), _x_T(3), "adaptive", on_nonfinite="flag",
                          **opts)
