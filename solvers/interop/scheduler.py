@@ -175,6 +175,12 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
         self.order = solver_class(choice.solver).evals_per_step
         n = int(self.effective_config.get("num_train_timesteps", 1000))
         self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long)
+        if isinstance(self._model.schedule, RectifiedFlow):  # FlowMatchEuler's: σ·N of its (shifted) training σ
+            sigmas = torch.linspace(1, n, n, dtype=torch.float64).flip(0) / n
+            if not self.effective_config.get("use_dynamic_shifting"):
+                shift = float(self.effective_config.get("shift", self.effective_config.get("flow_shift", 1.0)) or 1.0)
+                sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+            self.timesteps = (sigmas * n).to(torch.float32)
         self._set_tables()
 
     def _set_tables(self) -> None:

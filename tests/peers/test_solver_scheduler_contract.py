@@ -178,3 +178,9 @@ def test_a_config_whose_source_cannot_be_told_needs_a_solver():
         SolverScheduler.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
     sched = SolverScheduler.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"}, solver="heun")
     assert sched.solver.name == "heun"
+
+
+def test_a_flow_schedulers_timesteps_from_construction_are_flowmatch_eulers():
+    reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched = SolverScheduler.from_config(reference.config)
+    assert torch.allclose(sched.timesteps, reference.timesteps, atol=1e-3)
