@@ -413,7 +413,7 @@ def load_and_plan(sweep: Sweep) -> None:
     options = cfg.model_kwargs
     _check_weights(options)
     if card.kind != "analytic":
-        say(sweep, f"loading {card.name}'s weights from {_weights_origin(card, options)}")
+        say(sweep, loading_message(card, options))
     _check_loader_options(card, options)
     try:
         sweep.model = pretrained.load(card, device=sweep.device, **options)
@@ -438,15 +438,22 @@ def load_and_plan(sweep: Sweep) -> None:
                          "without them")
 
 
-def _weights_origin(card, options: dict) -> str:
-    """Where a model's weights come from, in words (for the line announcing the load)."""
+def loading_message(card, options: dict) -> str:
+    """The line announcing a model's load: where its weights come from, for a model that has weights."""
+    origin = _weights_origin(card, options)
+    return f"loading {card.name}" if origin is None else f"loading {card.name}'s weights from {origin}"
+
+
+def _weights_origin(card, options: dict) -> Optional[str]:
+    """Where a model's weights come from, in words (for the line announcing the load); None where the harness
+    cannot say (a user's model, which may have none)."""
     from pretrained.checkpoints import cache_dir
     if "weights" in options:
         return str(options["weights"])
     if card.extra.get("weights") is not None:
         return f"{card.extra['weights']} (committed with this project, sha256-checked)"
     if pretrained.CARDS.get(card.name) is not card:
-        return "what its card names (your model)"
+        return None  # a user's model: its own code loads whatever it has (perhaps nothing)
     return (f"the card's lookup (its environment variable, the assets folder, the cache {cache_dir()}, then a "
             "verified download)")
 

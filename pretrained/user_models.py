@@ -138,6 +138,11 @@ def card_from_object(obj: Any, *, name: str, shape: Optional[Sequence[int]] = No
             raise ValueError(f"{name} is a model card with sample shape {tuple(obj.sample_shape)}; --shape "
                              f"{','.join(map(str, parse_shape(shape)))} disagrees (leave --shape out)")
         return obj
+    if isinstance(obj, torch.nn.Module) or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise ValueError(f"{name} is a network ({obj.__name__ if isinstance(obj, type) else type(obj).__name__}), not "
+                         "a model: the harness needs its schedule and what it predicts too; wrap it in one line, "
+                         "e.g. model = solvers.DiffusionModel(net, schedule=solvers.schedules.DiscreteVP.linear(), "
+                         "prediction='eps'), and give --model that")
     if isinstance(obj, solvers.DiffusionModel):
         model, loader = obj, _object_loader(obj)
     elif callable(obj):

@@ -559,3 +559,26 @@ def test_a_card_file_takes_a_diffusers_scheduler_config(tmp_path):
     reference = diffusers.DDPMScheduler.from_pretrained(tmp_path / "sched")
     assert model.prediction == "v" and model.clip_x0 == (-1.0, 1.0)
     torch.testing.assert_close(model.schedule.alphas_cumprod, reference.alphas_cumprod.double(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("raw", ["instance", "class"])
+def test_a_raw_network_is_refused_with_the_line_that_wraps_it(tmp_path, monkeypatch, capsys, raw):
+    """A torch.nn.Module (or its class) given as --model is not blamed on --model-opt: one line says it is a
+    network, not a model, and shows the one line that wraps it in solvers.DiffusionModel."""
+    import examples.my_model as mod
+    net = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(mod, "raw_net", net if raw == "instance" else torch.nn.Linear, raising=False)
+    assert bench(tmp_path / "o", "--model", "examples.my_model:raw_net", "--shape", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a network (Linear), not a model" in err
+    assert "solvers.DiffusionModel(net, schedule=" in err and "--model-opt" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_load_line_names_weights_only_where_there_are_weights():
+    from bench.sweep import loading_message
+    user = resolve_card("examples.my_model:model")
+    assert loading_message(user, {}) == f"loading {user.name}"
+    assert loading_message(user, {"weights": "w.pt"}) == f"loading {user.name}'s weights from w.pt"
+    zoo = pretrained.get_card("ddpm_mnist")
+    assert loading_message(zoo, {}).startswith("loading ddpm_mnist's weights from ")
