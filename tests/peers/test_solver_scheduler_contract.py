@@ -16,7 +16,7 @@ import solvers  # noqa: E402
 from solvers.interop import SolverScheduler, from_diffusers  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # numpy 2 notices inside diffusers
 
 
 def _net(x, t):
