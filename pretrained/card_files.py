@@ -44,6 +44,7 @@ sharded weights cannot be pinned by one digest (the card is refused).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -327,7 +328,19 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
 
 
 def _factory_network(path: Path, net: dict, kwargs: dict) -> Any:
-    module = import_object(net["factory"])(**kwargs)
+    factory = import_object(net["factory"])
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None  # called as it is
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as e:
+            takes = ", ".join(signature.parameters) or "no arguments"
+            raise ValueError(f"{path}: [network] kwargs {sorted(kwargs)} do not fit {net['factory']} ({e}); it "
+                             f"takes: {takes}") from None
+    module = factory(**kwargs)
     if "weights" in net:
         weights = expand_card_path(path, net["weights"])
         if not weights.is_file():

@@ -51,3 +51,14 @@ def test_decoded_images_of_a_vector_latent_get_the_image_range_and_other_shapes_
         card = card_from_toml(_card(tmp_path, LATENT_TOP + "[decoder]\nfactory = 'torch.nn:Identity'\n"
                                     f"data_shape = {shape}\n"))
         assert card.kind == "points" and card.to_images is None, shape
+
+
+def test_network_kwargs_that_do_not_fit_the_factory_name_the_card_key(tmp_path):
+    """A misspelt [network] kwargs key is refused naming the card table, the keys and what the factory takes —
+    not as a TypeError from inside the loader."""
+    body = ('sample_shape = [4]\nprediction = "eps"\n[network]\nfactory = "torch.nn:Linear"\n'
+            "kwargs = { in_feature = 4, out_features = 4 }\n" + SCHEDULE)
+    card = card_from_toml(_card(tmp_path, body))
+    with pytest.raises(ValueError, match=r"card\.toml: \[network\] kwargs \['in_feature', 'out_features'\] do not "
+                                         r"fit torch\.nn:Linear .*it takes: in_features, out_features, bias"):
+        card.loader(device="cpu")
