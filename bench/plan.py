@@ -301,7 +301,7 @@ def plan_cells(card, model, specs: list[SolverSpec], steps: list[int], spacing: 
 
 def _check_optimizable(spec: SolverSpec, slv) -> None:
     """--spacing optimized needs a deterministic fixed-grid solver (the error it minimises must not be random)."""
-    if spec.name == "adaptive" or slv.is_stochastic:
-        why = "chooses its own steps" if spec.name == "adaptive" else "draws noise with these options"
+    if slv.adaptive or slv.is_stochastic:
+        why = "chooses its own steps" if slv.adaptive else "draws noise with these options"
         raise UsageError(f"--spacing optimized: {spec.label} {why}, so there is no fixed grid to optimise; give "
                          "deterministic solvers (e.g. ddim, dpmpp_2m, dpmpp_3m, unipc, heun) or another --spacing")

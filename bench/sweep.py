@@ -431,7 +431,7 @@ def load_and_plan(sweep: Sweep) -> None:
     sweep.cells = plan_cells(card, sweep.model, list(cfg.specs), list(cfg.steps), cfg.spacing, cfg.guidance)
     if cfg.cuda_graph and torch.device(sweep.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device; this run is on {sweep.device}")
-    variable_rows = [s.label for s in cfg.specs if s.name == "adaptive"]
+    variable_rows = [s.label for s in cfg.specs if solvers.solver_class(s.name).adaptive]
     if variable_rows and (cfg.cuda_graph or cfg.compile):
         raise UsageError(f"{', '.join(variable_rows)}: the adaptive solver calls the network on a varying number of "
                          "rows, so --cuda-graph / --compile would capture or compile every row count; run it "

@@ -154,6 +154,7 @@ class Adaptive(Solver):
     max_steps: int = 10_000
 
     name: ClassVar[str] = "adaptive"
+    can_predict: ClassVar[bool] = False  # no fixed grid to predict along
     order: ClassVar[int] = 3
     adaptive: ClassVar[bool] = True
     reference: ClassVar[str] = ("Lu et al. 2022a (DPM-Solver-23, §4.3); Bogacki & Shampine 1989; Dormand & "

@@ -283,6 +283,9 @@ class Solver:
     reference: ClassVar[str] = ""
     evals_per_step: ClassVar[int] = 1
     adaptive: ClassVar[bool] = False  # step sizes chosen at run time: nfe() cannot be declared (returns None)
+    # Whether the solver can be the predictor of a predictor-corrector sampler (pc): a fixed-grid step from one
+    # level to the next.  Correctors, samplers built of other solvers and adaptive ones cannot.
+    can_predict: ClassVar[bool] = True
     # The time grid of the solver's own paper (a :data:`solvers.grids.SPACINGS` name) and why; a discrete
     # spacing (``trailing``) means "uniform in t" on continuous schedules.  ``paper_spacing_by_data`` maps a
     # data set (a model card's ``reference``) to the (spacing, why) its paper used there on a discrete

@@ -31,12 +31,10 @@ from typing import ClassVar, Literal, Sequence
 import torch
 
 from .base import Point, Solver, StepContext
-from .registry import get_solver, solver_class
+from .registry import available_solvers, get_solver, solver_class
 
 __all__ = ["Langevin", "PredictorCorrector", "langevin_step"]
 
-# Solvers that cannot serve as a predictor: no fixed grid, or no predictor at all.
-_NOT_PREDICTORS = ("pc", "langevin", "adaptive")
 STEP_RULES = ("snr", "sigma2")
 
 
@@ -90,6 +88,7 @@ class Langevin(Solver):
     step_rule: Literal["snr", "sigma2"] = "sigma2"
 
     name: ClassVar[str] = "langevin"
+    can_predict: ClassVar[bool] = False  # a corrector: it stays at one noise level
     order: ClassVar[None] = None
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = ("Song & Ermon 2019 (NCSN), Algorithm 1; step rule of Song et al. 2021 "
@@ -139,14 +138,16 @@ class PredictorCorrector(Solver):
     step_rule: Literal["snr", "sigma2"] = "sigma2"
 
     name: ClassVar[str] = "pc"
+    can_predict: ClassVar[bool] = False  # built of a predictor already
     order: ClassVar[None] = None
     stochastic: ClassVar[bool] = True
     reference: ClassVar[str] = "Song et al. 2021 (score SDE), Algorithms 2-5 (predictor-corrector sampling)"
 
     def __post_init__(self):
-        if not isinstance(self.predictor, str) or solver_class(self.predictor).name in _NOT_PREDICTORS:
-            raise ValueError(f"pc: predictor must be a registered fixed-grid solver other than "
-                             f"{', '.join(_NOT_PREDICTORS)}, got {self.predictor!r}")
+        if not isinstance(self.predictor, str) or not solver_class(self.predictor).can_predict:
+            others = ", ".join(n for n in available_solvers(aliases=False) if not solver_class(n).can_predict)
+            raise ValueError(f"pc: predictor must be a registered fixed-grid solver other than {others}, got "
+                             f"{self.predictor!r}")
         if not isinstance(self.predictor_options, dict):
             raise ValueError(f"pc: predictor_options must be a dict of the predictor's options, got "
                              f"{type(self.predictor_options).__name__}")

@@ -111,3 +111,46 @@ def test_the_checks_see_the_project():
     assert {"bench.run", "bench.sweep", "bench.config", "bench.references", "solvers.loop"} <= set(MODULES)
     edges = {_project(t) for t, _, _ in _imports("bench.sweep", MODULES["bench.sweep"], top_level_only=True)}
     assert {"bench.config", "bench.references", "bench.results"} <= edges
+
+
+# Modules that still choose behaviour by a solver's name, each with why (issue 22 item 2 removes them).
+NAME_TESTS_LEFT = {
+    "solvers/interop/diffusers_config.py": "maps this library's solver names to diffusers' schedulers, by definition",
+    "bench/report_analysis.py": "the DPM++-vs-DDIM observation (to become a rule on declared orders)",
+    "bench/studies/animate.py": "the animation's grid (to come from the solvers' declared grid policy)",
+    "bench/studies/pc_study.py": "a display label for the predictor-corrector row",
+}
+
+
+def _name_tests(path: Path, names: set) -> list[int]:
+    """Lines where a solver's name (``name``, ``solver``, ``….name``, ``….solver``, ``…["solver"]``) is compared
+    with a literal solver name."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        named = any((isinstance(s, ast.Name) and s.id in ("name", "solver", "solver_name"))
+                    or (isinstance(s, ast.Attribute) and s.attr in ("name", "solver"))
+                    or (isinstance(s, ast.Subscript) and isinstance(s.slice, ast.Constant)
+                        and s.slice.value in ("name", "solver")) for s in sides)
+        literals = [e.value for s in sides for e in ([s] if isinstance(s, ast.Constant) else
+                                                      getattr(s, "elts", [])) if isinstance(e, ast.Constant)]
+        if named and any(v in names for v in literals if isinstance(v, str)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_behaviour_follows_declared_properties_not_solver_names():
+    """The harness and the solvers read what a solver declares (adaptive, is_stochastic, can_predict, its grid
+    policy …), never compare its name with a string: a new solver then works everywhere without a list to edit."""
+    import solvers
+    names = set(solvers.available_solvers(aliases=True))
+    found = {}
+    for module, path in MODULES.items():
+        rel = str(path.relative_to(ROOT))
+        if rel not in NAME_TESTS_LEFT and (lines := _name_tests(path, names)):
+            found[rel] = lines
+    assert not found, f"solver names compared with string literals (use a declared property): {found}"
+    for rel in NAME_TESTS_LEFT:
+        assert _name_tests(ROOT / rel, names), f"{rel} no longer tests a solver's name: drop it from NAME_TESTS_LEFT"

@@ -49,7 +49,7 @@ def check_solvers(steps: int = 8, n: int = 64) -> list[dict]:
             b = solvers.sample(gpu, x.cuda(), solver=name, seeds=seeds, **opts)
             diff = float((a.samples - b.samples.cpu()).abs().max())
             scale = float(a.samples.abs().max())
-            if name == "adaptive":  # accept/reject decisions may flip on rounding: agree to its tolerance
+            if solvers.solver_class(name).adaptive:  # accept/reject may flip on rounding: agree to its tolerance
                 ok = diff <= ADAPTIVE_TOL * max(1.0, scale) and abs(a.nfe - b.nfe) <= 0.1 * a.nfe
             else:
                 ok = diff <= FLOAT64_TOL * max(1.0, scale) and a.nfe == b.nfe

@@ -133,7 +133,7 @@ def overhead_runners(key: str, batch: int, steps: int, network: Callable = trivi
 
     sched = getattr(diffusers, spec.scheduler)(**spec.config)
     theirs_fn = P.TimedFn(network)
-    stochastic = spec.solver == "ddpm" or spec.options.get("eta", 0) > 0
+    stochastic = solvers.get_solver(spec.solver, **spec.options).is_stochastic
 
     sched.set_timesteps(steps, device=dev)
     start = x * sched.init_noise_sigma  # the pipelines' first line; not part of the loop timed below

@@ -109,8 +109,8 @@ def test_consistency_returns_the_prediction_on_the_last_step_of_a_grid_that_stop
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(predictor="langevin"), "^pc: predictor must be a registered fixed-grid solver other than pc, langevin, "
-                                 "adaptive, got 'langevin'$"),
+    (dict(predictor="langevin"), "^pc: predictor must be a registered fixed-grid solver other than adaptive, langevin, "
+                                 "pc, got 'langevin'$"),
     (dict(predictor_options=[1]), "^pc: predictor_options must be a dict of the predictor's options, got list$"),
     (dict(corrector_steps=0), "^pc: corrector_steps must be a positive integer, got 0$"),
 ])
