@@ -184,3 +184,21 @@ def test_a_flow_schedulers_timesteps_from_construction_are_flowmatch_eulers():
     reference = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched = SolverScheduler.from_config(reference.config)
     assert torch.allclose(sched.timesteps, reference.timesteps, atol=1e-3)
+
+
+def test_a_run_begun_mid_grid_lowers_its_order_as_the_whole_grid_would():
+    """diffusers decides DPM-Solver's lower-order-final rule (below 15 steps) on the whole grid, also for a run
+    that begins at step 10 of 20 (10 steps left): so does the scheduler, and the samples are diffusers'."""
+    reference = diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    sched = SolverScheduler.from_config(reference.config)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for s in (sched, reference):
+        s.set_timesteps(20)
+        s.set_begin_index(10)
+        x = s.add_noise(x0, noise, s.timesteps[10:11])
+        for t in s.timesteps[10:]:
+            x = s.step(_net(x, t), t, x).prev_sample
+        outs.append(x)
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * max(1.0, outs[1].abs().max().item())
