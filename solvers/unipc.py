@@ -85,7 +85,9 @@ class UniPC(LogSNRSolver):
     count — its uncorrected first-order last step then makes the method second order as the steps shrink).
     A step to σ = 0 returns D_i (at the predicted x_i, as diffusers does), so the last point is never
     corrected.  ``use_corrector=False`` gives UniP alone.  ``SampleResult.orders`` reports UniP's order p
-    of each step.
+    of each step.  ``correct_last=True`` also corrects the last point of a grid that does not end at σ = 0, with
+    one more model call there (diffusers does this when its σ list repeats the last level: Karras, exponential or
+    beta sigmas with ``final_sigmas_type="sigma_min"``).
 
     Order ``solver_order`` + 1 with the corrector (``solver_order`` 1–3, default 2 → order 3), ``solver_order``
     without; 1 model call per step.
@@ -95,6 +97,7 @@ class UniPC(LogSNRSolver):
     variant: Literal["bh1", "bh2"] = "bh2"
     use_corrector: bool = True
     lower_order_final: LowerOrderFinal = "auto"
+    correct_last: bool = False
 
     name: ClassVar[str] = "unipc"
     default_spacing_note: ClassVar[str] = "UniPC: uniform in log-SNR (Zhao et al. 2023, as DPM-Solver++)"
@@ -110,20 +113,25 @@ class UniPC(LogSNRSolver):
         if not isinstance(self.use_corrector, bool):
             raise ValueError(f"unipc: use_corrector must be True or False, got {self.use_corrector!r}")
         check_lower_order_final(self.name, self.lower_order_final)
+        if not isinstance(self.correct_last, bool):
+            raise ValueError(f"unipc: correct_last must be True or False, got {self.correct_last!r}")
         # The declared order of this configuration (the class attribute is the default configuration's).
         object.__setattr__(self, "order", v + (1 if self.use_corrector else 0))
 
     def init_state(self, ctx: StepContext):
         pts, lower = ctx.points, resolve_lower_order_final(self.lower_order_final, ctx.steps)
+        # correct_last's call at the last point counts as one more step for the lower-order rule (diffusers' σ
+        # list holds it as a zero-length step).
+        counted = ctx.steps + (1 if self.correct_last and self.use_corrector and not pts[-1].zero else 0)
         orders, predictors, correctors = [], [], []
         for i in range(ctx.steps):
             s, t = pts[i], pts[i + 1]
-            order = min(multistep_order(i, ctx.steps, self.solver_order, lower, t.zero), i + 1)
+            order = min(multistep_order(i, counted, self.solver_order, lower, t.zero), i + 1)
             orders.append(order)
             past = [pts[i - m] for m in range(1, order)]
             predictors.append(None if t.zero else unipc_weights(s, t, past, order, self.variant, False))
             # UniC at point i + 1 (applied at the start of step i + 1, once D_{i+1} is known).
-            use_c = self.use_corrector and not t.zero and i + 1 < ctx.steps
+            use_c = self.use_corrector and not t.zero and (i + 1 < ctx.steps or self.correct_last)
             correctors.append(unipc_weights(s, t, past, order, self.variant, True) if use_c else None)
         return {"history": [], "x_prev": None, "orders": orders, "predictors": predictors,
                 "correctors": correctors}
@@ -149,4 +157,15 @@ class UniPC(LogSNRSolver):
         x_next = x * c_x
         for w, d in zip(weights, history):
             x_next = torch.add(x_next, d, alpha=w)
+        if i + 1 == ctx.steps and state["correctors"][i] is not None:  # correct_last: UniC at the last point
+            c_x, weights = state["correctors"][i]
+            x_c = x * c_x
+            for w, d in zip(weights, [ctx.denoise(x_next, q)] + history):
+                x_c = torch.add(x_c, d, alpha=w)
+            x_next = x_c
         return x_next, state, state["orders"][i]
+
+    def nfe(self, grid, t_zero: float) -> int:
+        """One call per step, and one more at the last point with ``correct_last`` (not at σ = 0)."""
+        extra = self.correct_last and self.use_corrector and grid[-1] != t_zero
+        return super().nfe(grid, t_zero) + (1 if extra else 0)

@@ -44,10 +44,6 @@ EXPLAINED = {
     ("test_scheduler_ddpm.py", "test_variance_type"): "refused: variance_type='other' is no variance diffusers defines",
     ("test_scheduler_dpm_multi.py", "test_solver_order_and_type"):
         "method missing: DPM-Solver and SDE-DPM-Solver in noise prediction (algorithm_type dpmsolver/sde-dpmsolver)",
-    ("test_scheduler_unipc.py", "test_full_loop_with_karras"):
-        "grid: Karras + final_sigmas_type='sigma_min' repeats σ_min; diffusers takes a zero-length last step "
-        "(one more network call, whose only effect is UniPC's corrector); a grid here strictly decreases",
-    ("test_scheduler_unipc.py", "test_full_loop_with_karras_and_v_prediction"): "grid: as test_full_loop_with_karras",
     ("test_scheduler_euler.py", "test_custom_timesteps"):
         "refused: interpolation_type='log_linear' (diffusers pairs steps + 1 log-spaced σ with steps timesteps)",
     ("test_scheduler_euler.py", "test_karras_sigmas"):

@@ -142,6 +142,10 @@ def config_options(solver: str, cfg: dict) -> dict:
             out[option] = (read(cfg), key)
     if solver == "unipc" and out.get("lower_order_final", (None,))[0] == "auto":
         out["lower_order_final"] = (True, "lower_order_final")  # UniPC: at every step count
+    if solver == "unipc" and cfg.get("final_sigmas_type") == "sigma_min" \
+            and any(cfg.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
+        # diffusers' σ list then repeats σ_min: its zero-length last step corrects the last point
+        out["correct_last"] = (True, "final_sigmas_type")
     if solver == "unipc" and cfg.get("disable_corrector"):
         raise ValueError(f"disable_corrector={cfg['disable_corrector']!r} (no corrector at those steps) has no "
                          "equivalent here; use a config without it, or use_corrector=False for every step")

@@ -43,6 +43,8 @@ CASES = [
     (D.UniPCMultistepScheduler, dict(), "unipc"),
     (D.UniPCMultistepScheduler, dict(solver_order=3), "unipc"),
     (D.UniPCMultistepScheduler, dict(use_karras_sigmas=True), "unipc"),
+    (D.UniPCMultistepScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), "unipc"),
+    (D.UniPCMultistepScheduler, dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min"), "unipc"),
     (D.UniPCMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
      "unipc"),
     (D.DEISMultistepScheduler, dict(), "deis"),

@@ -165,3 +165,22 @@ def test_grid_where_alpha_vanishes_is_refused(name, message):
         solvers.sample(model, torch.zeros(2, 3, dtype=torch.float64), name, timesteps=[1.0, 0.5, 0.0])
     res = solvers.sample(model, torch.zeros(2, 3, dtype=torch.float64), name, timesteps=[0.999, 0.5, 0.0])
     assert bool(torch.isfinite(res.samples).all())
+
+
+def test_unipc_correct_last_corrects_the_last_point_with_one_more_call():
+    """correct_last: UniC at the grid's last point (not at σ = 0), from one more model call there; the declared
+    NFE counts it; without the corrector it changes nothing.  (Its values against diffusers' UniPC, whose σ list
+    repeats σ_min: tests/peers/test_solver_scheduler_parity.py.)"""
+    import pretrained
+    model = pretrained.get_card("gaussian").extra["mixture"].as_model(schedules.VPLinear())
+    x_T = solvers.initial_noise((3, 2), seeds=range(3), dtype=torch.float64)
+    grid = solvers.make_grid(model.schedule, 6, spacing="logsnr", denoise_to_zero=False)
+    plain = solvers.sample(model, x_T, "unipc", timesteps=grid, steps=None)
+    last = solvers.sample(model, x_T, "unipc", timesteps=grid, steps=None, correct_last=True)
+    assert last.nfe == plain.nfe + 1 == solvers.get_solver("unipc", correct_last=True).nfe(grid, model.schedule.t_zero)
+    assert (last.samples - plain.samples).abs().max() > 1e-6
+    off = dict(timesteps=grid, steps=None, use_corrector=False)
+    assert torch.equal(solvers.sample(model, x_T, "unipc", correct_last=True, **off).samples,
+                       solvers.sample(model, x_T, "unipc", **off).samples)
+    with pytest.raises(ValueError, match="correct_last must be True or False"):
+        solvers.get_solver("unipc", correct_last=1)
