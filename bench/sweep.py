@@ -10,7 +10,6 @@ writes the report.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 import pretrained
+from pretrained.user_models import call_mismatch
 import solvers
 
 from . import metrics as M
@@ -390,16 +390,11 @@ def _check_loader_options(card, options: dict) -> None:
     Raises:
         UsageError: naming the options and what the loader takes.
     """
-    try:
-        signature = inspect.signature(card.loader)
-    except (TypeError, ValueError):
-        return  # a loader whose signature cannot be read is called as it is
-    try:
-        signature.bind(device="cpu", **options)
-    except TypeError as e:
-        takes = ", ".join(name for name in signature.parameters if name != "device") or "no options"
-        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({e}); it takes: "
-                         f"{takes}") from None
+    mismatch = call_mismatch(card.loader, device="cpu", **options)
+    if mismatch is not None:
+        takes = ", ".join(n for n in mismatch[1].split(", ") if n and n != "device") or "no options"
+        raise UsageError(f"--model-opt: {card.name}'s loader does not take these options ({mismatch[0]}); it "
+                         f"takes: {takes}")
 
 
 def load_and_plan(sweep: Sweep) -> None:

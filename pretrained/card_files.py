@@ -44,7 +44,6 @@ sharded weights cannot be pinned by one digest (the card is refused).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -59,7 +58,7 @@ import solvers
 
 from .cards import ModelCard
 from .checkpoints import assets_dir, read_state_dict, verify_file
-from .user_models import NO_REFERENCE, import_object, to_images_in_range as _to_images, user_card
+from .user_models import NO_REFERENCE, call_mismatch, import_object, to_images_in_range as _to_images, user_card
 
 __all__ = ["card_from_toml", "read_card_file", "expand_card_path", "TOML_KEYS", "KEY_KINDS", "MAX_CARD_BYTES", "MAX_TEXT_CHARS"]
 
@@ -329,17 +328,10 @@ def _load(path: Path, data: dict, device: str, options: dict) -> solvers.Diffusi
 
 def _factory_network(path: Path, net: dict, kwargs: dict) -> Any:
     factory = import_object(net["factory"])
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        signature = None  # called as it is
-    if signature is not None:
-        try:
-            signature.bind(**kwargs)
-        except TypeError as e:
-            takes = ", ".join(signature.parameters) or "no arguments"
-            raise ValueError(f"{path}: [network] kwargs {sorted(kwargs)} do not fit {net['factory']} ({e}); it "
-                             f"takes: {takes}") from None
+    mismatch = call_mismatch(factory, **kwargs)
+    if mismatch is not None:
+        raise ValueError(f"{path}: [network] kwargs {sorted(kwargs)} do not fit {net['factory']} ({mismatch[0]}); "
+                         f"it takes: {mismatch[1] or 'no arguments'}")
     module = factory(**kwargs)
     if "weights" in net:
         weights = expand_card_path(path, net["weights"])

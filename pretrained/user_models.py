@@ -82,6 +82,21 @@ def import_object(path: str) -> Any:
     return obj
 
 
+def call_mismatch(fn: Callable, **kwargs) -> Optional[tuple[str, str]]:
+    """Why ``fn(**kwargs)`` would not bind, and the parameters ``fn`` takes; None when it binds (or ``fn`` has no
+    readable signature, so it is called as it is).  Checked before calling, so a TypeError raised inside ``fn`` is
+    never mistaken for one of the caller's arguments."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        return str(e), ", ".join(signature.parameters)
+    return None
+
+
 def parse_shape(text: Any) -> tuple[int, ...]:
     """A sample shape from ``"C,H,W"`` (or a sequence of ints); every size a positive integer.
 

@@ -280,6 +280,12 @@ class VPCosine(_VariancePreserving):
         return f"s={self.s}, t_max={self.t_max}"
 
 
+def betas_for_alpha_bar(num_train_timesteps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
+    """β_i = min(1 − ᾱ(u_{i+1})/ᾱ(u_i), ``max_beta``) at u_i = i/N: a continuous ᾱ(u) on [0, 1] discretised (float64)."""
+    f = alpha_bar(torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps)
+    return torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+
+
 class DiscreteVP(_VariancePreserving):
     """DDPM-style discrete schedule: ᾱ given at the N trained step indices 0 … N−1.
 
@@ -331,10 +337,8 @@ class DiscreteVP(_VariancePreserving):
     def cosine(cls, num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999,
                **kwargs) -> "DiscreteVP":
         """Nichol & Dhariwal's cosine schedule, discretised with β clipped at ``max_beta``."""
-        i = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
-        f = torch.cos((i + s) / (1 + s) * math.pi / 2) ** 2
-        betas = torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
-        return cls(betas, **kwargs)
+        alpha_bar = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+        return cls(betas_for_alpha_bar(num_train_timesteps, alpha_bar, max_beta), **kwargs)
 
     def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Index of the knot interval [k, k+1] (in knot numbering, t = k − 1) that holds t.

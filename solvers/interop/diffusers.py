@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from ..model import DiffusionModel, classifier_free_guidance
-from ..schedules import DiscreteVP, RectifiedFlow
+from ..schedules import DiscreteVP, RectifiedFlow, betas_for_alpha_bar
 
 __all__ = ["schedule_from_config", "prediction_from_config", "model_from_config", "from_diffusers",
            "config_dict"]
@@ -87,10 +87,10 @@ def betas_from_config(cfg: dict, n: int) -> torch.Tensor:
         return torch.linspace(start, end, n, dtype=torch.float64)
     if kind == "scaled_linear":
         return torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
-    if kind in ("squaredcos_cap_v2", "exp"):  # diffusers' betas_for_alpha_bar, β capped at 0.999
-        i = torch.arange(n + 1, dtype=torch.float64) / n
-        f = torch.cos((i + 0.008) / 1.008 * math.pi / 2) ** 2 if kind != "exp" else torch.exp(-12.0 * i)
-        return torch.clamp(1 - f[1:] / f[:-1], max=0.999)
+    if kind == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(n, lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
+    if kind == "exp":
+        return betas_for_alpha_bar(n, lambda u: torch.exp(-12.0 * u))
     raise ValueError(f"beta_schedule {kind!r} is not supported; valid: {', '.join(BETA_SCHEDULES)} "
                      "(or give trained_betas)")
 

@@ -268,15 +268,19 @@ def _family(cfg: dict, sigmas: np.ndarray, steps: int) -> np.ndarray:
     return lo + ppf * (hi - lo)
 
 
-def _vp_table(cfg: dict, n: int) -> np.ndarray:
-    """σ/α at every trained step of the config's β schedule (for a flow config that also names one)."""
-    abar = torch.cumprod(1.0 - betas_from_config(cfg, n), 0).numpy()
+def _sigma_table(abar: torch.Tensor) -> np.ndarray:
+    """σ/α = √((1 − ᾱ)/ᾱ) at every trained step (diffusers' ``sigmas`` table, in float64)."""
+    abar = abar.to(torch.float64).numpy()
     return np.sqrt((1 - abar) / abar)
+
+
+def _vp_table(cfg: dict, n: int) -> np.ndarray:
+    """The σ/α table of the config's β schedule (for a flow config that also names one)."""
+    return _sigma_table(torch.cumprod(1.0 - betas_from_config(cfg, n), 0))
 
 
 def _train_sigmas(schedule) -> np.ndarray:
-    abar = schedule.alphas_cumprod.to(torch.float64).numpy()
-    return np.sqrt((1 - abar) / abar)
+    return _sigma_table(schedule.alphas_cumprod)
 
 
 def _vp_grid(cfg: dict, schedule, steps: int, counterpart: str, timesteps) -> tuple:
